@@ -1,0 +1,24 @@
+"""ilias-core: fast, faithful tools for the ILIAS instance-level retrieval benchmark.
+
+Store embeddings in a memory-mapped float16 store, search all queries exactly with the Rust
+core, and write results in our format or the official ones.
+"""
+
+from ._core import StoreFormatError, __version__, simd_paths
+from .search import SearchResults, mini_ilias_keep, search
+from .store import Store, StoreWriter, export_hdf5, import_hdf5, import_npy, write_store
+
+__all__ = [
+    "Store",
+    "StoreWriter",
+    "StoreFormatError",
+    "SearchResults",
+    "search",
+    "mini_ilias_keep",
+    "write_store",
+    "import_hdf5",
+    "export_hdf5",
+    "import_npy",
+    "simd_paths",
+    "__version__",
+]

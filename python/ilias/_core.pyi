@@ -1,0 +1,20 @@
+from typing import Callable, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class StoreFormatError(ValueError): ...
+
+def exact_search(
+    shards: list[str],
+    queries: npt.NDArray[np.float32],
+    k: int,
+    threads: int = 0,
+    keep: Optional[npt.NDArray[np.bool_]] = None,
+    simd: Optional[str] = None,
+    progress: Optional[Callable[[int], object]] = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+def inspect_shard(path: str, dim: Optional[int] = None) -> tuple[str, int, int]: ...
+def simd_paths() -> list[str]: ...

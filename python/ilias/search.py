@@ -1,0 +1,274 @@
+"""Exact search over one or several stores, and the results it produces.
+
+The database is an ordered list of stores (for ILIAS: positives first, then distractors); a
+result index is a global row across them. The Rust core scans the database once for all
+queries; only the ids of returned rows are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import _core
+from .progress import Progress
+from .store import Store
+
+RESULTS_FORMAT = "ilias-results"
+RESULTS_VERSION = 1
+
+
+def _as_stores(database) -> list[Store]:
+    if isinstance(database, (Store, str, os.PathLike)):
+        database = [database]
+    stores = [d if isinstance(d, Store) else Store.open(d) for d in database]
+    if not stores:
+        raise ValueError("database: no stores given")
+    dims = {s.dim for s in stores}
+    if len(dims) != 1:
+        raise ValueError(f"database: stores have different dimensions: {', '.join(f'{s.path} ({s.dim})' for s in stores)}")
+    return stores
+
+
+def _as_queries(queries, query_ids) -> tuple[np.ndarray, list[str]]:
+    if isinstance(queries, (Store, str, os.PathLike)):
+        queries = [queries]
+    if isinstance(queries, (list, tuple)) and queries and isinstance(queries[0], (Store, str, os.PathLike)):
+        stores = [q if isinstance(q, Store) else Store.open(q) for q in queries]
+        mats = [s.read_all().astype(np.float32) for s in stores]
+        if len({m.shape[1] for m in mats}) != 1:
+            raise ValueError("queries: query stores have different dimensions")
+        q = np.concatenate(mats)
+        ids = [i for s in stores for i in s.all_ids()]
+        if query_ids is not None:
+            raise ValueError("query_ids: not needed when the queries come from stores (their ids are used)")
+        return q, ids
+    q = np.asarray(queries)
+    if q.ndim != 2:
+        raise ValueError(f"queries: expected a 2-D array (nq, dim), got shape {q.shape}")
+    if q.dtype.kind != "f":
+        raise ValueError(f"queries: expected float16 or float32, got {q.dtype}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    ids = [str(i) for i in range(len(q))] if query_ids is None else [str(i) for i in query_ids]
+    if len(ids) != len(q):
+        raise ValueError(f"query_ids: {len(ids)} ids for {len(q)} queries")
+    return q, ids
+
+
+def search(
+    queries,
+    database,
+    k: int = 1000,
+    *,
+    query_ids: Sequence[str] | None = None,
+    threads: int = 0,
+    keep: np.ndarray | None = None,
+    simd: str | None = None,
+    progress: bool = False,
+) -> "SearchResults":
+    """Exact inner-product search: the `k` best database rows for each query.
+
+    queries: an (nq, dim) float16/float32 array, or one or several query stores (their ids are used).
+    database: a store, a path to one, or an ordered list of them.
+    threads: worker threads (0: all cores). keep: optional bool mask over the global rows: only
+    rows with True can be returned (see `mini_ilias_keep`). simd: force "avx512", "avx2" or
+    "scalar" (default: the fastest this CPU has).
+    """
+    stores = _as_stores(database)
+    q, qids = _as_queries(queries, query_ids)
+    paths = [str(p) for s in stores for p in s.shard_paths]
+    total = sum(s.count for s in stores)
+    if keep is not None:
+        keep = np.ascontiguousarray(keep, dtype=bool)
+    if len(paths) == 0:
+        raise ValueError("database: the stores are empty (0 rows)")
+    bar = Progress("search", total=total, enabled=progress)
+    t0 = time.monotonic()
+    with bar:
+        scores, indices = _core.exact_search(paths, q, k, threads, keep, simd, bar.set if progress else None)
+        bar.set(total)
+    return SearchResults(
+        scores=scores,
+        indices=indices,
+        query_ids=qids,
+        k=k,
+        database=[DatabasePart(str(s.path), s.count, s.fingerprint) for s in stores],
+        stores=stores,
+        info={"seconds": time.monotonic() - t0, "threads": threads, "simd": simd or _core.simd_paths()[0]},
+    )
+
+
+@dataclass(frozen=True)
+class DatabasePart:
+    path: str
+    count: int
+    fingerprint: str
+
+
+@dataclass
+class SearchResults:
+    """Top-k per query. `indices` are global rows over `database` (-1 where fewer rows qualified)."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+    query_ids: list[str]
+    k: int
+    database: list[DatabasePart]
+    stores: list[Store] | None = None
+    info: dict = field(default_factory=dict)
+    _row_ids: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def _resolve(self) -> dict:
+        """Global row -> id for every returned row (read from the stores once)."""
+        if self._row_ids is None:
+            if self.stores is None:
+                raise ValueError("these results hold no ids and have no stores to read them from")
+            rows = np.unique(self.indices[self.indices >= 0])
+            ids = np.empty(len(rows), dtype=object)
+            start = 0
+            for s in self.stores:
+                sel = (rows >= start) & (rows < start + s.count)
+                if sel.any():
+                    ids[sel] = s.ids_of(rows[sel] - start)
+                start += s.count
+            self._row_ids = dict(zip(rows.tolist(), ids.tolist()))
+        return self._row_ids
+
+    def ids(self, q: int) -> list[str]:
+        """The database ids returned for query row `q`, in rank order."""
+        r = self._resolve()
+        return [r[i] for i in self.indices[q].tolist() if i >= 0]
+
+    def ranked(self, q: int) -> list[tuple[str, float]]:
+        r = self._resolve()
+        return [(r[i], float(s)) for i, s in zip(self.indices[q].tolist(), self.scores[q].tolist()) if i >= 0]
+
+    # ---- our own format
+    def save(self, path: str | os.PathLike) -> Path:
+        """Saves to one .npz (scores, indices, ids of the returned rows, metadata), atomically."""
+        path = Path(path)
+        r = self._resolve()
+        rows = np.array(sorted(r), dtype=np.int64)
+        meta = {
+            "format": RESULTS_FORMAT,
+            "version": RESULTS_VERSION,
+            "k": self.k,
+            "database": [vars(p) for p in self.database],
+            "info": self.info,
+        }
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        try:
+            np.savez(
+                tmp,
+                scores=self.scores,
+                indices=self.indices,
+                query_ids=np.array([q.encode() for q in self.query_ids], dtype=object).astype("S"),
+                row_index=rows,
+                row_ids=np.array([r[i].encode() for i in rows.tolist()], dtype=object).astype("S")
+                if len(rows)
+                else np.zeros(0, "S1"),
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SearchResults":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such results file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                if meta.get("format") != RESULTS_FORMAT:
+                    raise ValueError(f"{path}: not an ilias results file")
+                if meta.get("version") != RESULTS_VERSION:
+                    raise ValueError(f"{path}: results format version {meta.get('version')} is not supported")
+                scores, indices = z["scores"], z["indices"]
+                qids = [q.decode() for q in z["query_ids"]]
+                row_ids = dict(zip(z["row_index"].tolist(), (b.decode() for b in z["row_ids"])))
+        except (KeyError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable results file ({type(e).__name__}: {e})") from None
+        if scores.shape != indices.shape or scores.shape != (len(qids), meta["k"]):
+            raise ValueError(f"{path}: arrays disagree with each other ({scores.shape}, {indices.shape}, {len(qids)} ids)")
+        return cls(
+            scores=scores,
+            indices=indices,
+            query_ids=qids,
+            k=meta["k"],
+            database=[DatabasePart(**p) for p in meta["database"]],
+            info=meta.get("info", {}),
+            _row_ids=row_ids,
+        )
+
+    # ---- the official formats
+    def to_official_dict(self) -> dict:
+        """`{query_id: {db_id: similarity}}` with keys in rank order (the official JSON layout)."""
+        return {q: dict(self.ranked(i)) for i, q in enumerate(self.query_ids)}
+
+    def write_official_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        _atomic_text(path, json.dumps(self.to_official_dict()))
+        return path
+
+    def to_official_pickle(self) -> dict:
+        """`{"query_ids", "db_ids", "sims" (nq, k) float32, "ranks" (nq, k) into db_ids}`."""
+        r = self._resolve()
+        rows = np.array(sorted(r), dtype=np.int64)
+        db_ids = np.array([r[i] for i in rows.tolist()], dtype=object)
+        ranks = np.searchsorted(rows, np.where(self.indices >= 0, self.indices, rows[0] if len(rows) else 0))
+        ranks = np.where(self.indices >= 0, ranks, -1).astype(np.int64)
+        return {"query_ids": list(self.query_ids), "db_ids": db_ids, "sims": self.scores.astype(np.float32), "ranks": ranks}
+
+    def write_official_pickle(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                pickle.dump(self.to_official_pickle(), f, protocol=4)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def mini_ilias_keep(database, keys, always: Sequence[int] = (0,)) -> np.ndarray:
+    """The mini-ILIAS row filter over the global rows of `database` (a list of stores).
+
+    A row is kept when its store's position is in `always` (the positives store, first by
+    convention) or when the part of its id after the first "/" is one of `keys` (the bare
+    YFCC100M keys of the mini-ILIAS list).
+    """
+    stores = _as_stores(database)
+    keyset = np.unique(np.array([k.encode() if isinstance(k, str) else bytes(k) for k in keys], dtype=object).astype("S"))
+    parts = []
+    for pos, s in enumerate(stores):
+        if pos in always:
+            parts.append(np.ones(s.count, dtype=bool))
+            continue
+        for i in range(s.num_shards):
+            ids = np.asarray(s.ids(i))
+            tail = np.char.partition(ids, b"/")[:, 2]
+            parts.append(np.isin(tail, keyset))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)

@@ -1,0 +1,595 @@
+"""The vector store: a directory of float16 (or float32) `.npy` shards with their ids.
+
+Layout (format version 1)::
+
+    <store>/manifest.json
+    <store>/shards/00000.npy       (n_i, dim) float16, C order, standard .npy header
+    <store>/shards/00000.ids.npy   (n_i,) fixed-width bytes, the id of each row (UTF-8)
+
+Writing is append-only and crash-safe: rows stream into a hidden temporary shard whose header
+is rewritten when the shard is complete; the shard is then fsynced and renamed into place, and
+only then does the manifest (itself replaced atomically) count it. A reader therefore never sees
+a half-written shard, and a writer reopened on the same directory resumes after the last
+complete shard: `StoreWriter.count` tells the caller how many rows to skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from ._core import StoreFormatError
+
+FORMAT = "ilias-store"
+VERSION = 1
+DEFAULT_SHARD_ROWS = 1_000_000
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+# A fixed header size (numpy pads to 64 bytes; 128 holds any 2-D shape) lets a shard be
+# streamed to disk before its row count is known and its header rewritten in place at the end.
+_HEADER_BYTES = 128
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    text = repr(d).encode("latin1")
+    pad = _HEADER_BYTES - 10 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"shape {shape} does not fit a {_HEADER_BYTES}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + (_HEADER_BYTES - 10).to_bytes(2, "little") + text + b" " * pad + b"\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def encode_ids(ids: Iterable, what: str = "ids") -> list[bytes]:
+    """Ids as UTF-8 bytes; accepts str, bytes and numpy string arrays."""
+    out = []
+    for i in ids:
+        if isinstance(i, (bytes, np.bytes_)):
+            b = bytes(i)
+        elif isinstance(i, (str, np.str_)):
+            b = str(i).encode("utf-8")
+        else:
+            raise TypeError(f"{what}: expected str or bytes ids, got {type(i).__name__}")
+        if not b or b.endswith(b"\0"):
+            raise ValueError(f"{what}: ids must be non-empty and must not end with a NUL byte: {b!r}")
+        out.append(b)
+    return out
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    sha256: str | None = None
+
+
+@dataclass
+class Manifest:
+    dim: int
+    dtype: str
+    shards: list[ShardInfo] = field(default_factory=list)
+    normalized: bool | None = None
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "dim": self.dim,
+                "dtype": self.dtype,
+                "count": self.count,
+                "normalized": self.normalized,
+                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
+                "provenance": self.provenance,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def read(cls, store: Path) -> "Manifest":
+        path = store / "manifest.json"
+        if not store.exists():
+            raise FileNotFoundError(f"{store}: no such store directory")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; {store} is not an ilias store")
+        try:
+            m = json.loads(path.read_text())
+            if m.get("format") != FORMAT:
+                raise StoreFormatError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
+            if m.get("version") != VERSION:
+                raise StoreFormatError(
+                    f"{path}: store format version {m.get('version')} is not supported (this is version {VERSION})"
+                )
+            if m["dtype"] not in _DTYPES:
+                raise StoreFormatError(f"{path}: dtype {m['dtype']!r} (expected float16 or float32)")
+            shards = [ShardInfo(s["name"], int(s["count"]), s.get("sha256")) for s in m["shards"]]
+            man = cls(int(m["dim"]), m["dtype"], shards, m.get("normalized"), m.get("provenance") or {})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise StoreFormatError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+        if man.count != m.get("count", man.count):
+            raise StoreFormatError(f"{path}: count {m['count']} disagrees with the sum of its shards {man.count}")
+        return man
+
+
+class Store:
+    """A store opened for reading: zero-copy numpy views of its shards, ids on demand."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+        self._starts = np.cumsum([0] + [s.count for s in manifest.shards])
+        self._ids_cache: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        """Opens a store and validates every shard's header against its file and the manifest."""
+        path = Path(path)
+        man = Manifest.read(path)
+        store = cls(path, man)
+        for i, s in enumerate(man.shards):
+            vec_path = store.shard_path(i)
+            dtype, rows, dim = _core.inspect_shard(str(vec_path), man.dim)
+            if dtype != man.dtype or rows != s.count:
+                raise StoreFormatError(
+                    f"{vec_path}: holds {rows} {dtype} rows but the manifest says {s.count} {man.dtype} rows"
+                )
+            ids = store.ids(i)
+            if ids.ndim != 1 or ids.dtype.kind != "S" or len(ids) != s.count:
+                raise StoreFormatError(
+                    f"{store.ids_path(i)}: expected {s.count} byte-string ids, found {ids.dtype} {ids.shape}"
+                )
+        return store
+
+    # ---- description
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.dtype)
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / "shards" / f"{self.manifest.shards[i].name}.npy"
+
+    def ids_path(self, i: int) -> Path:
+        return self.path / "shards" / f"{self.manifest.shards[i].name}.ids.npy"
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.shard_path(i) for i in range(self.num_shards)]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the content: dim, dtype and every shard's count and checksum."""
+        m = self.manifest
+        key = json.dumps([m.dim, m.dtype, [(s.count, s.sha256) for s in m.shards]])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, count={self.count}, dim={self.dim}, dtype={self.manifest.dtype})"
+
+    # ---- data
+    def vectors(self, i: int) -> np.ndarray:
+        """Shard `i` as a read-only memory-mapped (n_i, dim) array."""
+        try:
+            return np.load(self.shard_path(i), mmap_mode="r")
+        except ValueError as e:
+            raise StoreFormatError(f"{self.shard_path(i)}: {e}") from None
+
+    def ids(self, i: int) -> np.ndarray:
+        """The ids of shard `i` as a memory-mapped bytes array."""
+        if i not in self._ids_cache:
+            try:
+                self._ids_cache[i] = np.load(self.ids_path(i), mmap_mode="r")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.ids_path(i)}: missing id shard") from None
+            except ValueError as e:
+                raise StoreFormatError(f"{self.ids_path(i)}: {e}") from None
+        return self._ids_cache[i]
+
+    def iter_chunks(self, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, ids) in store order, `rows` at a time (never more than one shard)."""
+        for i in range(self.num_shards):
+            v, ids = self.vectors(i), self.ids(i)
+            for lo in range(0, len(v), rows):
+                yield v[lo : lo + rows], ids[lo : lo + rows]
+
+    def read_all(self) -> np.ndarray:
+        """All vectors in one array in memory (for small stores: queries)."""
+        if self.num_shards == 0:
+            return np.zeros((0, self.dim), self.dtype)
+        return np.concatenate([self.vectors(i) for i in range(self.num_shards)])
+
+    def all_ids(self) -> list[str]:
+        """All ids as Python strings (for small stores: queries, positives)."""
+        return [b.decode("utf-8") for i in range(self.num_shards) for b in self.ids(i)]
+
+    def ids_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The ids (as an object array of str) of the given rows, reading only those rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty(rows.shape, dtype=object)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
+            raise IndexError(f"row index out of range for {self.path} ({self.count} rows)")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        flat_rows, flat_shard, flat_out = rows.ravel(), shard.ravel(), out.ravel()
+        for s in np.unique(flat_shard):
+            sel = np.nonzero(flat_shard == s)[0]
+            ids = self.ids(int(s))[flat_rows[sel] - self._starts[s]]
+            flat_out[sel] = [b.decode("utf-8") for b in ids]
+        return out
+
+    def verify(self) -> None:
+        """Recomputes each shard's checksum against the manifest (reads the whole store)."""
+        for i, s in enumerate(self.manifest.shards):
+            if s.sha256 is None:
+                continue
+            v = self.vectors(i)
+            h = hashlib.sha256()
+            flat = np.asarray(v).reshape(-1).view(np.uint8)
+            for lo in range(0, flat.size, 1 << 26):
+                h.update(flat[lo : lo + (1 << 26)])
+            if h.hexdigest() != s.sha256:
+                raise StoreFormatError(f"{self.shard_path(i)}: checksum mismatch (the data changed or is corrupt)")
+
+
+class StoreWriter:
+    """Appends vectors and ids to a store, shard by shard; resumes an interrupted store.
+
+    >>> with StoreWriter("out/positives", dim=768) as w:   # doctest: +SKIP
+    ...     w.append(features, ids)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dim: int,
+        dtype: str = "float16",
+        shard_rows: int = DEFAULT_SHARD_ROWS,
+        normalized: bool | None = None,
+        provenance: dict | None = None,
+        resume: bool = True,
+    ):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: {dtype!r} is not supported (expected float16 or float32)")
+        if dim < 1:
+            raise ValueError(f"dim: must be at least 1, got {dim}")
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows: must be at least 1, got {shard_rows}")
+        self.path = Path(path)
+        self.shard_rows = shard_rows
+        (self.path / "shards").mkdir(parents=True, exist_ok=True)
+        if (self.path / "manifest.json").exists():
+            if not resume:
+                raise FileExistsError(f"{self.path}: a store already exists here (resume it or choose another path)")
+            man = Manifest.read(self.path)
+            if man.dim != dim or man.dtype != dtype:
+                raise ValueError(
+                    f"{self.path}: existing store has dim {man.dim} {man.dtype}, cannot append dim {dim} {dtype}"
+                )
+            self.manifest = man
+        else:
+            self.manifest = Manifest(dim, dtype, [], normalized, provenance or {})
+            self._write_manifest()
+        if provenance:
+            self.manifest.provenance.update(provenance)
+        self._np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
+        self._file = None
+        self._rows = 0
+        self._ids: list[bytes] = []
+        self._hash = None
+        self._all_normalized = True
+
+    @property
+    def count(self) -> int:
+        """Rows written so far, including the shard in progress."""
+        return self.manifest.count + self._rows
+
+    @property
+    def committed(self) -> int:
+        """Rows in complete shards: what survives an interruption."""
+        return self.manifest.count
+
+    def _write_manifest(self) -> None:
+        _atomic_write(self.path / "manifest.json", self.manifest.to_json().encode())
+
+    def _tmp_path(self) -> Path:
+        return self.path / "shards" / f".{len(self.manifest.shards):05d}.npy.tmp"
+
+    def append(self, vectors: np.ndarray, ids: Sequence) -> None:
+        """Appends rows; `ids` gives one id per row."""
+        vectors = np.asarray(vectors)
+        dim = self.manifest.dim
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise ValueError(f"vectors: expected shape (n, {dim}), got {vectors.shape}")
+        if vectors.dtype.kind != "f":
+            raise ValueError(f"vectors: expected a floating-point array, got {vectors.dtype}")
+        ids = encode_ids(ids)
+        if len(ids) != len(vectors):
+            raise ValueError(f"ids: {len(ids)} ids for {len(vectors)} vectors")
+        if len(vectors) and not np.isfinite(vectors).all():
+            bad = int(np.nonzero(~np.isfinite(vectors).all(axis=1))[0][0])
+            raise ValueError(f"vectors: row {bad} holds NaN or Inf")
+        converted = np.ascontiguousarray(vectors, dtype=self._np_dtype)
+        if len(converted) and not np.isfinite(converted).all():
+            raise ValueError(f"vectors: values overflow {self.manifest.dtype} (largest magnitude {np.abs(vectors).max()})")
+        if self.manifest.normalized is None and len(vectors):
+            norms = np.linalg.norm(converted.astype(np.float32), axis=1)
+            self._all_normalized &= bool(np.all(np.abs(norms - 1) < 1e-2))
+        lo = 0
+        while lo < len(converted):
+            if self._file is None:
+                self._open_shard()
+            take = min(self.shard_rows - self._rows, len(converted) - lo)
+            block = converted[lo : lo + take]
+            data = block.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._ids.extend(ids[lo : lo + take])
+            self._rows += take
+            lo += take
+            if self._rows == self.shard_rows:
+                self._finish_shard()
+
+    def _open_shard(self) -> None:
+        self._file = open(self._tmp_path(), "wb")
+        self._file.write(b"\0" * _HEADER_BYTES)
+        self._hash = hashlib.sha256()
+        self._rows = 0
+        self._ids = []
+
+    def _finish_shard(self) -> None:
+        name = f"{len(self.manifest.shards):05d}"
+        shards = self.path / "shards"
+        f = self._file
+        f.seek(0)
+        f.write(_npy_header(self._np_dtype, (self._rows, self.manifest.dim)))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        width = max(len(i) for i in self._ids)
+        _save_npy_atomic(shards / f"{name}.ids.npy", np.array(self._ids, dtype=f"S{width}"))
+        os.replace(self._tmp_path(), shards / f"{name}.npy")
+        _fsync_dir(shards)
+        self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest()))
+        self._write_manifest()
+        self._rows = 0
+        self._ids = []
+
+    def close(self) -> "Store":
+        """Writes the last (partial) shard and the final manifest; returns the store opened."""
+        if self._file is not None and self._rows:
+            self._finish_shard()
+        self._discard()
+        if self.manifest.normalized is None and self.manifest.count:
+            self.manifest.normalized = self._all_normalized
+            self._write_manifest()
+        return Store.open(self.path)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp_path().unlink(missing_ok=True)
+        self._rows = 0
+        self._ids = []
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # keep only complete shards: the resume point stays exact
+            self._discard()
+
+
+def write_store(path, vectors: np.ndarray, ids: Sequence, **kwargs) -> Store:
+    """Writes a whole array as a new store (a convenience for small data and tests)."""
+    with StoreWriter(path, dim=np.asarray(vectors).shape[1], resume=False, **kwargs) as w:
+        w.append(vectors, ids)
+    return Store.open(path)
+
+
+# ---- the official HDF5 feature files
+
+_ESCAPE = re.compile(r"#U([0-9a-fA-F]{4})")
+
+
+def decode_official_id(s: str | bytes) -> str:
+    """Decodes an id of the official HDF5 index (`#U00e9` -> `é`)."""
+    if isinstance(s, bytes):
+        s = s.decode("ascii")
+    if "#U" not in s:
+        return s
+    # surrogate pairs (characters beyond the BMP) come out as two escapes
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), s).encode("utf-16", "surrogatepass").decode("utf-16")
+
+
+def encode_official_id(s: str) -> str:
+    """Escapes non-ASCII characters the official way (`é` -> `#U00e9`)."""
+    if s.isascii():
+        return s
+    out = []
+    for ch in s:
+        if ch.isascii():
+            out.append(ch)
+        else:
+            u = ch.encode("utf-16-le", "surrogatepass")
+            out.extend(f"#U{int.from_bytes(u[j:j + 2], 'little'):04x}" for j in range(0, len(u), 2))
+    return "".join(out)
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("reading official HDF5 files needs h5py: pip install 'ilias-core[hdf5]'") from None
+    return h5py
+
+
+def import_hdf5(
+    sources: Sequence[str | os.PathLike],
+    dest: str | os.PathLike,
+    chunk_rows: int = 65536,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    progress=None,
+) -> Store:
+    """Imports official feature files (`features` + `index` datasets), in order, into one store.
+
+    Streams chunk by chunk and resumes: rows already in `dest` are skipped.
+    """
+    h5py = _h5py()
+    files = [Path(s) for s in sources]
+    layout = []
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: no such file")
+        with h5py.File(f, "r") as h:
+            for name in ("features", "index"):
+                if name not in h:
+                    raise StoreFormatError(f"{f}: no '{name}' dataset (expected the official layout: features + index)")
+            feats, index = h["features"], h["index"]
+            if feats.ndim != 2 or index.shape[0] != feats.shape[0]:
+                raise StoreFormatError(f"{f}: features {feats.shape} and index {index.shape} do not match")
+            layout.append((feats.shape[0], feats.shape[1]))
+    dims = {d for _, d in layout}
+    if len(dims) != 1:
+        raise StoreFormatError(f"files have different dimensions {sorted(dims)}: {', '.join(map(str, files))}")
+    dim = dims.pop()
+    total = sum(n for n, _ in layout)
+    writer = StoreWriter(
+        dest, dim, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]}
+    )
+    skip = writer.committed
+    if progress:
+        progress.total = total
+        progress.update(skip)
+    with writer:
+        offset = 0
+        for f, (n, _) in zip(files, layout):
+            if skip >= offset + n:
+                offset += n
+                continue
+            with h5py.File(f, "r") as h:
+                feats, index = h["features"], h["index"]
+                for lo in range(max(0, skip - offset), n, chunk_rows):
+                    hi = min(lo + chunk_rows, n)
+                    ids = [decode_official_id(i) for i in index[lo:hi]]
+                    writer.append(np.asarray(feats[lo:hi]), ids)
+                    if progress:
+                        progress.update(hi - lo)
+            offset += n
+    return Store.open(dest)
+
+
+def export_hdf5(store: Store, dest: str | os.PathLike, chunk_rows: int = 65536, progress=None) -> Path:
+    """Writes a store as one official feature file (float16 `features`, ASCII `index`)."""
+    h5py = _h5py()
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if progress:
+        progress.total = store.count
+    try:
+        with h5py.File(tmp, "w") as h:
+            feats = h.create_dataset("features", (store.count, store.dim), dtype="float16")
+            index = h.create_dataset("index", (store.count,), dtype=h5py.string_dtype("ascii"))
+            lo = 0
+            for v, ids in store.iter_chunks(chunk_rows):
+                feats[lo : lo + len(v)] = np.asarray(v, dtype=np.float16)
+                index[lo : lo + len(v)] = [encode_official_id(i.decode("utf-8")) for i in ids]
+                lo += len(v)
+                if progress:
+                    progress.update(len(v))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def import_npy(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    ids: Sequence[str] | None = None,
+    chunk_rows: int = 65536,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    progress=None,
+) -> Store:
+    """Imports a (n, dim) .npy matrix; without ids, rows are named by their number."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file")
+    try:
+        arr = np.load(source, mmap_mode="r")
+    except ValueError as e:
+        raise StoreFormatError(f"{source}: not a readable .npy file ({e})") from None
+    if arr.ndim != 2 or arr.dtype.kind != "f":
+        raise StoreFormatError(f"{source}: expected a 2-D float array, found {arr.dtype} {arr.shape}")
+    if ids is not None and len(ids) != len(arr):
+        raise ValueError(f"ids: {len(ids)} ids for {len(arr)} rows of {source}")
+    writer = StoreWriter(dest, arr.shape[1], shard_rows=shard_rows, provenance={"imported_from": [source.name]})
+    if progress:
+        progress.total = len(arr)
+        progress.update(writer.committed)
+    with writer:
+        for lo in range(writer.committed, len(arr), chunk_rows):
+            hi = min(lo + chunk_rows, len(arr))
+            chunk_ids = ids[lo:hi] if ids is not None else [str(i) for i in range(lo, hi)]
+            writer.append(arr[lo:hi], chunk_ids)
+            if progress:
+                progress.update(hi - lo)
+    return Store.open(dest)

@@ -1,0 +1,236 @@
+//! Dot-product kernels for exact search, with the instruction set chosen at run time.
+//!
+//! Scores are a matrix product `queries x tile^T`. Both operands are packed into panels so that
+//! one micro-kernel call computes an `MR x NR` block of scores from registers: queries are packed
+//! `[d][MR]` (a scalar broadcast per step), database rows `[d][NR]` (a vector load per step),
+//! float16 rows being widened to float32 while packing. Every path accumulates each score in
+//! float32 over `d` in increasing order, one fused or unfused multiply-add at a time, so paths
+//! differ only in rounding of the individual steps (FMA or not), never in what is summed.
+//!
+//! Paths: AVX-512F, AVX2+FMA (with F16C for widening, through the `half` crate), and a portable
+//! scalar one. Shipped builds never assume a target CPU: detection happens at run time.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::store::DType;
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// An instruction-set path for the float32 kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl Simd {
+    /// The fastest path this CPU supports.
+    pub fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Scalar
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Simd::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Simd> {
+        match name {
+            "avx512" => Some(Simd::Avx512),
+            "avx2" => Some(Simd::Avx2),
+            "scalar" => Some(Simd::Scalar),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512 => "avx512",
+            Simd::Avx2 => "avx2",
+            Simd::Scalar => "scalar",
+        }
+    }
+
+    /// Queries per micro-kernel block.
+    pub fn mr(self) -> usize {
+        match self {
+            Simd::Avx512 => x86_sizes::AVX512_MR,
+            Simd::Avx2 => x86_sizes::AVX2_MR,
+            Simd::Scalar => scalar::MR,
+        }
+    }
+
+    /// Database rows per micro-kernel block.
+    pub fn nr(self) -> usize {
+        match self {
+            Simd::Avx512 => x86_sizes::AVX512_NR,
+            Simd::Avx2 => x86_sizes::AVX2_NR,
+            Simd::Scalar => scalar::NR,
+        }
+    }
+
+    /// Computes the `mr() x nr()` block `out[i * ldo + j] = sum_d a[d * mr + i] * b[d * nr + j]`.
+    ///
+    /// `a` and `b` hold at least `dim * mr()` and `dim * nr()` values; `ldo >= nr()`.
+    #[inline]
+    pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the lengths are checked above, and a `Simd` other than Scalar is only
+            // constructed by `detect` or accepted after `supported` said the CPU has it.
+            Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Simd::Avx2 => unsafe { x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
+            _ => scalar::block(a, b, dim, out, ldo),
+        }
+    }
+}
+
+/// Block sizes, visible on every architecture so that `mr`/`nr` stay total functions.
+mod x86_sizes {
+    pub const AVX512_MR: usize = 8;
+    pub const AVX512_NR: usize = 32;
+    pub const AVX2_MR: usize = 6;
+    pub const AVX2_NR: usize = 16;
+}
+
+/// Packs `nq` float32 query rows into blocks of `mr`: block `b` holds `[d][mr]`, zero padded.
+pub fn pack_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Vec<f32> {
+    let blocks = nq.div_ceil(mr);
+    let mut out = vec![0f32; blocks * dim * mr];
+    for q in 0..nq {
+        let (b, i) = (q / mr, q % mr);
+        let panel = &mut out[b * dim * mr..(b + 1) * dim * mr];
+        for (d, &v) in queries[q * dim..(q + 1) * dim].iter().enumerate() {
+            panel[d * mr + i] = v;
+        }
+    }
+    out
+}
+
+/// Widens and packs `rows` consecutive little-endian rows from `bytes` into panels of `nr`
+/// rows laid out `[d][nr]`, zero padded, reusing `out` and the scratch row buffers.
+pub fn pack_rows(bytes: &[u8], dtype: DType, rows: usize, dim: usize, nr: usize, out: &mut Vec<f32>, scratch: &mut RowScratch) {
+    let panels = rows.div_ceil(nr);
+    out.clear();
+    out.resize(panels * dim * nr, 0.0);
+    let row_bytes = dim * dtype.size();
+    scratch.f32s.resize(dim, 0.0);
+    scratch.f16s.resize(dim, f16::ZERO);
+    for r in 0..rows {
+        let src = &bytes[r * row_bytes..(r + 1) * row_bytes];
+        match dtype {
+            DType::F16 => {
+                for (h, c) in scratch.f16s.iter_mut().zip(src.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                }
+                scratch.f16s.convert_to_f32_slice(&mut scratch.f32s);
+            }
+            DType::F32 => {
+                for (f, c) in scratch.f32s.iter_mut().zip(src.chunks_exact(4)) {
+                    *f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        let (p, lane) = (r / nr, r % nr);
+        let panel = &mut out[p * dim * nr..(p + 1) * dim * nr];
+        for (d, &v) in scratch.f32s.iter().enumerate() {
+            panel[d * nr + lane] = v;
+        }
+    }
+}
+
+/// Per-thread buffers for `pack_rows`.
+#[derive(Default)]
+pub struct RowScratch {
+    f16s: Vec<f16>,
+    f32s: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn every_path_matches_a_plain_dot_product() {
+        let mut seed = 7;
+        for &dim in &[1usize, 3, 16, 17, 100] {
+            for simd in [Simd::Scalar, Simd::Avx2, Simd::Avx512] {
+                if !simd.supported() {
+                    continue;
+                }
+                let (mr, nr) = (simd.mr(), simd.nr());
+                let nq = mr + 1;
+                let rows = nr + 3;
+                let q: Vec<f32> = (0..nq * dim).map(|_| lcg(&mut seed)).collect();
+                let x: Vec<f32> = (0..rows * dim).map(|_| lcg(&mut seed)).collect();
+                let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let a = pack_queries(&q, nq, dim, mr);
+                let mut b = Vec::new();
+                pack_rows(&xb, DType::F32, rows, dim, nr, &mut b, &mut RowScratch::default());
+                let mut out = vec![0f32; mr * nr];
+                for qb in 0..nq.div_ceil(mr) {
+                    for p in 0..rows.div_ceil(nr) {
+                        simd.block(&a[qb * dim * mr..], &b[p * dim * nr..], dim, &mut out, nr);
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                let (qi, rj) = (qb * mr + i, p * nr + j);
+                                let want = if qi < nq && rj < rows {
+                                    (0..dim).map(|d| q[qi * dim + d] * x[rj * dim + d]).sum::<f32>()
+                                } else {
+                                    0.0
+                                };
+                                let got = out[i * nr + j];
+                                assert!((got - want).abs() <= 1e-5 * dim as f32, "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float16_rows_are_widened_exactly() {
+        let vals = [0.5f32, -1.25, 3.0, 0.0999755859375, 65504.0, -0.0];
+        let bytes: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect();
+        let mut out = Vec::new();
+        pack_rows(&bytes, DType::F16, 2, 3, 4, &mut out, &mut RowScratch::default());
+        // row r, dim d lands at d * nr + r
+        for r in 0..2 {
+            for d in 0..3 {
+                assert_eq!(out[d * 4 + r], vals[r * 3 + d]);
+            }
+        }
+        assert_eq!(out[2], 0.0); // padding lane
+    }
+}

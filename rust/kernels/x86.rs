@@ -1,0 +1,55 @@
+//! x86-64 kernels: AVX-512F (8 queries x 32 rows, 16 accumulators) and AVX2+FMA
+//! (6 queries x 16 rows, 12 accumulators). Register blocking keeps every accumulator in a
+//! register so each step is two vector loads, MR broadcasts and 2*MR fused multiply-adds.
+
+use std::arch::x86_64::*;
+
+use super::x86_sizes::{AVX2_MR, AVX2_NR, AVX512_MR, AVX512_NR};
+
+/// # Safety
+/// The CPU must support AVX-512F; `a` must hold `dim * 8` values, `b` `dim * 32`, `out` rows of `ldo >= 32` values, 8 of them.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn block_avx512(a: *const f32, b: *const f32, dim: usize, out: *mut f32, ldo: usize) {
+    const MR: usize = AVX512_MR;
+    const NR: usize = AVX512_NR;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for d in 0..dim {
+        // SAFETY: d < dim, so every offset stays within the lengths the caller guarantees.
+        let b0 = _mm512_loadu_ps(b.add(d * NR));
+        let b1 = _mm512_loadu_ps(b.add(d * NR + 16));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a.add(d * MR + i));
+            row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: out holds MR rows of ldo >= NR values.
+        _mm512_storeu_ps(out.add(i * ldo), row[0]);
+        _mm512_storeu_ps(out.add(i * ldo + 16), row[1]);
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` must hold `dim * 6` values, `b` `dim * 16`, `out` rows of `ldo >= 16` values, 6 of them.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn block_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f32, ldo: usize) {
+    const MR: usize = AVX2_MR;
+    const NR: usize = AVX2_NR;
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for d in 0..dim {
+        // SAFETY: d < dim, so every offset stays within the lengths the caller guarantees.
+        let b0 = _mm256_loadu_ps(b.add(d * NR));
+        let b1 = _mm256_loadu_ps(b.add(d * NR + 8));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = _mm256_set1_ps(*a.add(d * MR + i));
+            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: out holds MR rows of ldo >= NR values.
+        _mm256_storeu_ps(out.add(i * ldo), row[0]);
+        _mm256_storeu_ps(out.add(i * ldo + 8), row[1]);
+    }
+}

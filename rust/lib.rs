@@ -1,0 +1,19 @@
+//! ilias-core: the native core of the ILIAS benchmark toolkit.
+//!
+//! Pure Rust, usable without Python; the `python` feature adds the binding layer.
+//!
+//! - [`store`]: `.npy` shards validated and memory-mapped; a database is an ordered list of them.
+//! - [`kernels`]: float32 dot-product micro-kernels with run-time SIMD dispatch.
+//! - [`topk`]: bounded top-k with the reference's tie order.
+//! - [`search`]: the exact search driver (one pass over the database, threads, progress, cancel).
+
+pub mod error;
+pub mod kernels;
+pub mod search;
+pub mod store;
+pub mod topk;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};

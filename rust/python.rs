@@ -1,0 +1,139 @@
+//! The binding layer: numpy in and out, the GIL released during work, every core error mapped
+//! once to a Python exception. Work runs on scoped threads while the calling thread wakes every
+//! 100 ms to report progress and to look for Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::Error;
+use crate::kernels::Simd;
+use crate::search::{search, Control, SearchOptions};
+use crate::store::{Database, Shard};
+
+create_exception!(ilias._core, StoreFormatError, PyValueError, "A store file is not what it should be (bad header, size, dtype or dimension).");
+
+fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::Io { path, source } => {
+            let msg = format!("{}: {}", path.display(), source);
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PyFileNotFoundError::new_err(msg)
+            } else {
+                PyOSError::new_err(msg)
+            }
+        }
+        e @ Error::Format { .. } => StoreFormatError::new_err(e.to_string()),
+        Error::Invalid(m) => PyValueError::new_err(m),
+        Error::Cancelled => PyKeyboardInterrupt::new_err("search interrupted"),
+    }
+}
+
+/// Runs `work` without the GIL on a scoped thread; every 100 ms calls `progress(done)` and
+/// checks for signals, setting `control.cancel` when one raises.
+fn run_watched<T: Send>(
+    py: Python<'_>,
+    control: &Control,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let mut pending: Option<PyErr> = None;
+    let result = std::thread::scope(|scope| {
+        let handle = scope.spawn(work);
+        while !handle.is_finished() {
+            py.allow_threads(|| std::thread::sleep(Duration::from_millis(100)));
+            if pending.is_none() {
+                let polled = py.check_signals().and_then(|_| match progress {
+                    Some(cb) => cb.call1((control.done_rows.load(Ordering::Relaxed),)).map(|_| ()),
+                    None => Ok(()),
+                });
+                if let Err(e) = polled {
+                    control.cancel.store(true, Ordering::Relaxed);
+                    pending = Some(e);
+                }
+            }
+        }
+        handle.join()
+    });
+    if let Some(e) = pending {
+        return Err(e);
+    }
+    match result {
+        Ok(r) => r.map_err(to_py),
+        Err(_) => Err(PyValueError::new_err("internal error: the search thread panicked")),
+    }
+}
+
+/// Exact inner-product search of float32 `queries` (nq x dim, C order) against the shards,
+/// in order. Returns `(scores float32 (nq, k), indices int64 (nq, k))`.
+#[pyfunction]
+#[pyo3(signature = (shards, queries, k, threads=0, keep=None, simd=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn exact_search<'py>(
+    py: Python<'py>,
+    shards: Vec<PathBuf>,
+    queries: PyReadonlyArray2<'py, f32>,
+    k: usize,
+    threads: usize,
+    keep: Option<PyReadonlyArray1<'py, bool>>,
+    simd: Option<&str>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>)> {
+    let simd = match simd {
+        None | Some("auto") => None,
+        Some(name) => Some(Simd::parse(name).ok_or_else(|| {
+            PyValueError::new_err(format!("simd: unknown path {name:?} (expected auto, avx512, avx2 or scalar)"))
+        })?),
+    };
+    let nq = queries.shape()[0];
+    let qdim = queries.shape()[1];
+    let qslice = queries
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)"))?;
+    let keep_slice = match &keep {
+        Some(a) => Some(a.as_slice().map_err(|_| PyValueError::new_err("keep must be C-contiguous"))?),
+        None => None,
+    };
+    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    if qdim != db.dim {
+        return Err(PyValueError::new_err(format!(
+            "queries have dimension {qdim} but the database has dimension {}",
+            db.dim
+        )));
+    }
+    let opts = SearchOptions { k, threads, simd, keep: keep_slice };
+    let control = Control::default();
+    let found = run_watched(py, &control, progress.as_ref(), || search(&db, qslice, nq, &opts, &control))?;
+    let scores = found.scores.into_pyarray(py).reshape([nq, k])?;
+    let indices = found.indices.into_pyarray(py).reshape([nq, k])?;
+    Ok((scores, indices))
+}
+
+/// Validates one shard without reading its data: returns `(dtype name, rows, dim)`.
+#[pyfunction]
+#[pyo3(signature = (path, dim=None))]
+fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, usize, usize)> {
+    let s = Shard::open(&path, dim).map_err(to_py)?;
+    Ok((s.dtype.name(), s.rows, s.dim))
+}
+
+/// The SIMD paths this CPU can run, fastest first.
+#[pyfunction]
+fn simd_paths() -> Vec<&'static str> {
+    [Simd::Avx512, Simd::Avx2, Simd::Scalar].into_iter().filter(|s| s.supported()).map(Simd::name).collect()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("StoreFormatError", m.py().get_type::<StoreFormatError>())?;
+    m.add_function(wrap_pyfunction!(exact_search, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
+    Ok(())
+}

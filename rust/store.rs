@@ -1,0 +1,315 @@
+//! Reading the vector store: `.npy` headers, validated memory-mapped shards.
+//!
+//! A shard is a standard `.npy` file holding a C-order `(rows, dim)` matrix of little-endian
+//! float16 or float32. Before a shard is mapped its header is parsed and checked against the
+//! file size, so that a truncated or foreign file is an error naming the file, never a read past
+//! the end of a mapping. Python writes the shards (python/ilias/store.py); this side only reads.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Element type of a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 => 2,
+            DType::F32 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::F32 => "float32",
+        }
+    }
+}
+
+/// What a `.npy` header says about the array that follows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpyHeader {
+    /// The `descr` field, e.g. `<f2`.
+    pub descr: String,
+    pub fortran_order: bool,
+    pub shape: Vec<usize>,
+    /// Offset of the first data byte.
+    pub data_offset: usize,
+}
+
+/// Parses the header at the start of a `.npy` file (format versions 1, 2 and 3).
+pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err("not a .npy file (missing the \\x93NUMPY magic)".into());
+    }
+    let major = bytes[6];
+    let (len, start) = match major {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 => {
+            if bytes.len() < 12 {
+                return Err("truncated .npy header".into());
+            }
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        }
+        v => return Err(format!("unsupported .npy format version {v}")),
+    };
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| "truncated .npy header".to_string())?;
+    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text".to_string())?;
+    let descr = dict_value(text, "descr")?;
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_string();
+    let fortran_order = match dict_value(text, "fortran_order")?.as_str() {
+        "True" => true,
+        "False" => false,
+        other => return Err(format!("bad fortran_order value {other:?}")),
+    };
+    let shape_text = dict_value(text, "shape")?;
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(')'))
+        .ok_or_else(|| format!("bad shape {shape_text:?}"))?;
+    let shape = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text:?}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(NpyHeader { descr, fortran_order, shape, data_offset: end })
+}
+
+/// The raw text of `key`'s value in the header's Python dict literal.
+fn dict_value(text: &str, key: &str) -> std::result::Result<String, String> {
+    let pat_single = format!("'{key}':");
+    let pat_double = format!("\"{key}\":");
+    let pos = text
+        .find(&pat_single)
+        .map(|p| p + pat_single.len())
+        .or_else(|| text.find(&pat_double).map(|p| p + pat_double.len()))
+        .ok_or_else(|| format!("header has no '{key}' field"))?;
+    let rest = text[pos..].trim_start();
+    let value = if rest.starts_with('(') {
+        let close = rest.find(')').ok_or_else(|| format!("bad '{key}' field"))?;
+        &rest[..=close]
+    } else {
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        &rest[..end]
+    };
+    Ok(value.trim().to_string())
+}
+
+/// One memory-mapped, validated `(rows, dim)` shard.
+pub struct Shard {
+    pub path: PathBuf,
+    pub dtype: DType,
+    pub rows: usize,
+    pub dim: usize,
+    map: Mmap,
+    offset: usize,
+}
+
+impl Shard {
+    /// Opens and validates a shard; `expect_dim` (when given) must match its second axis.
+    pub fn open(path: &Path, expect_dim: Option<usize>) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
+        if file_len == 0 {
+            return Err(Error::format(path, "file is empty"));
+        }
+        // SAFETY: the mapping is read-only and the store's writers never modify a shard in place
+        // (they write a new file and rename it). A concurrent truncation by another program
+        // would be a user error that no reader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let header = parse_npy_header(&map).map_err(|m| Error::format(path, m))?;
+        let dtype = match header.descr.as_str() {
+            "<f2" => DType::F16,
+            "<f4" => DType::F32,
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("dtype {other:?} is not supported (expected little-endian float16 '<f2' or float32 '<f4')"),
+                ))
+            }
+        };
+        if header.fortran_order {
+            return Err(Error::format(path, "array is in Fortran order (expected C order)"));
+        }
+        let (rows, dim) = match header.shape[..] {
+            [r, d] => (r, d),
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!("shape {:?} is not 2-D (expected (rows, dim))", header.shape),
+                ))
+            }
+        };
+        if dim == 0 {
+            return Err(Error::format(path, "dimension is 0"));
+        }
+        if let Some(d) = expect_dim {
+            if d != dim {
+                return Err(Error::format(path, format!("dimension {dim} differs from the store's {d}")));
+            }
+        }
+        let expected = rows
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .and_then(|n| n.checked_add(header.data_offset));
+        if expected != Some(file_len) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "file size {file_len} bytes disagrees with its header (shape ({rows}, {dim}) {} needs {} bytes): truncated or corrupt",
+                    dtype.name(),
+                    expected.map_or("an impossible number of".to_string(), |n| n.to_string())
+                ),
+            ));
+        }
+        Ok(Shard { path: path.to_path_buf(), dtype, rows, dim, map, offset: header.data_offset })
+    }
+
+    /// The raw little-endian bytes of rows `start..end`.
+    pub fn row_bytes(&self, start: usize, end: usize) -> &[u8] {
+        let row = self.dim * self.dtype.size();
+        &self.map[self.offset + start * row..self.offset + end * row]
+    }
+
+    /// Tells the kernel that rows `start..end` will not be read again soon, so their pages leave
+    /// this process's resident set (they stay in the page cache). This keeps the memory of a
+    /// search bounded whatever the size of the database.
+    pub fn release(&self, start: usize, end: usize) {
+        let row = self.dim * self.dtype.size();
+        let page = 4096;
+        let lo = (self.offset + start * row) / page * page;
+        let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
+        if hi > lo {
+            // SAFETY: the mapping is a read-only shared file mapping: dropping its pages only
+            // means that a later access reads them again from the file; no data is lost.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
+    /// Hints the kernel to read rows `start..end` ahead.
+    pub fn prefetch(&self, start: usize, end: usize) {
+        let row = self.dim * self.dtype.size();
+        let page = 4096;
+        let lo = (self.offset + start * row) / page * page;
+        let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
+        if hi > lo {
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+        }
+    }
+}
+
+/// An ordered list of shards (across one or several stores) seen as one matrix whose rows are
+/// numbered globally: rows of shard `i` start at `starts[i]`.
+pub struct Database {
+    pub shards: Vec<Shard>,
+    pub starts: Vec<usize>,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+impl Database {
+    pub fn new(shards: Vec<Shard>) -> Result<Database> {
+        let dim = match shards.first() {
+            Some(s) => s.dim,
+            None => return Err(Error::invalid("the database has no shards")),
+        };
+        let mut starts = Vec::with_capacity(shards.len());
+        let mut rows = 0usize;
+        for s in &shards {
+            if s.dim != dim {
+                return Err(Error::format(
+                    &s.path,
+                    format!("dimension {} differs from the first shard's {dim}", s.dim),
+                ));
+            }
+            starts.push(rows);
+            rows += s.rows;
+        }
+        Ok(Database { shards, starts, rows, dim })
+    }
+
+    pub fn open(paths: &[PathBuf], dim: Option<usize>) -> Result<Database> {
+        let shards = paths
+            .iter()
+            .map(|p| Shard::open(p, dim))
+            .collect::<Result<Vec<_>>>()?;
+        Database::new(shards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + dict.len() + 1) % 64 != 0 {
+            dict.push(' ');
+        }
+        dict.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        out.extend_from_slice(dict.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ilias-store-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn parses_headers() {
+        let h = parse_npy_header(&npy_bytes("<f2", "(3, 4)", &[])).unwrap();
+        assert_eq!(h.descr, "<f2");
+        assert_eq!(h.shape, vec![3, 4]);
+        assert!(!h.fortran_order);
+        assert_eq!(h.data_offset % 64, 0);
+        let h = parse_npy_header(&npy_bytes("|S12", "(7,)", &[])).unwrap();
+        assert_eq!(h.shape, vec![7]);
+        assert!(parse_npy_header(b"hello world").is_err());
+        assert!(parse_npy_header(&npy_bytes("<f2", "(3, 4)", &[])[..20]).is_err());
+    }
+
+    #[test]
+    fn validates_shards() {
+        let d = tmpdir("validate");
+        let good = write(&d, "good.npy", &npy_bytes("<f2", "(2, 3)", &[0u8; 12]));
+        let s = Shard::open(&good, Some(3)).unwrap();
+        assert_eq!((s.rows, s.dim, s.dtype), (2, 3, DType::F16));
+        let short = write(&d, "short.npy", &npy_bytes("<f2", "(2, 3)", &[0u8; 11]));
+        let e = Shard::open(&short, None).err().unwrap().to_string();
+        assert!(e.contains("short.npy") && e.contains("truncated"), "{e}");
+        let f8 = write(&d, "f8.npy", &npy_bytes("<f8", "(2, 3)", &[0u8; 48]));
+        assert!(Shard::open(&f8, None).err().unwrap().to_string().contains("'<f2'"));
+        assert!(Shard::open(&good, Some(4)).err().unwrap().to_string().contains("dimension"));
+        let missing = Shard::open(&d.join("nope.npy"), None).err().unwrap();
+        assert!(matches!(missing, Error::Io { .. }));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
