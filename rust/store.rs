@@ -138,7 +138,7 @@ impl Shard {
             other => {
                 return Err(Error::format(
                     path,
-                    format!("dtype {other:?} is not supported (expected little-endian float16 '<f2' or float32 '<f4')"),
+                    format!("dtype '{other}' is not supported (expected little-endian float16 '<f2' or float32 '<f4')"),
                 ))
             }
         };

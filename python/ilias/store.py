@@ -362,7 +362,8 @@ class StoreWriter:
         if len(vectors) and not np.isfinite(vectors).all():
             bad = int(np.nonzero(~np.isfinite(vectors).all(axis=1))[0][0])
             raise ValueError(f"vectors: row {bad} holds NaN or Inf")
-        converted = np.ascontiguousarray(vectors, dtype=self._np_dtype)
+        with np.errstate(over="ignore"):
+            converted = np.ascontiguousarray(vectors, dtype=self._np_dtype)
         if len(converted) and not np.isfinite(converted).all():
             raise ValueError(f"vectors: values overflow {self.manifest.dtype} (largest magnitude {np.abs(vectors).max()})")
         if self.manifest.normalized is None and len(vectors):

@@ -1,0 +1,249 @@
+//! AP@k with the official ILIAS semantics, over many queries at once.
+//!
+//! The reference evaluator sorts each returned list by descending score, keeps the first k and
+//! calls sklearn's `average_precision_score`, rescaled by `found / min(k, |G|)`. Sklearn treats
+//! equal scores as one threshold: every positive in a run of equal scores gets the precision
+//! measured at the end of the run. We reproduce exactly that, in one linear pass per query.
+//!
+//! Input layout: one row per query, all rows of the same width `L` (the results' k):
+//! - `scores` in f64. Results are stored as f32, and f32 -> f64 is exact, so tie groups are
+//!   kept; the official JSON holds f64 values, which an f32 path could merge into false ties.
+//! - `labels` in u8: [`NEGATIVE`], [`POSITIVE`] or [`SKIP`]. `SKIP` removes an item from the list
+//!   before the top-k cut; it marks padding (fewer than L results) and, for the scale/clutter
+//!   reports, the positives outside the evaluated group. The same score matrix thus serves every
+//!   group, only the labels change.
+//! - `n_positives`: |G| per query (the positives that count for this evaluation).
+//!
+//! Rows are independent, so threads take contiguous blocks of rows.
+
+use crate::error::{Error, Result};
+
+/// A returned item that is not one of the query's positives.
+pub const NEGATIVE: u8 = 0;
+/// A returned item that is one of the query's positives.
+pub const POSITIVE: u8 = 1;
+/// An item that is not part of the list (padding, or a positive excluded from this evaluation).
+pub const SKIP: u8 = 2;
+
+/// The queries to evaluate: `rows` rows of `width` items each, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct Lists<'a> {
+    pub scores: &'a [f64],
+    pub labels: &'a [u8],
+    pub n_positives: &'a [u64],
+    pub width: usize,
+}
+
+impl Lists<'_> {
+    pub fn rows(&self) -> usize {
+        self.n_positives.len()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let n = self.rows() * self.width;
+        if self.scores.len() != n || self.labels.len() != n {
+            return Err(Error::invalid(format!(
+                "scores ({}) and labels ({}) must both hold rows x width = {} x {} values",
+                self.scores.len(),
+                self.labels.len(),
+                self.rows(),
+                self.width
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// AP@k and oracle of each row, or the first problem found (bad label, non-finite score,
+/// more positives found than `n_positives` says exist).
+pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    lists.validate()?;
+    if k == 0 {
+        return Err(Error::invalid("k must be at least 1"));
+    }
+    let rows = lists.rows();
+    let mut ap = vec![0.0; rows];
+    let mut oracle = vec![0.0; rows];
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        t => t,
+    };
+    let block = rows.div_ceil(threads.max(1)).max(1);
+    let w = lists.width;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = ap
+            .chunks_mut(block)
+            .zip(oracle.chunks_mut(block))
+            .enumerate()
+            .map(|(b, (ap, oracle))| {
+                scope.spawn(move || {
+                    let mut scratch = Vec::with_capacity(w);
+                    for (i, (ap, oracle)) in ap.iter_mut().zip(oracle.iter_mut()).enumerate() {
+                        let r = b * block + i;
+                        let row = r * w..(r + 1) * w;
+                        (*ap, *oracle) = one_query(
+                            &lists.scores[row.clone()],
+                            &lists.labels[row],
+                            lists.n_positives[r],
+                            k,
+                            &mut scratch,
+                        )
+                        .map_err(|m| Error::invalid(format!("row {r}: {m}")))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        // report the error of the lowest row, whatever thread finished first
+        workers.into_iter().map(|w| w.join().expect("metrics worker panicked")).collect::<Result<Vec<()>>>()
+    })?;
+    Ok((ap, oracle))
+}
+
+/// AP@k and oracle of one list. `scratch` is reused between calls to avoid an allocation per row.
+fn one_query(
+    scores: &[f64],
+    labels: &[u8],
+    n_pos: u64,
+    k: usize,
+    scratch: &mut Vec<(f64, bool)>,
+) -> std::result::Result<(f64, f64), String> {
+    scratch.clear();
+    for (&s, &l) in scores.iter().zip(labels) {
+        match l {
+            SKIP => continue,
+            NEGATIVE | POSITIVE => {}
+            _ => return Err(format!("label {l} is not 0 (negative), 1 (positive) or 2 (skip)")),
+        }
+        if !s.is_finite() {
+            return Err(format!("score {s} is not finite"));
+        }
+        scratch.push((s, l == POSITIVE));
+    }
+    let in_list = scratch.iter().filter(|x| x.1).count() as u64;
+    if in_list > n_pos {
+        return Err(format!("{in_list} positives in the list but only {n_pos} exist (duplicate ids?)"));
+    }
+    // results normally arrive in rank order already; sort (stably) only when they do not
+    if scratch.windows(2).any(|p| p[0].0 < p[1].0) {
+        // partial_cmp (not total_cmp) so that -0.0 and 0.0 stay one tie, as in numpy and sklearn;
+        // the scores were checked finite above
+        scratch.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite scores"));
+    }
+    let top = &scratch[..scratch.len().min(k)];
+    let mut sum = 0.0;
+    let mut tp = 0u64;
+    let mut new_in_run = 0u64;
+    for (i, &(s, pos)) in top.iter().enumerate() {
+        tp += pos as u64;
+        new_in_run += pos as u64;
+        let run_ends = top.get(i + 1).is_none_or(|next| next.0 != s);
+        if run_ends {
+            sum += new_in_run as f64 * tp as f64 / (i + 1) as f64;
+            new_in_run = 0;
+        }
+    }
+    if tp == 0 {
+        return Ok((0.0, 0.0));
+    }
+    let ap = sum / (k as u64).min(n_pos) as f64;
+    let oracle = tp as f64 / top.len() as f64 * k as f64 / n_pos as f64;
+    Ok((ap, oracle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(scores: &[f64], labels: &[u8], n_pos: u64, k: usize) -> (f64, f64) {
+        let n = [n_pos];
+        let lists = Lists { scores, labels, n_positives: &n, width: scores.len() };
+        let (ap, oracle) = average_precision(lists, k, 1).unwrap();
+        (ap[0], oracle[0])
+    }
+
+    #[test]
+    fn worked_example_of_the_spec() {
+        let scores = [0.9, 0.8, 0.8, 0.6, 0.5, 0.4];
+        let labels = [1, 1, 0, 0, 0, 1];
+        let (ap, oracle) = run(&scores, &labels, 4, 6);
+        assert!((ap - (1.0 + 2.0 / 3.0 + 0.5) / 3.0 * 0.75).abs() < 1e-12);
+        assert!((ap - 0.5417).abs() < 5e-5);
+        assert!((oracle - 0.5 * 6.0 / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn skip_removes_before_the_cut_and_unsorted_input_is_sorted_stably() {
+        // the skipped item would otherwise take the last slot of the top 2
+        let (ap, _) = run(&[0.9, 0.8, 0.7], &[1, SKIP, 1], 2, 2);
+        assert_eq!(ap, 1.0);
+        let (ap, _) = run(&[0.1, 0.9], &[1, 0], 1, 1);
+        assert_eq!(ap, 0.0);
+    }
+
+    #[test]
+    fn nothing_found_and_bad_input() {
+        assert_eq!(run(&[0.5, 0.4], &[0, 0], 3, 10), (0.0, 0.0));
+        let n = [1];
+        let bad = |s: &[f64], l: &[u8]| {
+            average_precision(Lists { scores: s, labels: l, n_positives: &n, width: s.len() }, 5, 1).is_err()
+        };
+        assert!(bad(&[f64::NAN], &[0]));
+        assert!(bad(&[0.1], &[7]));
+        assert!(bad(&[0.2, 0.1], &[1, 1]));
+        assert!(!bad(&[f64::NAN], &[SKIP]));
+    }
+
+    /// Sklearn's definition spelled out naively: precision at every distinct threshold.
+    fn reference(scores: &[f64], labels: &[u8], n_pos: u64, k: usize) -> f64 {
+        let mut items: Vec<(f64, bool)> =
+            scores.iter().zip(labels).filter(|x| *x.1 != SKIP).map(|(&s, &l)| (s, l == POSITIVE)).collect();
+        items.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        items.truncate(k);
+        let mut thresholds: Vec<f64> = items.iter().map(|x| x.0).collect();
+        thresholds.dedup();
+        let mut ap = 0.0;
+        let mut seen = 0;
+        for t in thresholds {
+            let above: Vec<_> = items.iter().filter(|x| x.0 >= t).collect();
+            let tp = above.iter().filter(|x| x.1).count();
+            ap += (tp - seen) as f64 * tp as f64 / above.len() as f64;
+            seen = tp;
+        }
+        if seen == 0 {
+            0.0
+        } else {
+            ap / (k as u64).min(n_pos) as f64
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_naive_definition(
+            rows in prop::collection::vec(prop::collection::vec((0u8..6, 0u8..3), 0..40), 1..20),
+            extra in 0u64..5,
+            k in 1usize..50,
+            threads in 0usize..4,
+        ) {
+            let width = rows.iter().map(Vec::len).max().unwrap();
+            let mut scores = vec![0.0; rows.len() * width];
+            let mut labels = vec![SKIP; rows.len() * width];
+            let mut n_pos = vec![];
+            for (r, row) in rows.iter().enumerate() {
+                for (i, &(s, l)) in row.iter().enumerate() {
+                    scores[r * width + i] = s as f64 / 5.0; // few distinct values: many ties
+                    labels[r * width + i] = l;
+                }
+                n_pos.push(row.iter().filter(|x| x.1 == POSITIVE).count() as u64 + extra);
+            }
+            let lists = Lists { scores: &scores, labels: &labels, n_positives: &n_pos, width };
+            let (ap, _) = average_precision(lists, k, threads).unwrap();
+            for r in 0..rows.len() {
+                let row = r * width..(r + 1) * width;
+                let want = reference(&scores[row.clone()], &labels[row], n_pos[r], k);
+                prop_assert!((ap[r] - want).abs() < 1e-12, "row {}: {} vs {}", r, ap[r], want);
+            }
+        }
+    }
+}
