@@ -128,6 +128,46 @@ fn simd_paths() -> Vec<&'static str> {
     [Simd::Avx512, Simd::Avx2, Simd::Scalar].into_iter().filter(|s| s.supported()).map(Simd::name).collect()
 }
 
+// ---- evaluation (metrics.rs)
+
+/// AP@k and oracle per row of `scores` float64 (n, L) with `labels` uint8 (n, L) (0 negative,
+/// 1 positive, 2 not in the list) and `n_positives` int64 (n,) = |G| per row.
+/// Returns `(ap float64 (n,), oracle float64 (n,))`, as fractions.
+#[pyfunction]
+#[pyo3(signature = (scores, labels, n_positives, k, threads=0))]
+fn average_precision<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f64>,
+    labels: PyReadonlyArray2<'py, u8>,
+    n_positives: PyReadonlyArray1<'py, i64>,
+    k: usize,
+    threads: usize,
+) -> PyResult<(Bound<'py, numpy::PyArray1<f64>>, Bound<'py, numpy::PyArray1<f64>>)> {
+    let contiguous = |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
+    if scores.shape() != labels.shape() || scores.shape()[0] != n_positives.len() {
+        return Err(PyValueError::new_err(format!(
+            "shapes disagree: scores {:?}, labels {:?}, n_positives ({},)",
+            scores.shape(),
+            labels.shape(),
+            n_positives.len()
+        )));
+    }
+    let n_pos: Vec<u64> = n_positives
+        .as_slice()
+        .map_err(|_| contiguous("n_positives"))?
+        .iter()
+        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
+        .collect::<PyResult<_>>()?;
+    let lists = crate::metrics::Lists {
+        scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
+        labels: labels.as_slice().map_err(|_| contiguous("labels"))?,
+        n_positives: &n_pos,
+        width: scores.shape()[1],
+    };
+    let (ap, oracle) = py.allow_threads(|| crate::metrics::average_precision(lists, k, threads)).map_err(to_py)?;
+    Ok((ap.into_pyarray(py), oracle.into_pyarray(py)))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -135,5 +175,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(average_precision, m)?)?;
     Ok(())
 }
