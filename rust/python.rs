@@ -122,6 +122,17 @@ fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, u
     Ok((s.dtype.name(), s.rows, s.dim))
 }
 
+/// Measures this machine's float32 FMA peak (GFLOP/s) on `threads` threads for a given path.
+#[pyfunction]
+#[pyo3(signature = (simd=None, threads=0, millis=300))]
+fn fp32_peak_gflops(py: Python<'_>, simd: Option<&str>, threads: usize, millis: u64) -> PyResult<f64> {
+    let simd = match simd {
+        None | Some("auto") => Simd::detect(),
+        Some(n) => Simd::parse(n).filter(|s| s.supported()).ok_or_else(|| PyValueError::new_err(format!("simd: {n:?} is not available here")))?,
+    };
+    Ok(py.allow_threads(|| crate::kernels::peak::fp32_peak_gflops(simd, threads, millis)))
+}
+
 /// The SIMD paths this CPU can run, fastest first.
 #[pyfunction]
 fn simd_paths() -> Vec<&'static str> {
@@ -176,5 +187,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
+    m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::store::DType;
 
+pub mod peak;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -1,0 +1,119 @@
+"""Exact search: ilias-core against faiss-cpu and numpy on the same data, in the same run.
+
+    python benches/bench_search.py                 # 1M x 768 float16, 2,232 queries, k=1000, 2 threads
+    python benches/bench_search.py --n 200000 --peers numpy
+
+Prints seconds, effective GFLOP/s (2*Q*N*d / t), the fraction of this machine's measured float32
+FMA peak, GB/s of the float16 store, and each peer's time relative to ours. The data (a cached
+store under bench-data/) is made once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--nq", type=int, default=2232)
+    ap.add_argument("-k", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kind", choices=["random", "structured"], default="random")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--peers", default="faiss-flat,faiss-sq-fp16,numpy")
+    ap.add_argument("--simd", default="auto")
+    args = ap.parse_args()
+    # peers use the same number of threads as we do
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+
+    import numpy as np
+
+    import ilias
+    from common import make_store, peak_rss_gb, queries, table, timed
+
+    store = make_store("bench", args.n, args.d, args.kind)
+    q = queries(args.nq, args.d, args.kind)
+    flop = 2.0 * args.nq * args.n * args.d
+    gb = args.n * args.d * 2 / 1e9
+    peak = ilias._core.fp32_peak_gflops(None, args.threads)
+    print(f"data: {args.n:,} x {args.d} float16 ({args.kind}), {args.nq} queries, k={args.k}, {args.threads} threads")
+    print(f"machine float32 FMA peak ({ilias.simd_paths()[0]}, {args.threads} threads): {peak:.0f} GFLOP/s")
+
+    rows = []
+
+    def add(name, secs, ref=None):
+        gflops = flop / secs / 1e9
+        rows.append(
+            {
+                "method": name,
+                "seconds": f"{secs:.2f}",
+                "GFLOP/s": f"{gflops:.0f}",
+                "% peak": f"{100 * gflops / peak:.0f}",
+                "store GB/s": f"{gb / secs:.2f}",
+                "time vs ilias": "1.00" if ref is None else f"{secs / ref:.2f}x",
+            }
+        )
+
+    ours_t, ours = timed(lambda: ilias.search(q, store, k=args.k, threads=args.threads, simd=args.simd), args.repeat)
+    add(f"ilias exact ({args.simd})", ours_t)
+    print(f"ilias done in {ours_t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
+
+    peers = [p for p in args.peers.split(",") if p]
+    if any(p.startswith("faiss") for p in peers):
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+        x32 = np.concatenate([np.asarray(v, dtype=np.float32) for v, _ in store.iter_chunks(200_000)])
+        if "faiss-flat" in peers:
+            index = faiss.IndexFlatIP(args.d)
+            index.add(x32)
+            t, (D, I) = timed(lambda: index.search(q, args.k), args.repeat)
+            add("faiss IndexFlatIP (float32 in RAM)", t, ours_t)
+            agree = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(I, ours.indices)])
+            print(f"faiss flat: {t:.2f}s; overlap of result sets with ilias {agree:.5f}, max |score diff| {np.abs(D - ours.scores).max():.2e}")
+            del index
+        if "faiss-sq-fp16" in peers:
+            index = faiss.IndexScalarQuantizer(args.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            index.add(x32)
+            t, _ = timed(lambda: index.search(q, args.k), args.repeat)
+            add("faiss IndexScalarQuantizer QT_fp16", t, ours_t)
+            print(f"faiss sq fp16: {t:.2f}s")
+            del index
+        del x32
+    if "numpy" in peers:
+        t, _ = timed(lambda: numpy_topk(store, q, args.k), args.repeat)
+        add("numpy sgemm + argpartition (float32)", t, ours_t)
+        print(f"numpy: {t:.2f}s")
+
+    print()
+    print(table(rows, ["method", "seconds", "GFLOP/s", "% peak", "store GB/s", "time vs ilias"]))
+
+
+def numpy_topk(store, q, k, block=65536):
+    """The plain way: float32 matrix products by blocks, a running top-k by argpartition."""
+    import numpy as np
+
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    start = 0
+    for v, _ in store.iter_chunks(block):
+        s = q @ np.asarray(v, dtype=np.float32).T
+        cs = np.concatenate([best_s, s], axis=1)
+        ci = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(v)), s.shape)], axis=1)
+        top = np.argpartition(-cs, min(k, cs.shape[1] - 1), axis=1)[:, :k]
+        best_s = np.take_along_axis(cs, top, 1)
+        best_i = np.take_along_axis(ci, top, 1)
+        start += len(v)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+if __name__ == "__main__":
+    main()

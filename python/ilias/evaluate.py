@@ -1,0 +1,448 @@
+"""ILIAS ground truth and the official mAP@k evaluation.
+
+The numbers are the reference evaluator's (see ILIAS_SPEC.md, "Evaluation: AP@k exactly"); the
+Rust core computes every AP. To get there, each results source (our .npz, the official JSON or
+pickle) is first turned into one matrix form: per query, the scores in rank order and, per item,
+which positive it is (or none). Every report is then a choice of labels over that one matrix:
+the scale and clutter groups only mark the query's positives outside the group as not listed.
+
+Anything that would make the number differ from an official one without saying so (unknown or
+duplicate ids, NaN scores, a results k below the evaluation k, core ids this ground truth does
+not know) is an error; a subset of the queries is a warning that gives the count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from . import _core
+from .progress import Progress
+from .search import SearchResults
+
+# [lo, hi) bounds of the reference; ints stay ints so that keys read "0-18" and "53-inf" as there
+SCALE_GROUPS = [
+    (0, 0.06880213760855043),
+    (0.06880213760855043, 0.13526567164179104),
+    (0.13526567164179104, 0.2729876723163842),
+    (0.2729876723163842, float("inf")),
+]
+CLUTTER_GROUPS = [(0, 18), (18, 33), (33, 53), (53, float("inf"))]
+TASKS = {"i2i": "image-to-image", "t2i": "text-to-image"}
+
+NEGATIVE, POSITIVE, SKIP = 0, 1, 2  # the labels of the Rust core (metrics.rs)
+NOT_POSITIVE, EMPTY = -1, -2  # codes in RankedLists.positive besides a positive's index
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def instance_of(item_id: str) -> str:
+    return item_id.split("/", 1)[0]
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Queries, positives and categories of ILIAS. `scale` / `clutter` are per positive (None when
+    the data came from image folders, which do not hold them); `taxonomy` maps an instance to
+    (coarse, mid) (None without taxonomy.json)."""
+
+    image_queries: tuple[str, ...]
+    text_queries: tuple[str, ...]
+    positives: tuple[str, ...]
+    scale: np.ndarray | None = None
+    clutter: np.ndarray | None = None
+    taxonomy: Mapping[str, tuple[str, str]] | None = None
+    source: str = ""
+
+    @cached_property
+    def positive_index(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.positives)}
+
+    @cached_property
+    def text_query_set(self) -> frozenset[str]:
+        return frozenset(self.text_queries)
+
+    @cached_property
+    def query_set(self) -> frozenset[str]:
+        return frozenset(self.image_queries) | self.text_query_set
+
+    def task_of(self, query_id: str) -> str:
+        return "t2i" if query_id in self.text_query_set or query_id.endswith(".txt") else "i2i"
+
+    def queries(self, task: str) -> tuple[str, ...]:
+        return self.text_queries if task == "t2i" else self.image_queries
+
+
+def load_ground_truth(root: str | os.PathLike) -> GroundTruth:
+    """Reads `root/image_ids/*.txt` and `root/taxonomy.json`; without the id files, lists the
+    `ilias_core/` image folders (`root/ilias_core`, or `root` itself)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--gt {root}: no such directory")
+    ids = root / "image_ids"
+    if (ids / "positive_ids.txt").exists():
+        image_q = [line.split(",")[0].strip() for line in _lines(ids / "image_query_ids.txt")]
+        text_q = [line.strip() for line in _lines(ids / "text_query_ids.txt")]
+        rows = [line.rsplit(",", 2) for line in _lines(ids / "positive_ids.txt")]
+        if any(len(r) != 3 for r in rows):
+            raise ValueError(f"{ids / 'positive_ids.txt'}: expected 'id,scale,clutter' on every line")
+        positives = [r[0].strip() for r in rows]
+        try:
+            scale = np.array([float(r[1]) for r in rows])
+            clutter = np.array([int(r[2]) for r in rows], dtype=np.float64)
+        except ValueError as e:
+            raise ValueError(f"{ids / 'positive_ids.txt'}: bad scale or clutter value ({e})") from None
+        source = str(ids)
+    else:
+        core = root / "ilias_core" if (root / "ilias_core").is_dir() else root
+        image_q, text_q, positives = _scan_core(core)
+        if not positives:
+            raise FileNotFoundError(
+                f"--gt {root}: neither image_ids/positive_ids.txt nor ilias_core/<instance>/pos/ images found"
+            )
+        scale = clutter = None
+        source = str(core)
+    for name, lst in (("image queries", image_q), ("text queries", text_q), ("positives", positives)):
+        _no_duplicates(lst, f"{source}: {name}")
+    return GroundTruth(
+        image_queries=tuple(sorted(image_q)),
+        text_queries=tuple(sorted(text_q)),
+        positives=tuple(positives),
+        scale=scale,
+        clutter=clutter,
+        taxonomy=_load_taxonomy(root),
+        source=source,
+    )
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (needed next to positive_ids.txt)")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _scan_core(core: Path) -> tuple[list[str], list[str], list[str]]:
+    image_q, text_q, positives = [], [], []
+    for inst in sorted(p for p in core.iterdir() if p.is_dir()):
+        for f in sorted((inst / "query").glob("*")):
+            item = f"{inst.name}/query/{f.name}"
+            if f.name.startswith("Q") and f.suffix.lower() in IMAGE_SUFFIXES:
+                image_q.append(item)
+            elif f.name.startswith("T") and f.suffix == ".txt":
+                text_q.append(item)
+        positives += [
+            f"{inst.name}/pos/{f.name}"
+            for f in sorted((inst / "pos").glob("P*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return image_q, text_q, positives
+
+
+def _load_taxonomy(root: Path) -> dict[str, tuple[str, str]] | None:
+    for path in (root / "taxonomy.json", root / "misc" / "taxonomy.json"):
+        if path.exists():
+            try:
+                tree = json.loads(path.read_text(encoding="utf-8"))
+                return {
+                    inst: (coarse, mid)
+                    for coarse, mids in tree.items()
+                    for mid, fines in mids.items()
+                    for insts in fines.values()
+                    for inst in insts
+                }
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a {{coarse: {{mid: {{fine: [instances]}}}}}} tree ({e})") from None
+    return None
+
+
+def _no_duplicates(items, what: str) -> None:
+    if len(set(items)) != len(items):
+        seen, dup = set(), []
+        for i in items:
+            (dup if i in seen else seen).add(i) if False else (dup.append(i) if i in seen else seen.add(i))
+        raise ValueError(f"{what}: {len(dup)} duplicate id(s), e.g. {dup[0]!r}")
+
+
+# ---------------------------------------------------------------- results in one form
+
+
+@dataclass
+class RankedLists:
+    """Results of any source, as the evaluation needs them. `positive[q, j]` is the index (in
+    `gt.positives`) of the j-th returned item, NOT_POSITIVE, or EMPTY for a slot with no item."""
+
+    query_ids: list[str]
+    scores: np.ndarray  # float64 (nq, L), rank order
+    positive: np.ndarray  # int32 (nq, L)
+    k: int  # the k the results were made with
+    source: str
+    database_rows: int | None = None  # database size, when the source records it
+
+
+def read_results(results, gt: GroundTruth) -> RankedLists:
+    """A SearchResults, a path (.npz ours, .json / .pkl official) or an official dict."""
+    if isinstance(results, RankedLists):
+        return results
+    if isinstance(results, (str, os.PathLike)):
+        path = Path(results)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such results file")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            return _from_search_results(SearchResults.load(path), gt, str(path))
+        if suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            return _from_official_json(data, gt, str(path))
+        if suffix in (".pkl", ".pickle"):
+            with open(path, "rb") as f:
+                return _from_official_pickle(pickle.load(f), gt, str(path))
+        raise ValueError(f"{path}: unknown results format (expected .npz, .json, .pkl)")
+    if isinstance(results, SearchResults):
+        return _from_search_results(results, gt, "<SearchResults>")
+    if isinstance(results, dict) and {"query_ids", "db_ids", "sims", "ranks"} <= results.keys():
+        return _from_official_pickle(results, gt, "<pickle dict>")
+    if isinstance(results, dict):
+        return _from_official_json(results, gt, "<json dict>")
+    raise TypeError(f"results: cannot evaluate a {type(results).__name__}")
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    _no_duplicates(keys, "results JSON object")
+    return dict(pairs)
+
+
+def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> RankedLists:
+    names = r._resolve()
+    rows = np.fromiter(names.keys(), dtype=np.int64, count=len(names))
+    order = np.argsort(rows)
+    code = _positive_codes([names[i] for i in rows[order].tolist()], gt, source)
+    idx = r.indices
+    valid = idx >= 0
+    positive = np.full(idx.shape, EMPTY, dtype=np.int32)
+    positive[valid] = code[np.searchsorted(rows[order], idx[valid])]
+    _no_duplicate_items(np.where(valid, idx, -1), r.query_ids, source)
+    return RankedLists(
+        list(r.query_ids),
+        r.scores.astype(np.float64),
+        positive,
+        r.k,
+        source,
+        sum(p.count for p in r.database) or None,
+    )
+
+
+def _from_official_pickle(d: dict, gt: GroundTruth, source: str) -> RankedLists:
+    sims, ranks = np.asarray(d["sims"]), np.asarray(d["ranks"])
+    qids = [str(q) for q in d["query_ids"]]
+    if sims.ndim != 2 or sims.shape != ranks.shape or len(qids) != len(sims):
+        raise ValueError(f"{source}: sims {sims.shape}, ranks {ranks.shape} and {len(qids)} query ids disagree")
+    db_ids = np.asarray(d["db_ids"])
+    if ranks.size and (ranks.max() >= len(db_ids) or ranks.min() < -1):
+        raise ValueError(f"{source}: ranks point outside db_ids ({len(db_ids)} ids)")
+    used = np.unique(ranks[ranks >= 0])
+    _no_duplicates([str(i) for i in db_ids[used]], f"{source}: db_ids")
+    code = _positive_codes([str(i) for i in db_ids[used]], gt, source)
+    valid = ranks >= 0
+    positive = np.full(ranks.shape, EMPTY, dtype=np.int32)
+    positive[valid] = code[np.searchsorted(used, ranks[valid])]
+    _no_duplicate_items(np.where(valid, ranks, -1), qids, source)
+    return RankedLists(qids, sims.astype(np.float64), positive, sims.shape[1], source)
+
+
+def _from_official_json(d: dict, gt: GroundTruth, source: str) -> RankedLists:
+    qids = list(d)
+    width = max((len(v) for v in d.values()), default=0)
+    scores = np.full((len(qids), width), -np.inf)
+    positive = np.full((len(qids), width), EMPTY, dtype=np.int32)
+    for row, q in enumerate(qids):
+        items = d[q]
+        if not isinstance(items, dict):
+            raise ValueError(f"{source}: query {q!r}: expected {{db_id: similarity}}, got {type(items).__name__}")
+        scores[row, : len(items)] = np.fromiter(items.values(), dtype=np.float64, count=len(items))
+        positive[row, : len(items)] = _positive_codes(list(items), gt, source)
+    # dict keys cannot repeat, so there is no duplicate check here (_unique_keys did it on reading)
+    return RankedLists(qids, scores, positive, width, source)
+
+
+def _positive_codes(ids: list[str], gt: GroundTruth, source: str) -> np.ndarray:
+    """Index of each id among the positives, or NOT_POSITIVE. A core-style id that this ground
+    truth lacks means another ILIAS version or dataset: counting it as a negative would be wrong."""
+    index = gt.positive_index
+    code = np.fromiter((index.get(i, NOT_POSITIVE) for i in ids), dtype=np.int32, count=len(ids))
+    foreign = [i for i, c in zip(ids, code.tolist()) if c < 0 and "/pos/" in i]
+    if foreign:
+        raise ValueError(
+            f"{source}: {len(foreign)} returned id(s) look like ILIAS positives but are not in the ground truth "
+            f"({gt.source}), e.g. {foreign[0]!r}: results from another dataset or version?"
+        )
+    return code
+
+
+def _no_duplicate_items(items: np.ndarray, qids: list[str], source: str) -> None:
+    s = np.sort(items, axis=1)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        q = int(np.flatnonzero(dup.any(axis=1))[0])
+        raise ValueError(f"{source}: query {qids[q]!r} lists the same database item twice ({int(dup.sum())} repeats in all)")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class TaskResult:
+    """One task (i2i or t2i). AP and oracle per query in percent, like the reference."""
+
+    task: str
+    query_ids: list[str]
+    ap: np.ndarray
+    oracle: np.ndarray
+    missing: int  # queries of this task in the ground truth but not in the results
+    categories: dict[str, float] | None = None
+    subcategories: dict[str, float] | None = None
+    scale: dict[str, float] | None = None
+    clutter: dict[str, float] | None = None
+
+    @property
+    def map(self) -> float:
+        return float(np.mean(self.ap))
+
+    @property
+    def oracle_mean(self) -> float:
+        return float(np.mean(self.oracle))
+
+
+@dataclass
+class Evaluation:
+    k: int
+    tasks: dict[str, TaskResult]
+    source: str
+    results_k: int
+    database_rows: int | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    results, gt: GroundTruth | str | os.PathLike, k: int = 1000, *, threads: int = 0, progress: bool = False
+) -> Evaluation:
+    """mAP@k with the official semantics, per task, with category / subcategory / scale / clutter
+    reports. `results`: a SearchResults, a results file (.npz, official .json / .pkl) or an official
+    dict. Problems that change the meaning of the number raise ValueError; partial query sets warn."""
+    if k < 1:
+        raise ValueError(f"k: must be at least 1, got {k}")
+    if not isinstance(gt, GroundTruth):
+        gt = load_ground_truth(gt)
+    lists = read_results(results, gt)
+    notes: list[str] = []
+    _check(lists, gt, k, notes)
+
+    inst_names = sorted({instance_of(p) for p in gt.positives} | {instance_of(q) for q in lists.query_ids})
+    inst = {name: i for i, name in enumerate(inst_names)}
+    pos_inst = np.array([inst[instance_of(p)] for p in gt.positives], dtype=np.int64)
+    q_inst = np.array([inst[instance_of(q)] for q in lists.query_ids], dtype=np.int64)
+    relevant = (lists.positive >= 0) & (pos_inst[np.maximum(lists.positive, 0)] == q_inst[:, None])
+    labels = np.where(lists.positive == EMPTY, SKIP, relevant).astype(np.uint8)
+
+    def run(labels: np.ndarray, in_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n_pos = np.bincount(pos_inst, weights=in_group, minlength=len(inst_names)).astype(np.int64)[q_inst]
+        ap, oracle = _core.average_precision(lists.scores, labels, n_pos, k, threads)
+        return 100 * ap, 100 * oracle, n_pos > 0
+
+    groups = [("scale", gt.scale, SCALE_GROUPS), ("clutter", gt.clutter, CLUTTER_GROUPS)]
+    groups = [(name, values, bounds) for name, values, bounds in groups if values is not None]
+    bar = Progress("evaluate", total=1 + 4 * len(groups), unit="passes", enabled=progress)
+    with bar:
+        ap, oracle, _ = run(labels, np.ones(len(gt.positives)))
+        bar.update(1)
+        # per (query, group): AP with the query's positives outside the group taken out of the list
+        grouped: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+        for name, values, bounds in groups:
+            for lo, hi in bounds:
+                in_group = (values >= lo) & (values < hi)
+                outside = relevant & ~in_group[np.maximum(lists.positive, 0)]
+                g_ap, _, has = run(np.where(outside, SKIP, labels).astype(np.uint8), in_group.astype(np.float64))
+                grouped.setdefault(name, []).append((f"{lo}-{hi}", g_ap, has))
+                bar.update(1)
+
+    if gt.taxonomy is None:
+        _note(notes, f"{gt.source}: no taxonomy.json, so no category reports")
+    if gt.scale is None:
+        _note(notes, f"{gt.source}: scale and clutter of the positives unknown (no image_ids/positive_ids.txt)")
+    tasks = {}
+    for task in TASKS:
+        rows = np.array([i for i, q in enumerate(lists.query_ids) if gt.task_of(q) == task], dtype=np.int64)
+        if len(rows) == 0:
+            continue
+        expected = gt.queries(task)
+        missing = len(set(expected) - {lists.query_ids[i] for i in rows})
+        if missing:
+            _note(notes, f"{lists.source}: {missing:,} of {len(expected):,} {TASKS[task]} queries missing from the "
+                  f"results; {task} mAP is over the {len(rows):,} present")
+        qids = [lists.query_ids[i] for i in rows]
+        res = TaskResult(task, qids, ap[rows], oracle[rows], missing)
+        if gt.taxonomy is not None:
+            res.categories, res.subcategories = _by_category(qids, ap[rows], gt.taxonomy)
+        for name, per_group in grouped.items():
+            report = {key: float(np.mean(g_ap[rows][has[rows]])) for key, g_ap, has in per_group if has[rows].any()}
+            setattr(res, name, report)
+        tasks[task] = res
+    return Evaluation(k, tasks, lists.source, lists.k, lists.database_rows, notes)
+
+
+def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> None:
+    src = lists.source
+    _no_duplicates(lists.query_ids, f"{src}: query ids")
+    unknown = [q for q in lists.query_ids if q not in gt.query_set]
+    if unknown:
+        raise ValueError(f"{src}: {len(unknown):,} query id(s) not in the ground truth ({gt.source}), e.g. {unknown[0]!r}")
+    if lists.k < k:
+        raise ValueError(
+            f"{src}: results hold {lists.k} items per query, fewer than k={k}; evaluate with k={lists.k} or search again"
+        )
+    listed = lists.positive != EMPTY
+    bad = listed & ~np.isfinite(lists.scores)
+    if bad.any():
+        q = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ValueError(f"{src}: {int(bad.sum()):,} NaN or infinite score(s), first in query {lists.query_ids[q]!r}")
+    short = int((listed.sum(axis=1) < k).sum())
+    if short:
+        _note(notes, f"{src}: {short:,} queries have fewer than k={k} results; their lists are evaluated as they are")
+    if not (lists.positive >= 0).any() and len(lists.query_ids):
+        _note(notes, f"{src}: no query retrieved any ILIAS positive: is the database the ILIAS positives + distractors?")
+
+
+def _note(notes: list[str], message: str) -> None:
+    """A problem that does not stop the evaluation: warned now and kept for the report."""
+    notes.append(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _by_category(qids, ap, taxonomy) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean over instances of each instance's mean AP, per coarse and per coarse-mid category."""
+    per_inst: dict[str, list[float]] = {}
+    for q, a in zip(qids, ap.tolist()):
+        per_inst.setdefault(instance_of(q), []).append(a)
+    missing = sorted(i for i in per_inst if i not in taxonomy)
+    if missing:
+        raise ValueError(f"taxonomy: {len(missing)} instance(s) not in the category tree, e.g. {missing[0]!r}")
+    coarse: dict[str, list[float]] = {}
+    mid: dict[str, list[float]] = {}
+    for i, aps in per_inst.items():
+        c, m = taxonomy[i]
+        coarse.setdefault(c, []).append(float(np.mean(aps)))
+        mid.setdefault(f"{c}-{m}", []).append(float(np.mean(aps)))
+    return ({c: float(np.mean(v)) for c, v in sorted(coarse.items())}, {c: float(np.mean(v)) for c, v in sorted(mid.items())})

@@ -1,0 +1,87 @@
+//! Micro-benchmark of the machine's own arithmetic peak, so that benchmarks can quote the
+//! fraction of it they reach (CPUs differ between machines; a fixed number would mislead).
+//! Many independent register-resident FMA chains: no memory traffic, no dependency stalls.
+
+use super::Simd;
+
+/// Float32 multiply-add peak in GFLOP/s over `threads` threads (each running ~`millis`).
+pub fn fp32_peak_gflops(simd: Simd, threads: usize, millis: u64) -> f64 {
+    let threads = crate::search::resolve_threads(threads);
+    let start = std::time::Instant::now();
+    let flops: f64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads).map(|_| s.spawn(move || spin(simd, millis))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    });
+    flops / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn spin(simd: Simd, millis: u64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+    let mut flops = 0f64;
+    let mut sink = 0f32;
+    while std::time::Instant::now() < deadline {
+        const ITERS: usize = 1 << 16;
+        let (f, v) = match simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only called with a path the CPU supports (checked by the caller).
+            Simd::Avx512 => unsafe { x86_peak::avx512(ITERS) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Simd::Avx2 => unsafe { x86_peak::avx2(ITERS) },
+            _ => scalar_peak(ITERS),
+        };
+        flops += f;
+        sink += v;
+    }
+    std::hint::black_box(sink);
+    flops
+}
+
+fn scalar_peak(iters: usize) -> (f64, f32) {
+    let mut acc = [1f32; 16];
+    let m = std::hint::black_box(0.999_999f32);
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(m, 1e-7);
+        }
+    }
+    ((iters * 16 * 2) as f64, acc.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_peak {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512(iters: usize) -> (f64, f32) {
+        let m = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let c = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, m, c);
+            }
+        }
+        let s: f32 = acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum();
+        ((iters * 12 * 16 * 2) as f64, s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2(iters: usize) -> (f64, f32) {
+        let m = _mm256_set1_ps(std::hint::black_box(0.999_999));
+        let c = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); 12];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm256_fmadd_ps(*a, m, c);
+            }
+        }
+        let mut buf = [0f32; 8];
+        let mut s = 0f32;
+        for a in acc {
+            _mm256_storeu_ps(buf.as_mut_ptr(), a);
+            s += buf.iter().sum::<f32>();
+        }
+        ((iters * 12 * 8 * 2) as f64, s)
+    }
+}
