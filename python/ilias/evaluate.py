@@ -166,11 +166,11 @@ def _load_taxonomy(root: Path) -> dict[str, tuple[str, str]] | None:
 
 
 def _no_duplicates(items, what: str) -> None:
-    if len(set(items)) != len(items):
-        seen, dup = set(), []
-        for i in items:
-            (dup if i in seen else seen).add(i) if False else (dup.append(i) if i in seen else seen.add(i))
-        raise ValueError(f"{what}: {len(dup)} duplicate id(s), e.g. {dup[0]!r}")
+    seen: set = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{what}: duplicate id {item!r}")
+        seen.add(item)
 
 
 # ---------------------------------------------------------------- results in one form
@@ -202,7 +202,7 @@ def read_results(results, gt: GroundTruth) -> RankedLists:
             return _from_search_results(SearchResults.load(path), gt, str(path))
         if suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+                data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda p: _unique_keys(p, path))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
             return _from_official_json(data, gt, str(path))
@@ -219,9 +219,9 @@ def read_results(results, gt: GroundTruth) -> RankedLists:
     raise TypeError(f"results: cannot evaluate a {type(results).__name__}")
 
 
-def _unique_keys(pairs):
-    keys = [key for key, _ in pairs]
-    _no_duplicates(keys, "results JSON object")
+def _unique_keys(pairs, path) -> dict:
+    # json.load would keep the last of repeated keys without a word
+    _no_duplicates([key for key, _ in pairs], f"{path}: JSON object")
     return dict(pairs)
 
 
@@ -331,6 +331,7 @@ class Evaluation:
     k: int
     tasks: dict[str, TaskResult]
     source: str
+    ground_truth: str
     results_k: int
     database_rows: int | None
     warnings: list[str] = field(default_factory=list)
@@ -400,7 +401,7 @@ def evaluate(
             report = {key: float(np.mean(g_ap[rows][has[rows]])) for key, g_ap, has in per_group if has[rows].any()}
             setattr(res, name, report)
         tasks[task] = res
-    return Evaluation(k, tasks, lists.source, lists.k, lists.database_rows, notes)
+    return Evaluation(k, tasks, lists.source, gt.source, lists.k, lists.database_rows, notes)
 
 
 def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> None:

@@ -1,0 +1,65 @@
+"""The published mAP@1k of the ILIAS models (data/seed_results.tsv), and where a new result sits
+among them for the same task and setting."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+# setting -> (column of the table, words for people)
+SETTINGS = {"mini": ("map_5M", "mini-ILIAS, 5M distractors"), "full": ("map_100M", "ILIAS, 100M distractors")}
+# a database this large or larger is full ILIAS; anything under a million rows is neither setting
+FULL_FROM_ROWS, SETTING_FROM_ROWS = 50_000_000, 1_000_000
+
+
+@lru_cache(maxsize=None)
+def _table() -> tuple[dict, ...]:
+    text = resources.files("ilias").joinpath("data", "seed_results.tsv").read_text(encoding="utf-8")
+    rows = [line for line in io.StringIO(text) if not line.startswith("#")]
+    return tuple(csv.DictReader(rows, delimiter="\t"))
+
+
+def published(task: str, setting: str) -> list[tuple[str, float]]:
+    """(checkpoint, mAP) of the published models, best first. The t2i rows whose single score
+    sits in the unlabelled third column are left out: their setting is not stated."""
+    column = SETTINGS[setting][0]
+    found = [(r["checkpoint"], float(r[column])) for r in _table() if r["task"] == task and r[column].strip()]
+    return sorted(found, key=lambda x: -x[1])
+
+
+@dataclass(frozen=True)
+class Placement:
+    task: str
+    setting: str
+    rank: int  # 1 + the number of published models strictly better
+    of: int  # published models compared with, plus this one
+    above: tuple[str, float] | None  # the nearest published model ranked above
+    below: tuple[str, float] | None  # the nearest published model at or below
+
+    def describe(self) -> str:
+        parts = [f"rank {self.rank} of {self.of} ({SETTINGS[self.setting][1]})"]
+        for word, near in (("next above", self.above), ("next below", self.below)):
+            if near:
+                parts.append(f"{word}: {near[0]} {near[1]:.1f}")
+        return "; ".join(parts)
+
+
+def place(map_value: float, task: str, setting: str) -> Placement | None:
+    """Rank among published results. They are rounded to one decimal, so ours is compared rounded
+    too: a model published as 15.0 is not beaten by 15.04."""
+    table = published(task, setting)
+    if not table:
+        return None
+    ours = round(map_value, 1)
+    above = [m for m in table if m[1] > ours]
+    below = [m for m in table if m[1] <= ours]
+    return Placement(task, setting, len(above) + 1, len(table) + 1, above[-1] if above else None, below[0] if below else None)
+
+
+def infer_setting(database_rows: int | None) -> str | None:
+    if database_rows is None or database_rows < SETTING_FROM_ROWS:
+        return None
+    return "full" if database_rows >= FULL_FROM_ROWS else "mini"
