@@ -159,7 +159,6 @@ class Store:
         self.path = path
         self.manifest = manifest
         self._starts = np.cumsum([0] + [s.count for s in manifest.shards])
-        self._ids_cache: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
@@ -231,14 +230,12 @@ class Store:
 
     def ids(self, i: int) -> np.ndarray:
         """The ids of shard `i` as a memory-mapped bytes array."""
-        if i not in self._ids_cache:
-            try:
-                self._ids_cache[i] = np.load(self.ids_path(i), mmap_mode="r")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{self.ids_path(i)}: missing id shard") from None
-            except ValueError as e:
-                raise StoreFormatError(f"{self.ids_path(i)}: {e}") from None
-        return self._ids_cache[i]
+        try:
+            return np.load(self.ids_path(i), mmap_mode="r")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.ids_path(i)}: missing id shard") from None
+        except ValueError as e:
+            raise StoreFormatError(f"{self.ids_path(i)}: {e}") from None
 
     def iter_chunks(self, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vectors, ids) in store order, `rows` at a time (never more than one shard)."""
@@ -258,7 +255,11 @@ class Store:
         return [b.decode("utf-8") for i in range(self.num_shards) for b in self.ids(i)]
 
     def ids_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The ids (as an object array of str) of the given rows, reading only those rows."""
+        """The ids (as an object array of str) of the given rows, reading only those rows.
+
+        Id shards are mapped one at a time and let go afterwards, so resolving the results of
+        a search over 100M rows never holds more than one id shard's pages.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty(rows.shape, dtype=object)
         if rows.size and (rows.min() < 0 or rows.max() >= self.count):
