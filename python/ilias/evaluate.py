@@ -13,6 +13,7 @@ not know) is an error; a subset of the queries is a warning that gives the count
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -166,6 +167,9 @@ def _load_taxonomy(root: Path) -> dict[str, tuple[str, str]] | None:
 
 
 def _no_duplicates(items, what: str) -> None:
+    items = list(items)
+    if len(set(items)) == len(items):  # the common case, at C speed
+        return
     seen: set = set()
     for item in items:
         if item in seen:
@@ -253,12 +257,17 @@ def _from_official_pickle(d: dict, gt: GroundTruth, source: str) -> RankedLists:
     db_ids = np.asarray(d["db_ids"])
     if ranks.size and (ranks.max() >= len(db_ids) or ranks.min() < -1):
         raise ValueError(f"{source}: ranks point outside db_ids ({len(db_ids)} ids)")
-    used = np.unique(ranks[ranks >= 0])
-    _no_duplicates([str(i) for i in db_ids[used]], f"{source}: db_ids")
-    code = _positive_codes([str(i) for i in db_ids[used]], gt, source)
     valid = ranks >= 0
-    positive = np.full(ranks.shape, EMPTY, dtype=np.int32)
-    positive[valid] = code[np.searchsorted(used, ranks[valid])]
+    # db_ids may be the whole database: only the ids that some list uses are looked at
+    used = np.zeros(len(db_ids), dtype=bool)
+    used[ranks[valid]] = True
+    used = np.flatnonzero(used)
+    # duplicates are checked per list (same rank, same positive), not over all db_ids: hashing
+    # every retrieved id once more would double the cost of the whole evaluation
+    ids = list(map(str, db_ids[used].tolist()))
+    code = np.full(len(db_ids), NOT_POSITIVE, dtype=np.int32)
+    code[used] = _positive_codes(ids, gt, source)
+    positive = np.where(valid, code[np.maximum(ranks, 0)], EMPTY).astype(np.int32)
     _no_duplicate_items(np.where(valid, ranks, -1), qids, source)
     return RankedLists(qids, sims.astype(np.float64), positive, sims.shape[1], source)
 
@@ -282,8 +291,8 @@ def _positive_codes(ids: list[str], gt: GroundTruth, source: str) -> np.ndarray:
     """Index of each id among the positives, or NOT_POSITIVE. A core-style id that this ground
     truth lacks means another ILIAS version or dataset: counting it as a negative would be wrong."""
     index = gt.positive_index
-    code = np.fromiter((index.get(i, NOT_POSITIVE) for i in ids), dtype=np.int32, count=len(ids))
-    foreign = [i for i, c in zip(ids, code.tolist()) if c < 0 and "/pos/" in i]
+    code = np.fromiter(map(index.get, ids, itertools.repeat(NOT_POSITIVE)), dtype=np.int32, count=len(ids))
+    foreign = [i for i in ids if "/pos/" in i and i not in index]
     if foreign:
         raise ValueError(
             f"{source}: {len(foreign)} returned id(s) look like ILIAS positives but are not in the ground truth "
@@ -414,6 +423,7 @@ def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> Non
         raise ValueError(
             f"{src}: results hold {lists.k} items per query, fewer than k={k}; evaluate with k={lists.k} or search again"
         )
+    _no_duplicate_items(lists.positive, lists.query_ids, src)  # one positive twice in a list
     listed = lists.positive != EMPTY
     bad = listed & ~np.isfinite(lists.scores)
     if bad.any():
