@@ -18,6 +18,8 @@ COMMANDS = {
     "info": "info",
     "search": "search",
     "evaluate": "evaluate",
+    "models": "models",
+    "extract": "extract",
     "demo": "demo",
 }
 
