@@ -230,14 +230,12 @@ def _unique_keys(pairs, path) -> dict:
 
 
 def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> RankedLists:
-    names = r._resolve()
-    rows = np.fromiter(names.keys(), dtype=np.int64, count=len(names))
-    order = np.argsort(rows)
-    code = _positive_codes([names[i] for i in rows[order].tolist()], gt, source)
+    rows, ids = r.returned_rows()
+    code = _positive_codes([b.decode("utf-8") for b in ids], gt, source)
     idx = r.indices
     valid = idx >= 0
     positive = np.full(idx.shape, EMPTY, dtype=np.int32)
-    positive[valid] = code[np.searchsorted(rows[order], idx[valid])]
+    positive[valid] = code[np.searchsorted(rows, idx[valid])]
     _no_duplicate_items(np.where(valid, idx, -1), r.query_ids, source)
     return RankedLists(
         list(r.query_ids),

@@ -123,14 +123,15 @@ class SearchResults:
     database: list[DatabasePart]
     stores: list[Store] | None = None
     info: dict = field(default_factory=dict)
-    _row_ids: dict | None = None
+    # every returned row (sorted) and its id as UTF-8 bytes: a compact table, not 2M Python strings
+    _rows: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.query_ids)
 
-    def _resolve(self) -> dict:
-        """Global row -> id for every returned row (read from the stores once)."""
-        if self._row_ids is None:
+    def returned_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ids): the sorted distinct global rows of all results and their ids (bytes)."""
+        if self._rows is None:
             if self.stores is None:
                 raise ValueError("these results hold no ids and have no stores to read them from")
             rows = np.unique(self.indices[self.indices >= 0])
@@ -141,24 +142,29 @@ class SearchResults:
                 if sel.any():
                     ids[sel] = s.ids_of(rows[sel] - start)
                 start += s.count
-            self._row_ids = dict(zip(rows.tolist(), ids.tolist()))
-        return self._row_ids
+            encoded = [i.encode("utf-8") for i in ids]
+            self._rows = (rows, np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}"))
+        return self._rows
+
+    def _ids_at(self, rows: np.ndarray) -> list[str]:
+        table, ids = self.returned_rows()
+        return [b.decode("utf-8") for b in ids[np.searchsorted(table, rows)]]
 
     def ids(self, q: int) -> list[str]:
         """The database ids returned for query row `q`, in rank order."""
-        r = self._resolve()
-        return [r[i] for i in self.indices[q].tolist() if i >= 0]
+        rows = self.indices[q]
+        return self._ids_at(rows[rows >= 0])
 
     def ranked(self, q: int) -> list[tuple[str, float]]:
-        r = self._resolve()
-        return [(r[i], float(s)) for i, s in zip(self.indices[q].tolist(), self.scores[q].tolist()) if i >= 0]
+        """(id, score) pairs of query row `q`, in rank order."""
+        valid = self.indices[q] >= 0
+        return list(zip(self._ids_at(self.indices[q][valid]), self.scores[q][valid].tolist()))
 
     # ---- our own format
     def save(self, path: str | os.PathLike) -> Path:
         """Saves to one .npz (scores, indices, ids of the returned rows, metadata), atomically."""
         path = Path(path)
-        r = self._resolve()
-        rows = np.array(sorted(r), dtype=np.int64)
+        rows, ids = self.returned_rows()
         meta = {
             "format": RESULTS_FORMAT,
             "version": RESULTS_VERSION,
@@ -166,17 +172,16 @@ class SearchResults:
             "database": [vars(p) for p in self.database],
             "info": self.info,
         }
+        qids = [q.encode("utf-8") for q in self.query_ids]
         tmp = path.with_name(f".{path.name}.tmp.npz")
         try:
             np.savez(
                 tmp,
                 scores=self.scores,
                 indices=self.indices,
-                query_ids=np.array([q.encode() for q in self.query_ids], dtype=object).astype("S"),
+                query_ids=np.array(qids, dtype=f"S{max(map(len, qids), default=1)}"),
                 row_index=rows,
-                row_ids=np.array([r[i].encode() for i in rows.tolist()], dtype=object).astype("S")
-                if len(rows)
-                else np.zeros(0, "S1"),
+                row_ids=ids,
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             )
             os.replace(tmp, path)
@@ -192,17 +197,19 @@ class SearchResults:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
-                if meta.get("format") != RESULTS_FORMAT:
-                    raise ValueError(f"{path}: not an ilias results file")
-                if meta.get("version") != RESULTS_VERSION:
-                    raise ValueError(f"{path}: results format version {meta.get('version')} is not supported")
                 scores, indices = z["scores"], z["indices"]
-                qids = [q.decode() for q in z["query_ids"]]
-                row_ids = dict(zip(z["row_index"].tolist(), (b.decode() for b in z["row_ids"])))
-        except (KeyError, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable results file ({type(e).__name__}: {e})") from None
+                qids = [q.decode("utf-8") for q in z["query_ids"]]
+                rows = (z["row_index"], z["row_ids"])
+        except (KeyError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable ilias results file ({type(e).__name__}: {e})") from None
+        if meta.get("format") != RESULTS_FORMAT or meta.get("version") != RESULTS_VERSION:
+            raise ValueError(
+                f"{path}: results format {meta.get('format')!r} v{meta.get('version')}, expected {RESULTS_FORMAT!r} v{RESULTS_VERSION}"
+            )
         if scores.shape != indices.shape or scores.shape != (len(qids), meta["k"]):
             raise ValueError(f"{path}: arrays disagree with each other ({scores.shape}, {indices.shape}, {len(qids)} ids)")
+        if not np.isin(indices[indices >= 0], rows[0]).all():
+            raise ValueError(f"{path}: some returned rows have no id")
         return cls(
             scores=scores,
             indices=indices,
@@ -210,7 +217,7 @@ class SearchResults:
             k=meta["k"],
             database=[DatabasePart(**p) for p in meta["database"]],
             info=meta.get("info", {}),
-            _row_ids=row_ids,
+            _rows=rows,
         )
 
     # ---- the official formats
@@ -225,11 +232,9 @@ class SearchResults:
 
     def to_official_pickle(self) -> dict:
         """`{"query_ids", "db_ids", "sims" (nq, k) float32, "ranks" (nq, k) into db_ids}`."""
-        r = self._resolve()
-        rows = np.array(sorted(r), dtype=np.int64)
-        db_ids = np.array([r[i] for i in rows.tolist()], dtype=object)
-        ranks = np.searchsorted(rows, np.where(self.indices >= 0, self.indices, rows[0] if len(rows) else 0))
-        ranks = np.where(self.indices >= 0, ranks, -1).astype(np.int64)
+        rows, ids = self.returned_rows()
+        ranks = np.where(self.indices >= 0, np.searchsorted(rows, self.indices), -1).astype(np.int64)
+        db_ids = np.array([b.decode("utf-8") for b in ids], dtype=object)
         return {"query_ids": list(self.query_ids), "db_ids": db_ids, "sims": self.scores.astype(np.float32), "ranks": ranks}
 
     def write_official_pickle(self, path: str | os.PathLike) -> Path:
