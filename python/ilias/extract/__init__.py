@@ -1,0 +1,29 @@
+"""Feature extraction: datasets (core folders, webdataset tars, image folders), the paper's
+preprocessing, and a resumable, splittable loop that writes stores.
+
+>>> from ilias.extract import core_sources, list_items, extract_images     # doctest: +SKIP
+>>> from ilias.models import build_image_encoder
+>>> items = list_items(core_sources("ILIAS/ilias_core", "positives"), exif=True)
+>>> extract_images(items, build_image_encoder("dinov2_vitb14"), "feats/dinov2_vitb14/positives")
+"""
+
+from .datasets import (
+    Items,
+    Source,
+    core_sources,
+    folder_sources,
+    list_items,
+    read_id_list,
+    select,
+    tar_sources,
+    webdataset_key,
+)
+from .loop import default_device, extract_images, extract_texts
+from .parts import Piece, merge_parts, open_parts, piece_from_env
+from .transforms import ResizeLarge, make_transform, pad_amounts, padded_size, resize_large_size
+
+__all__ = [
+    "Items", "Source", "core_sources", "folder_sources", "tar_sources", "list_items", "read_id_list", "select",
+    "webdataset_key", "extract_images", "extract_texts", "default_device", "Piece", "piece_from_env",
+    "open_parts", "merge_parts", "ResizeLarge", "make_transform", "resize_large_size", "pad_amounts", "padded_size",
+]
