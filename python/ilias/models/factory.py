@@ -117,7 +117,7 @@ def build_image_encoder(
     label = str(weights) if weights else ("pretrained" if pretrained else "random-init")
     try:
         backbone, head = _BUILDERS[spec.framework](spec, pretrained and weights is None, weights)
-    except (ImportError, ValueError, FileNotFoundError):
+    except ImportError:
         raise
     except Exception as e:  # a failed download surfaces as many exception types
         if not pretrained or weights is not None:

@@ -101,7 +101,7 @@ _MODELS = [
     _timm("vit_base_patch16_clip_224.openai", 384, OPENAI_CLIP, 16, ("ViT-B-16", "openai")),
     _timm("vit_large_patch14_clip_224.openai", 384, OPENAI_CLIP, 14, ("ViT-L-14", "openai")),
     _timm("vit_large_patch14_clip_336.openai", 512, OPENAI_CLIP, 14, ("ViT-L-14-336", "openai")),
-    _timm("vit_large_patch14_clip_224.laion2b", 384, OPENAI_CLIP, 14, ("ViT-L-14", "laion2b_s32b_b82k")),
+    _timm("vit_large_patch14_clip_224.laion2b", 384, HALF, 14, ("ViT-L-14", "laion2b_s32b_b82k")),
     ModelSpec(
         "swav_resnet50", "url", "resnet50", None, 384,
         url=f"{_FB}/deepcluster/swav_800ep_pretrain.pth.tar", prefix="module.",
@@ -136,7 +136,7 @@ _MODELS = [
     _custom("recall_512-vit_base_patch16_224_in21k", 384, "RS@k, github", 16),
     _custom("cvnet_resnet50", 724, "CVNet, github"),
     _custom("cvnet_resnet101", 724, "CVNet, github"),
-    _custom("superglobal_resnet50", 724, "SuperGlobal, github"),
+    _custom("superglobal_resnet50", 384, "SuperGlobal, github"),
     _custom("superglobal_resnet101", 724, "SuperGlobal, github"),
     _custom("hier_dino_vits16_sop", 384, "Hier, github", 16),
     _timm("eva02_base_patch14_224.mim_in22k", 384, OPENAI_CLIP, 14),

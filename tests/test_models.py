@@ -1,0 +1,140 @@
+"""The model registry against the seed table, and the factory with random weights (no downloads)."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytest.importorskip("open_clip")
+
+from ilias.cli import main  # noqa: E402
+from ilias.models import REGISTRY, ModelSpec, build_image_encoder, build_text_encoder, get_spec, list_models  # noqa: E402
+from ilias.models.registry import HALF, IMAGENET  # noqa: E402
+
+SEED = Path(__file__).parents[1] / "python/ilias/data/seed_results.tsv"
+
+
+def seed_rows():
+    lines = [line for line in SEED.read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines, delimiter="\t"))
+
+
+def test_every_seed_checkpoint_is_registered_with_its_test_resolution():
+    for row in seed_rows():
+        spec = get_spec(row["checkpoint"])
+        if row["task"] == "i2i":
+            assert spec.resolution == int(row["test_res"]), row["checkpoint"]
+        else:
+            assert spec.text is not None, f"{row['checkpoint']}: t2i model without a text tower"
+
+
+def test_normalisation_and_patch_agree_with_timm_configs():
+    for spec in REGISTRY.values():
+        if spec.framework != "timm":
+            continue
+        cfg = timm.models.get_pretrained_cfg(spec.hub_name)
+        assert cfg is not None, spec.name
+        assert np.allclose(spec.mean, cfg.mean) and np.allclose(spec.std, cfg.std), spec.name
+        is_vit = any(k in spec.arch for k in ("vit", "eva", "deit"))
+        assert bool(spec.patch) == is_vit, spec.name
+        if spec.patch:
+            assert f"patch{spec.patch}" in spec.arch, spec.name
+
+
+def test_open_clip_text_towers_exist():
+    import open_clip
+
+    for spec in REGISTRY.values():
+        if spec.text:
+            arch, tag = spec.text
+            assert arch in open_clip.list_models(), spec.name
+            assert tag in open_clip.list_pretrained_tags_by_model(arch), spec.name
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean vit_base_patch16_siglip_224.webli"):
+        get_spec("vit_base_patch16_siglp_224.webli")
+
+
+def test_list_models_filters():
+    names = [m.name for m in list_models("dinov2")]
+    assert names == ["dinov2_vitb14", "dinov2_vitl14", "dinov2_vitb14_reg", "dinov2_vitl14_reg"]
+    assert all(m.buildable for m in list_models(buildable_only=True))
+    assert any(not m.buildable for m in list_models("unicom"))
+
+
+def test_dynamic_vit_runs_at_any_padded_size():
+    spec = ModelSpec("tiny-vit", "timm", "vit_tiny_patch16_224", None, 64, patch=16, mean=HALF[0], std=HALF[1])
+    enc = build_image_encoder(spec, pretrained=False)
+    assert enc.dim == 192 and enc.weights == "random-init"
+    with torch.inference_mode():
+        for h, w in [(64, 48), (48, 64), (16, 112)]:
+            assert enc(torch.randn(2, 3, h, w)).shape == (2, 192)
+
+
+def test_cnn_head_and_gem():
+    cnn = build_image_encoder(ModelSpec("r18", "timm", "resnet18", None, 64), pretrained=False)
+    assert cnn.dim == 512
+    gem = build_image_encoder(ModelSpec("r18-gem", "timm", "resnet18", None, 64, "gem"), pretrained=False)
+    x = torch.randn(1, 3, 70, 50)
+    with torch.inference_mode():
+        fmap = gem.backbone.forward_features(x)
+        expected = fmap.clamp(min=1e-6).pow(3).mean((-2, -1)).pow(1 / 3)
+        assert torch.allclose(gem(x), expected, rtol=1e-5)
+
+
+def test_clip_resnet_attention_pool_at_other_sizes():
+    enc = build_image_encoder("RN50.openai", pretrained=False)
+    assert enc.dim == 1024
+    with torch.inference_mode():
+        assert enc(torch.randn(1, 3, 96, 160)).shape == (1, 1024)
+        # at the training size, the resized embedding is the original one: same as open_clip's own pooling
+        x = torch.randn(1, 3, 224, 224)
+        pool = enc.backbone.attnpool.pool
+        trunk = enc.backbone
+        fmap = trunk.layer4(trunk.layer3(trunk.layer2(trunk.layer1(trunk.stem(x)))))
+        assert torch.allclose(enc.backbone.attnpool(fmap), pool(fmap), atol=1e-4)
+
+
+def test_text_encoder_random_init_is_normalised():
+    spec = ModelSpec("clip-b32", "open_clip", "ViT-B-32", None, 224, text=("ViT-B-32", None))
+    text = build_text_encoder(spec, pretrained=False)
+    v = text.encode(["a red mug with a white logo", "a toy robot"])
+    assert v.dtype == np.float32 and v.shape == (2, 512)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+
+
+def test_image_only_model_has_no_text_tower():
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        build_text_encoder("dinov2_vitb14", pretrained=False)
+
+
+def test_custom_models_and_missing_weight_files_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="custom architecture"):
+        build_image_encoder("cvnet_resnet50", pretrained=False)
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        build_image_encoder("dino_vitb16", weights=tmp_path / "nope.pth")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    spec = ModelSpec("moco-like", "url", "resnet18", None, 64, url="unused", prefix="module.base_encoder.")
+    ref = build_image_encoder(spec, pretrained=False)
+    state = {f"module.base_encoder.{k}": v for k, v in ref.backbone.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "w.pth.tar")
+    enc = build_image_encoder(spec, weights=tmp_path / "w.pth.tar")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(enc(x), ref(x))
+    assert enc.weights.endswith("w.pth.tar")
+
+
+def test_cli_models(capsys):
+    assert main(["models", "siglip"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_large_patch16_siglip_384.webli" in out and "6 models" in out
+    assert main(["models", "cvnet"]) == 0
+    assert "not served by a public hub" in capsys.readouterr().out
+    assert main(["models", "no-such-model"]) == 1
