@@ -123,7 +123,7 @@ def extract_texts(
     spec = text_encoder.spec
     prov = {
         "model": spec.name,
-        "text_tower": "/".join(spec.text),
+        "text_tower": "/".join(filter(None, spec.text)),
         "weights": text_encoder.weights,
         "transform": "open_clip tokenizer",
         "resolution": None,
@@ -181,7 +181,7 @@ def _write(items, out, dim, dtype, shard_rows, prov, window, results, progress, 
             else:
                 rows.append(vec)
                 ids.append(items.ids[pos])
-            if len(rows) >= 256 or pos == len(items) - 1:
+            if (pos + 1 - begin) % window == 0 or pos == len(items) - 1:  # a window is complete
                 if rows:
                     writer.append(np.stack(rows), ids)
                 bar.update(pos + 1 - start - bar.done)
@@ -272,8 +272,16 @@ def _image_results(items, encoder, transform, begin, window, batch_size, workers
     def run(shape):
         batch = buckets.pop(shape)
         x = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            y = encoder(x)
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                y = encoder(x)
+        except RuntimeError as e:
+            if "out of memory" in str(e):
+                raise
+            # e.g. a CNN given a 384 x 3 sliver of a panorama: those images are skipped, not the run
+            for pos, _ in batch:
+                done[pos] = (None, f"the model fails on a {shape[2]}x{shape[1]} input: {str(e).splitlines()[0]}")
+            return
         y = F.normalize(y.float(), dim=-1).cpu().numpy()
         for (pos, _), v in zip(batch, y):
             done[pos] = (v, None)
