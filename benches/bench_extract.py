@@ -1,0 +1,80 @@
+"""CPU throughput of extraction: decode + RESIZE_LARGE per core, and a small model's forward pass.
+
+    python benches/bench_extract.py [--resolution 384] [--seconds 10]
+
+Decode + resize runs in one process (one core), on JPEG photographs (scikit-image samples,
+re-encoded at ~500 px like the YFCC distractors and at ~1500 px like phone photos). The forward
+pass uses random weights and synthetic batches at the padded size of a 4:3 image.
+"""
+
+import argparse
+import io
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ilias.extract import ResizeLarge, padded_size
+from ilias.models import ModelSpec, build_image_encoder
+from ilias.models.registry import HALF
+
+
+def jpegs(side):
+    import skimage.data as d
+
+    out = []
+    for a in (d.astronaut(), d.chelsea(), d.coffee()):
+        img = Image.fromarray(a)
+        s = side / max(img.size)
+        img = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_rate(data, tf, seconds):
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for b in data:
+            tf(Image.open(io.BytesIO(b)).convert("RGB"))
+            n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def forward_rate(arch, res, patch, batch, seconds):
+    enc = build_image_encoder(ModelSpec(arch, "timm", arch, None, res, patch=patch, mean=HALF[0], std=HALF[1]),
+                              pretrained=False)
+    w, h = padded_size(640, 480, res, patch)
+    x = torch.randn(batch, 3, h, w)
+    with torch.inference_mode():
+        enc(x)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            enc(x)
+            n += batch
+    return n / (time.perf_counter() - t0), (w, h)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--resolution", type=int, default=384)
+    p.add_argument("--seconds", type=float, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    tf = ResizeLarge(args.resolution, HALF[0], HALF[1], 16)
+    for side in (500, 1500):
+        print(f"decode+resize_large {side}px JPEG -> R={args.resolution}: "
+              f"{decode_rate(jpegs(side), tf, args.seconds):.0f} images/s per core")
+    threads = torch.get_num_threads()
+    for arch, patch in (("vit_tiny_patch16_224", 16), ("resnet18", None)):
+        for t in (1, max(1, torch.multiprocessing.cpu_count())):
+            torch.set_num_threads(t)
+            rate, (w, h) = forward_rate(arch, args.resolution, patch, 8, args.seconds)
+            print(f"forward {arch} float32 cpu {w}x{h}, {t} thread(s): {rate:.1f} images/s")
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
