@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
+use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, pack_rows, RowScratch, Simd};
 use crate::store::Database;
 use crate::topk::TopK;
@@ -38,6 +39,19 @@ pub struct SearchOptions<'a> {
     pub simd: Option<Simd>,
     /// When given, only rows `r` with `keep[r]` can be returned.
     pub keep: Option<&'a [bool]>,
+    /// The approximate int8 first pass: `Auto` uses it where the CPU has a fast int8 kernel.
+    pub int8: Int8Choice,
+}
+
+/// Whether exact search takes the int8 first pass (results are identical either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Choice {
+    /// The fastest exact path of this CPU.
+    Auto,
+    /// Plain float32 scoring of every row.
+    Off,
+    /// The int8 pass with a given kernel (the scalar one runs anywhere: for tests).
+    Force(Int8Kernel),
 }
 
 /// The k best rows per query: `scores` and `indices` are `(nq, k)` row-major; when fewer than
@@ -46,6 +60,28 @@ pub struct Neighbors {
     pub scores: Vec<f32>,
     pub indices: Vec<i64>,
     pub k: usize,
+    pub stats: Stats,
+}
+
+/// What the search did, for benchmarks and curious users.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub simd: Option<Simd>,
+    pub int8: Option<Int8Kernel>,
+    /// (query, panel) pairs scored in float32 only (warm-up, or the plain path).
+    pub float_pairs: u64,
+    /// (query, panel) pairs scored by the int8 pass...
+    pub int8_pairs: u64,
+    /// ...of which rescored exactly in float32.
+    pub rescored_pairs: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.float_pairs += o.float_pairs;
+        self.int8_pairs += o.int8_pairs;
+        self.rescored_pairs += o.rescored_pairs;
+    }
 }
 
 pub fn resolve_threads(threads: usize) -> usize {
@@ -103,7 +139,15 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     validate(db, queries, nq, opts)?;
     let simd = opts.simd.unwrap_or_else(Simd::detect);
     let dim = db.dim;
+    let int8 = match opts.int8 {
+        _ if dim > int8::MAX_DIM => None,
+        Int8Choice::Auto => Int8Kernel::detect(simd),
+        Int8Choice::Off => None,
+        Int8Choice::Force(k) => Some(k),
+    };
     let packed = pack_queries(queries, nq, dim, simd.mr());
+    let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, simd.mr()));
+    let plan = Plan { simd, int8, quantized: quantized.as_ref(), packed: &packed, nq };
 
     // work items: (shard, first row, end row), in database order
     let mut chunks = Vec::new();
@@ -118,9 +162,9 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     let next = AtomicUsize::new(0);
     let threads = resolve_threads(opts.threads).min(chunks.len().max(1));
 
-    let partials: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
+    let partials: Vec<Result<(Vec<TopK>, Stats)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(|| worker(db, &packed, nq, simd, opts, &chunks, &next, control)))
+            .map(|_| scope.spawn(|| worker(db, &plan, opts, &chunks, &next, control)))
             .collect();
         handles
             .into_iter()
@@ -128,8 +172,10 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             .collect()
     });
     let mut merged: Option<Vec<TopK>> = None;
+    let mut stats = Stats { simd: Some(simd), int8, ..Stats::default() };
     for part in partials {
-        let part = part?;
+        let (part, part_stats) = part?;
+        stats.add(&part_stats);
         merged = Some(match merged {
             None => part,
             Some(mut acc) => {
@@ -151,28 +197,40 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             indices[q * k + j] = i as i64;
         }
     }
-    Ok(Neighbors { scores, indices, k })
+    Ok(Neighbors { scores, indices, k, stats })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every worker shares: the kernels and the prepared queries.
+struct Plan<'a> {
+    simd: Simd,
+    int8: Option<Int8Kernel>,
+    quantized: Option<&'a int8::Queries>,
+    packed: &'a [f32],
+    nq: usize,
+}
+
 fn worker(
     db: &Database,
-    packed: &[f32],
-    nq: usize,
-    simd: Simd,
+    plan: &Plan,
     opts: &SearchOptions,
     chunks: &[(usize, usize, usize)],
     next: &AtomicUsize,
     control: &Control,
-) -> Result<Vec<TopK>> {
-    let dim = db.dim;
+) -> Result<(Vec<TopK>, Stats)> {
+    let (dim, nq, simd) = (db.dim, plan.nq, plan.simd);
     let (mr, nr) = (simd.mr(), simd.nr());
     let qblocks = nq.div_ceil(mr);
+    let steps = int8::d4(dim);
     let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(opts.k)).collect();
+    let mut stats = Stats::default();
     let mut tile = Vec::new();
+    let mut codes = int8::Tile::default();
     let mut scratch = RowScratch::default();
     // scores of one query block against one tile: [mr][TILE_ROWS]
     let mut tile_scores = vec![0f32; mr * TILE_ROWS];
+    let mut raw = vec![0i32; mr * nr];
+    let mut exact = vec![0f32; mr * nr];
+    let mut needs = vec![false; mr];
 
     loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
@@ -187,18 +245,63 @@ fn worker(
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
-            pack_rows(shard.row_bytes(t0, t1), shard.dtype, rows, dim, nr, &mut tile, &mut scratch);
+            let bytes = shard.row_bytes(t0, t1);
+            if plan.int8.is_some() {
+                codes.reset(rows, dim, nr);
+                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| codes.set_row(r, row, nr));
+            } else {
+                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |_, _| {});
+            }
             let panels = rows.div_ceil(nr);
             for qb in 0..qblocks {
-                let a = &packed[qb * dim * mr..(qb + 1) * dim * mr];
-                for p in 0..panels {
-                    let b = &tile[p * dim * nr..(p + 1) * dim * nr];
-                    simd.block(a, b, dim, &mut tile_scores[p * nr..], TILE_ROWS);
-                }
-                for i in 0..mr.min(nq - qb * mr) {
-                    let top = &mut tops[qb * mr + i];
-                    let row = &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows];
-                    offer(top, row, base + t0, opts.keep);
+                let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
+                let live = mr.min(nq - qb * mr);
+                let block_tops = &mut tops[qb * mr..qb * mr + live];
+                // the int8 pass needs a threshold for every query of the block: until their
+                // top-k buffers first fill (the first ~2k rows), every score is computed
+                let warm = block_tops.iter().all(|t| t.threshold() > f32::NEG_INFINITY);
+                match (plan.int8, plan.quantized) {
+                    (Some(kernel), Some(qs)) if warm => {
+                        let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
+                        for p in 0..panels {
+                            let pcodes = &codes.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
+                            kernel.block(simd, qcodes, pcodes, steps, &mut raw, nr);
+                            let mut count = 0;
+                            for (i, top) in block_tops.iter().enumerate() {
+                                let row = &raw[i * nr..(i + 1) * nr];
+                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, top.threshold());
+                                count += needs[i] as u64;
+                            }
+                            stats.int8_pairs += live as u64;
+                            stats.rescored_pairs += count;
+                            if count == 0 {
+                                continue;
+                            }
+                            let b = &tile[p * dim * nr..(p + 1) * dim * nr];
+                            let valid = (rows - p * nr).min(nr);
+                            let first = base + t0 + p * nr;
+                            if count == 1 {
+                                let i = needs.iter().position(|&n| n).unwrap_or(0);
+                                simd.column(a, i, b, dim, &mut exact[..nr]);
+                                offer(&mut block_tops[i], &exact[..valid], first, opts.keep);
+                            } else {
+                                simd.block(a, b, dim, &mut exact, nr);
+                                for (i, top) in block_tops.iter_mut().enumerate().filter(|(i, _)| needs[*i]) {
+                                    offer(top, &exact[i * nr..i * nr + valid], first, opts.keep);
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        for p in 0..panels {
+                            let b = &tile[p * dim * nr..(p + 1) * dim * nr];
+                            simd.block(a, b, dim, &mut tile_scores[p * nr..], TILE_ROWS);
+                        }
+                        stats.float_pairs += (live * panels) as u64;
+                        for (i, top) in block_tops.iter_mut().enumerate() {
+                            offer(top, &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows], base + t0, opts.keep);
+                        }
+                    }
                 }
             }
             t0 = t1;
@@ -206,7 +309,7 @@ fn worker(
         shard.release(lo, hi);
         control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
     }
-    Ok(tops)
+    Ok((tops, stats))
 }
 
 /// Offers one query's scores for consecutive rows starting at global row `first`.

@@ -16,6 +16,7 @@ use half::slice::HalfFloatSliceExt;
 use crate::store::DType;
 
 pub mod peak;
+pub mod int8;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -111,6 +112,25 @@ impl Simd {
     }
 }
 
+impl Simd {
+    /// Column `i` of `block`: `out[j] = sum_d a[d * mr + i] * b[d * nr + j]`, computed with the
+    /// same operations in the same order as `block`, hence bit-identical to its row `i`.
+    #[inline]
+    pub fn column(self, a: &[f32], i: usize, b: &[f32], dim: usize, out: &mut [f32]) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(i < mr && a.len() >= dim * mr && b.len() >= dim * nr && out.len() >= nr);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `block`.
+            Simd::Avx512 => unsafe { x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `block`.
+            Simd::Avx2 => unsafe { x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
+            _ => scalar::column(a, i, b, dim, out),
+        }
+    }
+}
+
 /// Block sizes, visible on every architecture so that `mr`/`nr` stay total functions.
 mod x86_sizes {
     pub const AVX512_MR: usize = 8;
@@ -134,8 +154,19 @@ pub fn pack_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Vec<f3
 }
 
 /// Widens and packs `rows` consecutive little-endian rows from `bytes` into panels of `nr`
-/// rows laid out `[d][nr]`, zero padded, reusing `out` and the scratch row buffers.
-pub fn pack_rows(bytes: &[u8], dtype: DType, rows: usize, dim: usize, nr: usize, out: &mut Vec<f32>, scratch: &mut RowScratch) {
+/// rows laid out `[d][nr]`, zero padded, reusing `out` and the scratch row buffers. `visit`
+/// sees each widened row (the int8 path quantizes it there, without widening twice).
+#[allow(clippy::too_many_arguments)]
+pub fn pack_rows(
+    bytes: &[u8],
+    dtype: DType,
+    rows: usize,
+    dim: usize,
+    nr: usize,
+    out: &mut Vec<f32>,
+    scratch: &mut RowScratch,
+    mut visit: impl FnMut(usize, &[f32]),
+) {
     let panels = rows.div_ceil(nr);
     out.clear();
     out.resize(panels * dim * nr, 0.0);
@@ -162,6 +193,7 @@ pub fn pack_rows(bytes: &[u8], dtype: DType, rows: usize, dim: usize, nr: usize,
         for (d, &v) in scratch.f32s.iter().enumerate() {
             panel[d * nr + lane] = v;
         }
+        visit(r, &scratch.f32s);
     }
 }
 
@@ -197,7 +229,7 @@ mod tests {
                 let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
                 let a = pack_queries(&q, nq, dim, mr);
                 let mut b = Vec::new();
-                pack_rows(&xb, DType::F32, rows, dim, nr, &mut b, &mut RowScratch::default());
+                pack_rows(&xb, DType::F32, rows, dim, nr, &mut b, &mut RowScratch::default(), |_, _| {});
                 let mut out = vec![0f32; mr * nr];
                 for qb in 0..nq.div_ceil(mr) {
                     for p in 0..rows.div_ceil(nr) {
@@ -212,6 +244,9 @@ mod tests {
                                 };
                                 let got = out[i * nr + j];
                                 assert!((got - want).abs() <= 1e-5 * dim as f32, "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}");
+                                let mut col = vec![0f32; nr];
+                                simd.column(&a[qb * dim * mr..], i, &b[p * dim * nr..], dim, &mut col);
+                                assert_eq!(col[j].to_bits(), got.to_bits(), "column differs from block");
                             }
                         }
                     }
@@ -225,7 +260,7 @@ mod tests {
         let vals = [0.5f32, -1.25, 3.0, 0.0999755859375, 65504.0, -0.0];
         let bytes: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect();
         let mut out = Vec::new();
-        pack_rows(&bytes, DType::F16, 2, 3, 4, &mut out, &mut RowScratch::default());
+        pack_rows(&bytes, DType::F16, 2, 3, 4, &mut out, &mut RowScratch::default(), |_, _| {});
         // row r, dim d lands at d * nr + r
         for r in 0..2 {
             for d in 0..3 {

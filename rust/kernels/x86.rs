@@ -53,3 +53,39 @@ pub unsafe fn block_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f32
         _mm256_storeu_ps(out.add(i * ldo + 8), row[1]);
     }
 }
+
+/// One query (at stride 8 from `a`) against a 32-row panel, as in `block_avx512`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` must hold `dim * 8` values from its start, `b` `dim * 32`,
+/// `out` 32.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn column_avx512(a: *const f32, b: *const f32, dim: usize, out: *mut f32) {
+    let (mut c0, mut c1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for d in 0..dim {
+        // SAFETY: d < dim, within the caller's lengths.
+        let av = _mm512_set1_ps(*a.add(d * AVX512_MR));
+        c0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(d * AVX512_NR)), c0);
+        c1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(d * AVX512_NR + 16)), c1);
+    }
+    _mm512_storeu_ps(out, c0);
+    _mm512_storeu_ps(out.add(16), c1);
+}
+
+/// One query (at stride 6 from `a`) against a 16-row panel, as in `block_avx2`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` must hold `dim * 6` values from its start, `b`
+/// `dim * 16`, `out` 16.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn column_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f32) {
+    let (mut c0, mut c1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for d in 0..dim {
+        // SAFETY: d < dim, within the caller's lengths.
+        let av = _mm256_set1_ps(*a.add(d * AVX2_MR));
+        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(d * AVX2_NR)), c0);
+        c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(d * AVX2_NR + 8)), c1);
+    }
+    _mm256_storeu_ps(out, c0);
+    _mm256_storeu_ps(out.add(8), c1);
+}
