@@ -155,6 +155,13 @@ fn fp32_peak_gflops(py: Python<'_>, simd: Option<&str>, threads: usize, millis: 
     Ok(py.allow_threads(|| crate::kernels::peak::fp32_peak_gflops(simd, threads, millis)))
 }
 
+/// Measures this machine's int8 multiply-add peak (GOP/s, AVX-512 VNNI); None without VNNI.
+#[pyfunction]
+#[pyo3(signature = (threads=0, millis=300))]
+fn int8_peak_gops(py: Python<'_>, threads: usize, millis: u64) -> Option<f64> {
+    py.allow_threads(|| crate::kernels::peak::int8_peak_gops(threads, millis))
+}
+
 /// The SIMD paths this CPU can run, fastest first.
 #[pyfunction]
 fn simd_paths() -> Vec<&'static str> {
@@ -210,5 +217,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
     Ok(())
 }

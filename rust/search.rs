@@ -20,6 +20,11 @@ use crate::topk::TopK;
 
 /// Rows a thread claims at once (its pages are released together).
 const CHUNK_ROWS: usize = 16384;
+/// The int8 pass pays off while fewer (query, panel) pairs than this need exact rescoring; above
+/// it (small databases, where the k-th score is not yet far in the tail) a thread scores in
+/// float32 and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
+const MAX_RESCORED: f64 = 0.15;
+const PROBE_EVERY: usize = 16;
 /// Rows widened and packed together; sized so the packed tile stays in L2 (a multiple of
 /// every path's `nr`).
 const TILE_ROWS: usize = 128;
@@ -231,6 +236,8 @@ fn worker(
     let mut raw = vec![0i32; mr * nr];
     let mut exact = vec![0f32; mr * nr];
     let mut needs = vec![false; mr];
+    let mut code_scratch = Vec::new();
+    let (mut rescored_share, mut tiles_done) = (0.0f64, 0usize);
 
     loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
@@ -246,9 +253,14 @@ fn worker(
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
             let bytes = shard.row_bytes(t0, t1);
-            if plan.int8.is_some() {
+            let use_int8 = plan.int8.is_some() && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
+            tiles_done += 1;
+            let before = stats;
+            if use_int8 {
                 codes.reset(rows, dim, nr);
-                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| codes.set_row(r, row, nr));
+                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| {
+                    codes.set_row(r, row, nr, &mut code_scratch)
+                });
             } else {
                 pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |_, _| {});
             }
@@ -261,7 +273,7 @@ fn worker(
                 // top-k buffers first fill (the first ~2k rows), every score is computed
                 let warm = block_tops.iter().all(|t| t.threshold() > f32::NEG_INFINITY);
                 match (plan.int8, plan.quantized) {
-                    (Some(kernel), Some(qs)) if warm => {
+                    (Some(kernel), Some(qs)) if warm && use_int8 => {
                         let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
                         for p in 0..panels {
                             let pcodes = &codes.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
@@ -303,6 +315,10 @@ fn worker(
                         }
                     }
                 }
+            }
+            let tried = stats.int8_pairs - before.int8_pairs;
+            if tried > 0 {
+                rescored_share = (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
             }
             t0 = t1;
         }

@@ -212,3 +212,75 @@ def test_ctrl_c_stops_a_search_quickly(tmp_path, rng):
     assert b"interrupted" in err
     assert stopped < 5  # generous: a stop within about a second is the design
     assert not (tmp_path / "r.npz").exists()
+
+
+# ---- the int8 first pass: results must be identical to the float32 path, bit for bit
+
+INT8_METHODS = ["int8-scalar"] + (["exact"] if "avx512" in PATHS else [])
+
+
+def assert_identical(a, b):
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores.view(np.uint32), b.scores.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    nq=st.integers(1, 20),
+    n=st.integers(1, 2500),
+    d=st.sampled_from([1, 7, 64, 100, 256]),
+    k=st.integers(1, 40),
+    spread=st.sampled_from([0.0, 1.0, 3.0]),
+    dup=st.booleans(),
+    method=st.sampled_from(INT8_METHODS),
+    simd=st.sampled_from(PATHS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_int8_pass_is_identical_to_float32(tmp_path_factory, nq, n, d, k, spread, dup, method, simd, seed):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng, n, d)
+    x *= 10 ** rng.uniform(-spread, spread, (n, 1)).astype(np.float32)  # very different norms
+    if dup and n > 1:
+        x[rng.integers(0, n, n // 3)] = x[0]  # exact duplicates: ties
+    q = unit_rows(rng, nq, d) * 10 ** rng.uniform(-spread, spread, (nq, 1)).astype(np.float32)
+    if dup and n > 1:
+        q[0] = x[0]  # a query sitting on a duplicated row
+    stores = split_store(tmp_path_factory.mktemp("db"), x.astype(np.float16), [n // 2])
+    k = min(k, n)
+    plain = search(q, stores, k=k, simd=simd, method="float32")
+    fast = search(q, stores, k=k, simd=simd, method=method)
+    assert_identical(plain, fast)
+
+
+def test_int8_pass_runs_and_handles_near_ties_and_large_k(tmp_path, rng):
+    base = unit_rows(rng, 40, 128)
+    # near-ties: copies of 40 vectors nudged by about one float16 step
+    x = np.repeat(base, 150, axis=0) + rng.standard_normal((6000, 128)).astype(np.float32) * 1e-3
+    store = write_store(tmp_path / "db", x.astype(np.float16), [str(i) for i in range(6000)], shard_rows=1000)
+    q = base[:9] + 1e-4
+    for k in (1, 50, 6000):
+        plain = search(q, store, k=k, method="float32")
+        fast = search(q, store, k=k, method="int8-scalar")
+        assert_identical(plain, fast)
+    assert fast.info["int8_pairs"] > 0 or k == 6000
+    small_k = search(q, store, k=5, method="int8-scalar", threads=1)
+    assert small_k.info["int8_pairs"] > small_k.info["float_pairs"] > 0  # the int8 pass did the work
+
+
+def test_int8_pass_with_nan_and_inf_rows(tmp_path, rng):
+    # a foreign shard may hold non-finite values: those rows are always rescored exactly
+    x = unit_rows(rng, 3000, 32, np.float16)
+    x[5, 3] = np.nan
+    x[700, 0] = np.inf
+    x[1500, 1] = -np.inf
+    store = write_store(tmp_path / "db", unit_rows(rng, 3000, 32, np.float16), [str(i) for i in range(3000)])
+    np.save(store.shard_path(0), x)  # same shape and dtype, now with non-finite rows
+    q = unit_rows(rng, 4, 32)
+    with np.errstate(invalid="ignore"):
+        assert_identical(search(q, store, k=10, method="float32"), search(q, store, k=10, method="int8-scalar"))
+
+
+def test_unknown_method(tmp_path, rng):
+    store = write_store(tmp_path / "db", unit_rows(rng, 10, 8), [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match="method: unknown"):
+        search(unit_rows(rng, 1, 8), store, k=1, method="int4")

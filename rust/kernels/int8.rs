@@ -20,6 +20,7 @@
 use super::Simd;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
+const ROUNDER: f32 = 12_582_912.0;
 /// Relative inflation of the bound terms (see the module docs).
 const SLACK: f64 = 1.0 + 1e-3;
 
@@ -158,7 +159,12 @@ impl Tile {
     }
 
     /// Quantizes row `r` (its float32 values) into the tile.
-    pub fn set_row(&mut self, r: usize, row: &[f32], nr: usize) {
+    ///
+    /// Written as 16 independent lanes so that it vectorises: this runs for every database row.
+    /// The norms are summed in float32; their relative rounding error (at most `gamma_d`) is
+    /// covered by inflating them by `1 + 2 gamma_d` before rounding up.
+    pub fn set_row(&mut self, r: usize, row: &[f32], nr: usize, scratch: &mut Vec<i8>) {
+        const L: usize = 16;
         let dim = row.len();
         let steps = d4(dim);
         let (p, lane) = (r / nr, r % nr);
@@ -166,26 +172,42 @@ impl Tile {
         if !maxabs.is_finite() {
             // NaN or Inf: no bound holds, so the row is always rescored exactly
             self.scale[r] = 0.0;
+            self.offset[r] = 0;
             self.e[r] = f32::INFINITY;
+            self.h[r] = 0.0;
             return;
         }
-        let s = if maxabs > 0.0 { maxabs / 127.0 } else { 0.0 };
-        let codes = &mut self.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
-        let (mut sum, mut x2, mut e2, mut h2) = (0i32, 0f64, 0f64, 0f64);
-        for (d, &v) in row.iter().enumerate() {
-            let c = if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) } else { 0.0 };
-            codes[((d / 4) * nr + lane) * 4 + d % 4] = c as i8;
-            sum += c as i32;
-            let xh = s as f64 * c as f64;
-            let e = v as f64 - xh;
-            x2 += v as f64 * v as f64;
-            e2 += e * e;
-            h2 += xh * xh;
+        let (s, inv) = if maxabs > 0.0 { (maxabs / 127.0, 127.0 / maxabs) } else { (0.0, 0.0) };
+        scratch.clear();
+        scratch.resize(steps * 4, 0);
+        let (mut sum, mut x2, mut e2, mut h2) = ([0i32; L], [0f32; L], [0f32; L], [0f32; L]);
+        for (vals, out) in row.chunks(L).zip(scratch.chunks_mut(L)) {
+            for l in 0..vals.len() {
+                let v = vals[l];
+                // round to nearest even by the 1.5 * 2^23 trick: |v * inv| <= 127, and unlike
+                // `round` it compiles to plain vector adds on every x86-64
+                let c = (v * inv + ROUNDER) - ROUNDER;
+                out[l] = c as i8;
+                let xh = s * c;
+                let e = v - xh;
+                sum[l] += c as i32;
+                x2[l] += v * v;
+                e2[l] += e * e;
+                h2[l] += xh * xh;
+            }
         }
+        let codes = &mut self.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
+        for (t, quad) in scratch.chunks_exact(4).enumerate() {
+            codes[(t * nr + lane) * 4..(t * nr + lane) * 4 + 4].copy_from_slice(quad);
+        }
+        // `s * c` and `v - s c` are each rounded once: their errors (a few u relative to |x|)
+        // are covered by the 32u term of gamma; float32 summation by the 2 gamma_d inflation
+        let g = gamma(dim);
+        let total = |a: [f32; L]| a.iter().map(|&v| v as f64).sum::<f64>().sqrt() * (1.0 + 2.0 * g);
         self.scale[r] = s;
-        self.offset[r] = 128 * sum;
-        self.e[r] = round_up((e2.sqrt() + gamma(dim) * x2.sqrt()) * SLACK);
-        self.h[r] = round_up(h2.sqrt() * SLACK);
+        self.offset[r] = 128 * sum.iter().sum::<i32>();
+        self.e[r] = round_up((total(e2) + g * total(x2)) * SLACK);
+        self.h[r] = round_up(total(h2) * SLACK);
     }
 }
 
@@ -265,7 +287,7 @@ mod tests {
             let mut tile = Tile::default();
             tile.reset(nr, dim, nr);
             for r in 0..nr {
-                tile.set_row(r, &x[r * dim..(r + 1) * dim], nr);
+                tile.set_row(r, &x[r * dim..(r + 1) * dim], nr, &mut Vec::new());
             }
             let steps = d4(dim);
             let mut want = vec![0i32; mr * nr];

@@ -6,13 +6,35 @@ use super::Simd;
 
 /// Float32 multiply-add peak in GFLOP/s over `threads` threads (each running ~`millis`).
 pub fn fp32_peak_gflops(simd: Simd, threads: usize, millis: u64) -> f64 {
+    on_threads(threads, move || spin(simd, millis))
+}
+
+/// Int8 multiply-add peak (AVX-512 VNNI) in GOP/s (2 ops per multiply-add), if the CPU has it.
+pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") {
+        return Some(on_threads(threads, move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+            let mut ops = 0f64;
+            while std::time::Instant::now() < deadline {
+                // SAFETY: the feature was detected above.
+                ops += unsafe { x86_peak::vnni(1 << 16) };
+            }
+            ops
+        }));
+    }
+    let _ = (threads, millis);
+    None
+}
+
+fn on_threads(threads: usize, work: impl Fn() -> f64 + Send + Sync + Copy) -> f64 {
     let threads = crate::search::resolve_threads(threads);
     let start = std::time::Instant::now();
-    let flops: f64 = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads).map(|_| s.spawn(move || spin(simd, millis))).collect();
+    let ops: f64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
         hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
     });
-    flops / start.elapsed().as_secs_f64() / 1e9
+    ops / start.elapsed().as_secs_f64() / 1e9
 }
 
 fn spin(simd: Simd, millis: u64) -> f64 {
@@ -64,6 +86,20 @@ mod x86_peak {
         }
         let s: f32 = acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum();
         ((iters * 12 * 16 * 2) as f64, s)
+    }
+
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn vnni(iters: usize) -> f64 {
+        let a = _mm512_set1_epi8(std::hint::black_box(3));
+        let b = _mm512_set1_epi8(std::hint::black_box(-2));
+        let mut acc = [_mm512_setzero_si512(); 12];
+        for _ in 0..iters {
+            for c in acc.iter_mut() {
+                *c = _mm512_dpbusd_epi32(*c, a, b);
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * 12 * 64 * 2) as f64
     }
 
     #[target_feature(enable = "avx2,fma")]
