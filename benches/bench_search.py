@@ -3,9 +3,13 @@
     python benches/bench_search.py                 # 1M x 768 float16, 2,232 queries, k=1000, 2 threads
     python benches/bench_search.py --n 200000 --peers numpy
 
-Prints seconds, effective GFLOP/s (2*Q*N*d / t), the fraction of this machine's measured float32
-FMA peak, GB/s of the float16 store, and each peer's time relative to ours. The data (a cached
-store under bench-data/) is made once.
+Runs both exact methods of ilias ("float32": every score in float32; "exact": the int8 first
+pass with exact rescoring, identical results) and the peers, and prints seconds, effective
+GFLOP/s (2*Q*N*d / t), the fraction of this machine's measured float32 FMA and int8 peaks, GB/s
+of the float16 store, each peer's time relative to ilias, and for the int8 pass the share of
+(query, 32-row panel) pairs it scored and the share of those rescored exactly. `--kind
+structured` uses an anisotropic spectrum like real embeddings. The data (a cached store under
+bench-data/) is made once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--peers", default="faiss-flat,faiss-sq-fp16,numpy")
     ap.add_argument("--simd", default="auto")
+    ap.add_argument("--methods", default="float32,exact", help="ilias methods to run")
+    ap.add_argument("--scaling", action="store_true", help="also run each ilias method on 1 thread")
     args = ap.parse_args()
     # peers use the same number of threads as we do
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -43,8 +49,11 @@ def main() -> None:
     flop = 2.0 * args.nq * args.n * args.d
     gb = args.n * args.d * 2 / 1e9
     peak = ilias._core.fp32_peak_gflops(None, args.threads)
+    int8_peak = ilias._core.int8_peak_gops(args.threads)
     print(f"data: {args.n:,} x {args.d} float16 ({args.kind}), {args.nq} queries, k={args.k}, {args.threads} threads")
     print(f"machine float32 FMA peak ({ilias.simd_paths()[0]}, {args.threads} threads): {peak:.0f} GFLOP/s")
+    if int8_peak:
+        print(f"machine int8 VNNI peak ({args.threads} threads): {int8_peak:.0f} GOP/s")
 
     rows = []
 
@@ -61,9 +70,29 @@ def main() -> None:
             }
         )
 
-    ours_t, ours = timed(lambda: ilias.search(q, store, k=args.k, threads=args.threads, simd=args.simd), args.repeat)
-    add(f"ilias exact ({args.simd})", ours_t)
-    print(f"ilias done in {ours_t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
+    ours_t = ours = None
+    for method in args.methods.split(","):
+        t, res = timed(
+            lambda: ilias.search(q, store, k=args.k, threads=args.threads, simd=args.simd, method=method), args.repeat
+        )
+        if ours is None:
+            ours_t, ours = t, res
+        else:
+            same = np.array_equal(res.indices, ours.indices) and np.array_equal(res.scores, ours.scores)
+            print(f"ilias {method}: results identical to ilias {args.methods.split(',')[0]}: {same}")
+        add(f"ilias {method}", t, ours_t if ours is not res else None)
+        i = res.info
+        pairs = i["float_pairs"] + i["int8_pairs"]
+        if i["int8_pairs"]:
+            rows[-1]["% int8 peak"] = f"{100 * flop / t / 1e9 / int8_peak:.0f}" if int8_peak else ""
+            print(
+                f"ilias {method}: int8 pass on {100 * i['int8_pairs'] / pairs:.1f}% of (query, panel) pairs, "
+                f"{100 * i['rescored_pairs'] / i['int8_pairs']:.1f}% of those rescored exactly"
+            )
+        print(f"ilias {method}: {t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
+        if args.scaling:
+            t1, _ = timed(lambda: ilias.search(q, store, k=args.k, threads=1, simd=args.simd, method=method))
+            print(f"ilias {method}: 1 thread {t1:.2f}s, {args.threads} threads {t:.2f}s: {t1 / t:.2f}x")
 
     peers = [p for p in args.peers.split(",") if p]
     if any(p.startswith("faiss") for p in peers):
@@ -93,7 +122,7 @@ def main() -> None:
         print(f"numpy: {t:.2f}s")
 
     print()
-    print(table(rows, ["method", "seconds", "GFLOP/s", "% peak", "store GB/s", "time vs ilias"]))
+    print(table(rows, ["method", "seconds", "GFLOP/s", "% peak", "% int8 peak", "store GB/s", "time vs ilias"]))
 
 
 def numpy_topk(store, q, k, block=65536):

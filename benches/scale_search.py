@@ -27,10 +27,13 @@ from common import queries
 store = ilias.Store.open(sys.argv[1])
 q = queries(int(sys.argv[2]), store.dim)
 t0 = time.perf_counter()
-r = ilias.search(q, store, k=int(sys.argv[3]), threads=int(sys.argv[4]), progress=True)
+r = ilias.search(q, store, k=int(sys.argv[3]), threads=int(sys.argv[4]), method=sys.argv[5], progress=True)
 ids = r.ids(0)
 secs = time.perf_counter() - t0
-print(json.dumps({"seconds": secs, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+i = r.info
+share = i["rescored_pairs"] / i["int8_pairs"] if i["int8_pairs"] else None
+print(json.dumps({"seconds": secs, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "int8_share": i["int8_pairs"] / (i["int8_pairs"] + i["float_pairs"]), "rescored": share}))
 """
 
 
@@ -41,32 +44,37 @@ def main() -> None:
     ap.add_argument("--nq", type=int, default=2232)
     ap.add_argument("-k", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="float32,exact", help="ilias search methods to run")
     args = ap.parse_args()
     from common import make_store, table
 
     rows = []
     for n in map(int, args.sizes.split(",")):
         store = make_store("scale", n, args.d, chunk=100_000)
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD, str(store.path), str(args.nq), str(args.k), str(args.threads)],
-            cwd=os.path.dirname(__file__),
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        m = json.loads(out.stdout.strip().splitlines()[-1])
-        gflops = 2 * args.nq * n * args.d / m["seconds"] / 1e9
-        rows.append(
-            {
-                "rows": f"{n:,}",
-                "store GB": f"{n * args.d * 2 / 1e9:.1f}",
-                "seconds": f"{m['seconds']:.1f}",
-                "GFLOP/s": f"{gflops:.0f}",
-                "peak RSS GB": f"{m['rss_gb']:.2f}",
-            }
-        )
-        print(rows[-1], flush=True)
-    print(table(rows, ["rows", "store GB", "seconds", "GFLOP/s", "peak RSS GB"]))
+        for method in args.methods.split(","):
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(store.path), str(args.nq), str(args.k), str(args.threads), method],
+                cwd=os.path.dirname(__file__),
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            m = json.loads(out.stdout.strip().splitlines()[-1])
+            gflops = 2 * args.nq * n * args.d / m["seconds"] / 1e9
+            rows.append(
+                {
+                    "rows": f"{n:,}",
+                    "method": method,
+                    "store GB": f"{n * args.d * 2 / 1e9:.1f}",
+                    "seconds": f"{m['seconds']:.1f}",
+                    "GFLOP/s": f"{gflops:.0f}",
+                    "peak RSS GB": f"{m['rss_gb']:.2f}",
+                    "int8 pairs": f"{100 * m['int8_share']:.0f}%",
+                    "rescored": f"{100 * m['rescored']:.1f}%" if m["rescored"] is not None else "",
+                }
+            )
+            print(rows[-1], flush=True)
+    print(table(rows, ["rows", "method", "store GB", "seconds", "GFLOP/s", "peak RSS GB", "int8 pairs", "rescored"]))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ const CHUNK_ROWS: usize = 16384;
 /// The int8 pass pays off while fewer (query, panel) pairs than this need exact rescoring; above
 /// it (small databases, where the k-th score is not yet far in the tail) a thread scores in
 /// float32 and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
-const MAX_RESCORED: f64 = 0.15;
+const MAX_RESCORED: f64 = 0.2;
 const PROBE_EVERY: usize = 16;
+/// From this many queries of a block needing the same panel, the whole block is rescored at
+/// once (it costs about as much as six single jobs run four at a time).
+const BLOCK_RESCORE: usize = 6;
 /// Rows widened and packed together; sized so the packed tile stays in L2 (a multiple of
 /// every path's `nr`).
 const TILE_ROWS: usize = 128;
@@ -236,6 +239,8 @@ fn worker(
     let mut raw = vec![0i32; mr * nr];
     let mut exact = vec![0f32; mr * nr];
     let mut needs = vec![false; mr];
+    let mut jobs: Vec<(usize, usize)> = Vec::new();
+    let mut job_scores = vec![0f32; 16 * nr];
     let mut code_scratch = Vec::new();
     let (mut rescored_share, mut tiles_done) = (0.0f64, 0usize);
 
@@ -275,6 +280,7 @@ fn worker(
                 match (plan.int8, plan.quantized) {
                     (Some(kernel), Some(qs)) if warm && use_int8 => {
                         let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
+                        jobs.clear();
                         for p in 0..panels {
                             let pcodes = &codes.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
                             kernel.block(simd, qcodes, pcodes, steps, &mut raw, nr);
@@ -282,25 +288,30 @@ fn worker(
                             for (i, top) in block_tops.iter().enumerate() {
                                 let row = &raw[i * nr..(i + 1) * nr];
                                 needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, top.threshold());
-                                count += needs[i] as u64;
+                                count += needs[i] as usize;
                             }
                             stats.int8_pairs += live as u64;
-                            stats.rescored_pairs += count;
-                            if count == 0 {
-                                continue;
-                            }
+                            stats.rescored_pairs += count as u64;
                             let b = &tile[p * dim * nr..(p + 1) * dim * nr];
-                            let valid = (rows - p * nr).min(nr);
-                            let first = base + t0 + p * nr;
-                            if count == 1 {
-                                let i = needs.iter().position(|&n| n).unwrap_or(0);
-                                simd.column(a, i, b, dim, &mut exact[..nr]);
-                                offer(&mut block_tops[i], &exact[..valid], first, opts.keep);
-                            } else {
+                            let (valid, first) = ((rows - p * nr).min(nr), base + t0 + p * nr);
+                            if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
                                 for (i, top) in block_tops.iter_mut().enumerate().filter(|(i, _)| needs[*i]) {
                                     offer(top, &exact[i * nr..i * nr + valid], first, opts.keep);
                                 }
+                            } else {
+                                jobs.extend((0..live).filter(|&i| needs[i]).map(|i| (i, p)));
+                            }
+                        }
+                        // the remaining (query, panel) pairs, rescored a few at a time
+                        for group in jobs.chunks(16) {
+                            let panels_of: Vec<(usize, &[f32])> =
+                                group.iter().map(|&(i, p)| (i, &tile[p * dim * nr..(p + 1) * dim * nr])).collect();
+                            simd.columns(a, &panels_of, dim, &mut job_scores[..group.len() * nr]);
+                            for (j, &(i, p)) in group.iter().enumerate() {
+                                let valid = (rows - p * nr).min(nr);
+                                let scores = &job_scores[j * nr..j * nr + valid];
+                                offer(&mut block_tops[i], scores, base + t0 + p * nr, opts.keep);
                             }
                         }
                     }

@@ -129,6 +129,33 @@ impl Simd {
             _ => scalar::column(a, i, b, dim, out),
         }
     }
+
+    /// `column` for several (query `i`, panel) jobs; `out` holds `nr()` values per job. Jobs run
+    /// four at a time where the path allows, so that eight independent accumulator chains hide
+    /// the latency that bounds a single column.
+    pub fn columns(self, a: &[f32], jobs: &[(usize, &[f32])], dim: usize, out: &mut [f32]) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(out.len() >= jobs.len() * nr && a.len() >= dim * mr);
+        let mut rest = jobs;
+        let mut o = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx512 {
+            while rest.len() >= 4 {
+                let (four, tail) = rest.split_at(4);
+                assert!(four.iter().all(|(i, b)| *i < mr && b.len() >= dim * nr));
+                let ai = [four[0].0, four[1].0, four[2].0, four[3].0].map(|i| a[i..].as_ptr());
+                let bs = [four[0].1, four[1].1, four[2].1, four[3].1].map(|b| b.as_ptr());
+                // SAFETY: job indices and panel lengths checked above; the path was validated.
+                unsafe { x86::columns4_avx512(ai, bs, dim, out[o..o + 4 * nr].as_mut_ptr()) };
+                rest = tail;
+                o += 4 * nr;
+            }
+        }
+        for (i, b) in rest {
+            self.column(a, *i, b, dim, &mut out[o..o + nr]);
+            o += nr;
+        }
+    }
 }
 
 /// Block sizes, visible on every architecture so that `mr`/`nr` stay total functions.

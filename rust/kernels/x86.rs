@@ -89,3 +89,26 @@ pub unsafe fn column_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f3
     _mm256_storeu_ps(out, c0);
     _mm256_storeu_ps(out.add(8), c1);
 }
+
+/// Four independent `column_avx512` jobs at once (query pointers at stride 8, 32-row panels);
+/// each job's lanes see exactly the operations of `block_avx512`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; each `a[j]` must hold `dim * 8` values from its start, each
+/// `b[j]` `dim * 32`, `out` 128.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn columns4_avx512(a: [*const f32; 4], b: [*const f32; 4], dim: usize, out: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    for d in 0..dim {
+        for j in 0..4 {
+            // SAFETY: d < dim, within the caller's lengths.
+            let av = _mm512_set1_ps(*a[j].add(d * AVX512_MR));
+            acc[j][0] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR)), acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR + 16)), acc[j][1]);
+        }
+    }
+    for (j, c) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(j * 32), c[0]);
+        _mm512_storeu_ps(out.add(j * 32 + 16), c[1]);
+    }
+}
