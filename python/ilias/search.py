@@ -140,15 +140,13 @@ class SearchResults:
             if self.stores is None:
                 raise ValueError("these results hold no ids and have no stores to read them from")
             rows = np.unique(self.indices[self.indices >= 0])
-            ids = np.empty(len(rows), dtype=object)
-            start = 0
+            parts, start = [], 0
             for s in self.stores:
-                sel = (rows >= start) & (rows < start + s.count)
-                if sel.any():
-                    ids[sel] = s.ids_of(rows[sel] - start)
+                sel = rows[(rows >= start) & (rows < start + s.count)]
+                parts.append(s.raw_ids_of(sel - start))
                 start += s.count
-            encoded = [i.encode("utf-8") for i in ids]
-            self._rows = (rows, np.array(encoded, dtype=f"S{max(map(len, encoded), default=1)}"))
+            width = max((p.dtype.itemsize for p in parts), default=1)
+            self._rows = (rows, np.concatenate([p.astype(f"S{width}") for p in parts]))
         return self._rows
 
     def _ids_at(self, rows: np.ndarray) -> list[str]:

@@ -255,22 +255,32 @@ class Store:
         return [b.decode("utf-8") for i in range(self.num_shards) for b in self.ids(i)]
 
     def ids_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The ids (as an object array of str) of the given rows, reading only those rows.
+        """The ids (as an object array of str) of the given rows, reading only those rows."""
+        raw = self.raw_ids_of(rows)
+        out = np.empty(raw.shape, dtype=object)
+        out.ravel()[:] = [b.decode("utf-8") for b in raw.ravel()]
+        return out
+
+    def raw_ids_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The ids (UTF-8 bytes, a fixed-width array) of the given rows, reading only those rows.
 
         Id shards are mapped one at a time and let go afterwards, so resolving the results of
         a search over 100M rows never holds more than one id shard's pages.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty(rows.shape, dtype=object)
         if rows.size and (rows.min() < 0 or rows.max() >= self.count):
             raise IndexError(f"row index out of range for {self.path} ({self.count} rows)")
-        shard = np.searchsorted(self._starts, rows, side="right") - 1
-        flat_rows, flat_shard, flat_out = rows.ravel(), shard.ravel(), out.ravel()
-        for s in np.unique(flat_shard):
-            sel = np.nonzero(flat_shard == s)[0]
-            ids = self.ids(int(s))[flat_rows[sel] - self._starts[s]]
-            flat_out[sel] = [b.decode("utf-8") for b in ids]
-        return out
+        shard = np.searchsorted(self._starts, rows.ravel(), side="right") - 1
+        parts, where = [], []
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            parts.append(self.ids(int(s))[rows.ravel()[sel] - self._starts[s]])
+            where.append(sel)
+        width = max((p.dtype.itemsize for p in parts), default=1)
+        out = np.zeros(rows.size, dtype=f"S{width}")
+        for sel, p in zip(where, parts):
+            out[sel] = p
+        return out.reshape(rows.shape)
 
     def verify(self) -> None:
         """Recomputes each shard's checksum against the manifest (reads the whole store)."""
