@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -15,7 +15,7 @@ use pyo3::types::PyDict;
 use crate::error::Error;
 use crate::kernels::Simd;
 use crate::kernels::int8::Int8Kernel;
-use crate::search::{search, Control, Int8Choice, SearchOptions};
+use crate::search::{search, Control, Int8Choice, SearchOptions, Tier};
 use crate::store::{Database, Shard};
 
 create_exception!(ilias._core, StoreFormatError, PyValueError, "A store file is not what it should be (bad header, size, dtype or dimension).");
@@ -74,9 +74,11 @@ fn run_watched<T: Send>(
 /// Exact inner-product search of float32 `queries` (nq x dim, C order) against the shards,
 /// in order. `method`: "exact" (the fastest exact path: int8 first pass where the CPU has VNNI),
 /// "float32" (plain), "int8-scalar" (the int8 pass with the portable kernel, for tests).
-/// Returns `(scores float32 (nq, k), indices int64 (nq, k), stats dict)`.
+/// `tiers`: the databases answered in the same pass, each `(rows, keep)`: the first `rows` rows,
+/// of which those with `keep` True (all when None); default: one tier, the whole database.
+/// Returns `(scores float32 (tiers, nq, k), indices int64 (tiers, nq, k), stats dict)`.
 #[pyfunction]
-#[pyo3(signature = (shards, queries, k, threads=0, keep=None, simd=None, method="exact", progress=None))]
+#[pyo3(signature = (shards, queries, k, threads=0, tiers=None, simd=None, method="exact", progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn exact_search<'py>(
     py: Python<'py>,
@@ -84,11 +86,11 @@ fn exact_search<'py>(
     queries: PyReadonlyArray2<'py, f32>,
     k: usize,
     threads: usize,
-    keep: Option<PyReadonlyArray1<'py, bool>>,
+    tiers: Option<Vec<(usize, Option<PyReadonlyArray1<'py, bool>>)>>,
     simd: Option<&str>,
     method: &str,
     progress: Option<Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyDict>)> {
+) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<i64>>, Bound<'py, PyDict>)> {
     let int8 = match method {
         "exact" => Int8Choice::Auto,
         "float32" => Int8Choice::Off,
@@ -110,10 +112,17 @@ fn exact_search<'py>(
     let qslice = queries
         .as_slice()
         .map_err(|_| PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)"))?;
-    let keep_slice = match &keep {
-        Some(a) => Some(a.as_slice().map_err(|_| PyValueError::new_err("keep must be C-contiguous"))?),
-        None => None,
-    };
+    let tiers = tiers.unwrap_or_default();
+    let tier_specs = tiers
+        .iter()
+        .map(|(rows, keep)| {
+            let keep = match keep {
+                Some(a) => Some(a.as_slice().map_err(|_| PyValueError::new_err("keep must be C-contiguous"))?),
+                None => None,
+            };
+            Ok(Tier { rows: *rows, keep })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
     let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
     if qdim != db.dim {
         return Err(PyValueError::new_err(format!(
@@ -121,7 +130,8 @@ fn exact_search<'py>(
             db.dim
         )));
     }
-    let opts = SearchOptions { k, threads, simd, keep: keep_slice, int8 };
+    let nt = tier_specs.len().max(1);
+    let opts = SearchOptions { k, threads, simd, tiers: tier_specs, int8 };
     let control = Control::default();
     let found = run_watched(py, &control, progress.as_ref(), || search(&db, qslice, nq, &opts, &control))?;
     let st = found.stats;
@@ -131,8 +141,8 @@ fn exact_search<'py>(
     stats.set_item("float_pairs", st.float_pairs)?;
     stats.set_item("int8_pairs", st.int8_pairs)?;
     stats.set_item("rescored_pairs", st.rescored_pairs)?;
-    let scores = found.scores.into_pyarray(py).reshape([nq, k])?;
-    let indices = found.indices.into_pyarray(py).reshape([nq, k])?;
+    let scores = found.scores.into_pyarray(py).reshape([nt, nq, k])?;
+    let indices = found.indices.into_pyarray(py).reshape([nt, nq, k])?;
     Ok((scores, indices, stats))
 }
 

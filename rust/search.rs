@@ -45,10 +45,19 @@ pub struct SearchOptions<'a> {
     pub threads: usize,
     /// Forces an instruction-set path; `None` picks the fastest.
     pub simd: Option<Simd>,
-    /// When given, only rows `r` with `keep[r]` can be returned.
-    pub keep: Option<&'a [bool]>,
+    /// The databases to answer, all from the same pass. Empty means one tier: every row.
+    pub tiers: Vec<Tier<'a>>,
     /// The approximate int8 first pass: `Auto` uses it where the CPU has a fast int8 kernel.
     pub int8: Int8Choice,
+}
+
+/// One database answered by a search: the rows `r < rows` with `keep[r]` (when given). Several
+/// tiers (positives + the first 1M distractors, the mini-ILIAS subset, all...) share one pass:
+/// each row is scored once and offered to every tier that holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct Tier<'a> {
+    pub rows: usize,
+    pub keep: Option<&'a [bool]>,
 }
 
 /// Whether exact search takes the int8 first pass (results are identical either way).
@@ -62,8 +71,8 @@ pub enum Int8Choice {
     Force(Int8Kernel),
 }
 
-/// The k best rows per query: `scores` and `indices` are `(nq, k)` row-major; when fewer than
-/// `k` rows can be returned (a filter keeps fewer), the rest holds `-inf` and index `-1`.
+/// The k best rows per tier and query: `scores` and `indices` are `(tiers, nq, k)` row-major;
+/// when fewer than `k` rows can be returned (a tier holds fewer), the rest holds `-inf` and `-1`.
 pub struct Neighbors {
     pub scores: Vec<f32>,
     pub indices: Vec<i64>,
@@ -125,13 +134,21 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
     if opts.k > db.rows {
         return Err(Error::invalid(format!("k = {} is larger than the database ({} rows)", opts.k, db.rows)));
     }
-    if let Some(keep) = opts.keep {
-        if keep.len() != db.rows {
+    for (t, tier) in opts.tiers.iter().enumerate() {
+        if tier.rows == 0 || tier.rows > db.rows {
             return Err(Error::invalid(format!(
-                "keep: {} flags for a database of {} rows",
-                keep.len(),
-                db.rows
+                "tiers[{t}]: {} rows, expected 1 to the database's {}",
+                tier.rows, db.rows
             )));
+        }
+        if let Some(keep) = tier.keep {
+            if keep.len() != db.rows {
+                return Err(Error::invalid(format!(
+                    "keep: {} flags for a database of {} rows",
+                    keep.len(),
+                    db.rows
+                )));
+            }
         }
     }
     if let Some(s) = opts.simd {
@@ -155,7 +172,9 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     };
     let packed = pack_queries(queries, nq, dim, simd.mr());
     let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, simd.mr()));
-    let plan = Plan { simd, int8, quantized: quantized.as_ref(), packed: &packed, nq };
+    let all = [Tier { rows: db.rows, keep: None }];
+    let tiers = if opts.tiers.is_empty() { &all[..] } else { &opts.tiers[..] };
+    let plan = Plan { simd, int8, quantized: quantized.as_ref(), packed: &packed, nq, tiers };
 
     // work items: (shard, first row, end row), in database order
     let mut chunks = Vec::new();
@@ -194,15 +213,18 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             }
         });
     }
-    let merged = merged.unwrap_or_else(|| (0..nq).map(|_| TopK::new(opts.k)).collect());
+    let nt = tiers.len();
+    let merged = merged.unwrap_or_else(|| (0..nq * nt).map(|_| TopK::new(opts.k)).collect());
 
+    // workers keep [query][tier]; the result is [tier][query]
     let k = opts.k;
-    let mut scores = vec![f32::NEG_INFINITY; nq * k];
-    let mut indices = vec![-1i64; nq * k];
-    for (q, top) in merged.into_iter().enumerate() {
+    let mut scores = vec![f32::NEG_INFINITY; nt * nq * k];
+    let mut indices = vec![-1i64; nt * nq * k];
+    for (qt, top) in merged.into_iter().enumerate() {
+        let out = ((qt % nt) * nq + qt / nt) * k;
         for (j, (s, i)) in top.into_sorted().into_iter().enumerate() {
-            scores[q * k + j] = s;
-            indices[q * k + j] = i as i64;
+            scores[out + j] = s;
+            indices[out + j] = i as i64;
         }
     }
     Ok(Neighbors { scores, indices, k, stats })
@@ -215,6 +237,7 @@ struct Plan<'a> {
     quantized: Option<&'a int8::Queries>,
     packed: &'a [f32],
     nq: usize,
+    tiers: &'a [Tier<'a>],
 }
 
 fn worker(
@@ -229,7 +252,10 @@ fn worker(
     let (mr, nr) = (simd.mr(), simd.nr());
     let qblocks = nq.div_ceil(mr);
     let steps = int8::d4(dim);
-    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(opts.k)).collect();
+    let tiers = plan.tiers;
+    let nt = tiers.len();
+    // [query][tier], so that a block of queries is one contiguous slice
+    let mut tops: Vec<TopK> = (0..nq * nt).map(|_| TopK::new(opts.k)).collect();
     let mut stats = Stats::default();
     let mut tile = Vec::new();
     let mut codes = int8::Tile::default();
@@ -273,10 +299,10 @@ fn worker(
             for qb in 0..qblocks {
                 let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
                 let live = mr.min(nq - qb * mr);
-                let block_tops = &mut tops[qb * mr..qb * mr + live];
+                let block_tops = &mut tops[qb * mr * nt..(qb * mr + live) * nt];
                 // the int8 pass needs a threshold for every query of the block: until their
                 // top-k buffers first fill (the first ~2k rows), every score is computed
-                let warm = block_tops.iter().all(|t| t.threshold() > f32::NEG_INFINITY);
+                let warm = block_tops.chunks(nt).all(|q| threshold(q, tiers, base + t0) > f32::NEG_INFINITY);
                 match (plan.int8, plan.quantized) {
                     (Some(kernel), Some(qs)) if warm && use_int8 => {
                         let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
@@ -285,19 +311,21 @@ fn worker(
                             let pcodes = &codes.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
                             kernel.block(simd, qcodes, pcodes, steps, &mut raw, nr);
                             let mut count = 0;
-                            for (i, top) in block_tops.iter().enumerate() {
+                            let first = base + t0 + p * nr;
+                            for (i, q_tops) in block_tops.chunks(nt).enumerate() {
                                 let row = &raw[i * nr..(i + 1) * nr];
-                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, top.threshold());
+                                let thr = threshold(q_tops, tiers, first);
+                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, thr);
                                 count += needs[i] as usize;
                             }
                             stats.int8_pairs += live as u64;
                             stats.rescored_pairs += count as u64;
                             let b = &tile[p * dim * nr..(p + 1) * dim * nr];
-                            let (valid, first) = ((rows - p * nr).min(nr), base + t0 + p * nr);
+                            let valid = (rows - p * nr).min(nr);
                             if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
-                                for (i, top) in block_tops.iter_mut().enumerate().filter(|(i, _)| needs[*i]) {
-                                    offer(top, &exact[i * nr..i * nr + valid], first, opts.keep);
+                                for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
+                                    offer(q_tops, tiers, &exact[i * nr..i * nr + valid], first);
                                 }
                             } else {
                                 jobs.extend((0..live).filter(|&i| needs[i]).map(|i| (i, p)));
@@ -311,7 +339,7 @@ fn worker(
                             for (j, &(i, p)) in group.iter().enumerate() {
                                 let valid = (rows - p * nr).min(nr);
                                 let scores = &job_scores[j * nr..j * nr + valid];
-                                offer(&mut block_tops[i], scores, base + t0 + p * nr, opts.keep);
+                                offer(&mut block_tops[i * nt..(i + 1) * nt], tiers, scores, base + t0 + p * nr);
                             }
                         }
                     }
@@ -321,8 +349,8 @@ fn worker(
                             simd.block(a, b, dim, &mut tile_scores[p * nr..], TILE_ROWS);
                         }
                         stats.float_pairs += (live * panels) as u64;
-                        for (i, top) in block_tops.iter_mut().enumerate() {
-                            offer(top, &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows], base + t0, opts.keep);
+                        for (i, q_tops) in block_tops.chunks_mut(nt).enumerate() {
+                            offer(q_tops, tiers, &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows], base + t0);
                         }
                     }
                 }
@@ -339,12 +367,31 @@ fn worker(
     Ok((tops, stats))
 }
 
-/// Offers one query's scores for consecutive rows starting at global row `first`.
-///
+/// The lowest threshold among the tiers of one query that still hold rows from `first` on:
+/// a score below it is of no use to any of them. Infinite when no tier holds such rows.
+#[inline]
+fn threshold(tops: &[TopK], tiers: &[Tier], first: usize) -> f32 {
+    tops.iter()
+        .zip(tiers)
+        .filter(|(_, tier)| tier.rows > first)
+        .map(|(top, _)| top.threshold())
+        .fold(f32::INFINITY, f32::min)
+}
+
+/// Offers one query's scores for consecutive rows starting at global row `first` to each of its
+/// tiers (`tops[t]` is the query's top-k in tier `t`).
+#[inline]
+fn offer(tops: &mut [TopK], tiers: &[Tier], scores: &[f32], first: usize) {
+    for (top, tier) in tops.iter_mut().zip(tiers) {
+        let end = tier.rows.saturating_sub(first).min(scores.len());
+        offer_one(top, &scores[..end], first, tier.keep);
+    }
+}
+
 /// After the first tiles almost no score reaches the threshold, so groups of 16 are tested
 /// with a branch-free comparison (which compiles to one vector compare) before any work.
 #[inline]
-fn offer(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>) {
+fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>) {
     const GROUP: usize = 16;
     let mut threshold = top.threshold();
     for (g, group) in scores.chunks(GROUP).enumerate() {

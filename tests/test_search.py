@@ -284,3 +284,35 @@ def test_unknown_method(tmp_path, rng):
     store = write_store(tmp_path / "db", unit_rows(rng, 10, 8), [str(i) for i in range(10)])
     with pytest.raises(ValueError, match="method: unknown"):
         search(unit_rows(rng, 1, 8), store, k=1, method="int4")
+
+
+# ---- several databases from one pass
+
+
+@pytest.mark.parametrize("method", ["float32", "int8-scalar"])
+def test_tiers_equal_separate_searches(tmp_path, rng, method):
+    x = unit_rows(rng, 5000, 48, np.float16)
+    q = unit_rows(rng, 12, 48)
+    stores = [
+        write_store(tmp_path / "pos", x[:300], [f"i/pos/P{i}.jpg" for i in range(300)]),
+        write_store(tmp_path / "dis", x[300:], [f"t.tar/{i}" for i in range(4700)], shard_rows=1000),
+    ]
+    subset = rng.random(5000) < 0.3
+    subset[:300] = True
+    tiers = [
+        ilias.Tier("positives", 300),
+        ilias.Tier("+1k", 1300),
+        ilias.Tier("subset", None, subset),
+        ilias.Tier("subset of +2k", 2300, subset),
+        ilias.Tier("all"),
+    ]
+    together = ilias.search_tiers(q, stores, tiers, k=60, method=method)
+    for t in tiers:
+        rows = 5000 if t.rows is None else t.rows
+        mask = np.zeros(5000, bool)
+        mask[:rows] = True if t.keep is None else t.keep[:rows]
+        alone = search(q, stores, k=60, keep=mask, method=method)
+        assert_identical(together[t.name], alone)
+        assert together[t.name].info["tier_rows"] == mask.sum()
+    with pytest.raises(ValueError, match=r"tiers\[0\]: 6000 rows"):
+        ilias.search_tiers(q, stores, [ilias.Tier("x", 6000)], k=5)

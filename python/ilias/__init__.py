@@ -5,7 +5,7 @@ core, and write results in our format or the official ones.
 """
 
 from ._core import StoreFormatError, __version__, simd_paths
-from .search import SearchResults, mini_ilias_keep, search
+from .search import SearchResults, Tier, mini_ilias_keep, search, search_tiers
 from .store import Store, StoreWriter, export_hdf5, import_hdf5, import_npy, write_store
 
 __all__ = [
@@ -14,6 +14,8 @@ __all__ = [
     "StoreFormatError",
     "SearchResults",
     "search",
+    "search_tiers",
+    "Tier",
     "mini_ilias_keep",
     "write_store",
     "import_hdf5",

@@ -12,11 +12,11 @@ def exact_search(
     queries: npt.NDArray[np.float32],
     k: int,
     threads: int = 0,
-    keep: Optional[npt.NDArray[np.bool_]] = None,
+    tiers: Optional[list[tuple[int, Optional[npt.NDArray[np.bool_]]]]] = None,
     simd: Optional[str] = None,
     method: str = "exact",
     progress: Optional[Callable[[int], object]] = None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], dict]: ...
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], dict]: ...  # (tiers, nq, k)
 def inspect_shard(path: str, dim: Optional[int] = None) -> tuple[str, int, int]: ...
 def simd_paths() -> list[str]: ...
 def fp32_peak_gflops(simd: Optional[str] = None, threads: int = 0, millis: int = 300) -> float: ...

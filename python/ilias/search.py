@@ -62,6 +62,16 @@ def _as_queries(queries, query_ids) -> tuple[np.ndarray, list[str]]:
     return q, ids
 
 
+@dataclass(frozen=True)
+class Tier:
+    """A database answered by a search: the first `rows` global rows (all when None), of which
+    those with `keep` True (all when None). Several tiers share one pass over the database."""
+
+    name: str
+    rows: int | None = None
+    keep: np.ndarray | None = None
+
+
 def search(
     queries,
     database,
@@ -84,30 +94,63 @@ def search(
     exact path: an int8 first pass with exact float32 rescoring where the CPU has VNNI; "float32"
     scores every row in float32. Both return identical results.
     """
+    tier = Tier("all", None, keep)
+    return search_tiers(
+        queries, database, [tier], k, query_ids=query_ids, threads=threads, simd=simd, method=method, progress=progress
+    )["all"]
+
+
+def search_tiers(
+    queries,
+    database,
+    tiers: Sequence[Tier],
+    k: int = 1000,
+    *,
+    query_ids: Sequence[str] | None = None,
+    threads: int = 0,
+    simd: str | None = None,
+    method: str = "exact",
+    progress: bool = False,
+) -> dict[str, "SearchResults"]:
+    """`search` answering several databases (tiers: nested prefixes, subsets) in one pass, e.g.
+    positives + 1M, mini-ILIAS, positives + 10M, everything. Each tier's results equal those of a
+    separate search restricted to it. Returns {tier name: SearchResults}."""
     stores = _as_stores(database)
     q, qids = _as_queries(queries, query_ids)
     paths = [str(p) for s in stores for p in s.shard_paths]
     total = sum(s.count for s in stores)
-    if keep is not None:
-        keep = np.ascontiguousarray(keep, dtype=bool)
     if len(paths) == 0:
         raise ValueError("database: the stores are empty (0 rows)")
+    names = [t.name for t in tiers]
+    if not tiers or len(set(names)) != len(names):
+        raise ValueError(f"tiers: expected distinct names, got {names}")
+    specs = []
+    for t in tiers:
+        rows = total if t.rows is None else int(t.rows)
+        keep = None if t.keep is None else np.ascontiguousarray(t.keep, dtype=bool)
+        specs.append((rows, keep))
     bar = Progress("search", total=total, enabled=progress)
     t0 = time.monotonic()
     with bar:
         scores, indices, stats = _core.exact_search(
-            paths, q, k, threads, keep, simd, method, bar.set if progress else None
+            paths, q, k, threads, specs, simd, method, bar.set if progress else None
         )
         bar.set(total)
-    return SearchResults(
-        scores=scores,
-        indices=indices,
-        query_ids=qids,
-        k=k,
-        database=[DatabasePart(str(s.path), s.count, s.fingerprint) for s in stores],
-        stores=stores,
-        info={"seconds": time.monotonic() - t0, "threads": threads, "method": method, **stats},
-    )
+    seconds = time.monotonic() - t0
+    parts = [DatabasePart(str(s.path), s.count, s.fingerprint) for s in stores]
+    out = {}
+    for i, (t, (rows, keep)) in enumerate(zip(tiers, specs)):
+        held = int(keep[:rows].sum()) if keep is not None else rows
+        out[t.name] = SearchResults(
+            scores=scores[i],
+            indices=indices[i],
+            query_ids=qids,
+            k=k,
+            database=parts,
+            stores=stores,
+            info={"seconds": seconds, "threads": threads, "method": method, "tier": t.name, "tier_rows": held, **stats},
+        )
+    return out
 
 
 @dataclass(frozen=True)
