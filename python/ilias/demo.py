@@ -126,11 +126,13 @@ def build(root: str | Path, config: DemoConfig = DemoConfig(), progress=None) ->
 
 
 def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, say=print) -> dict:
-    """Builds (once) and runs the demo: one search per setting (mini, full), evaluation, reports."""
+    """Builds (once) and runs the demo: one search pass answering several database sizes
+    (tiers: positives plus growing prefixes of the distractors, the mini subset, everything),
+    evaluation of each, reports for mini and full, and the mAP-versus-distractors curve."""
     from .evaluate import evaluate, load_ground_truth
     from .progress import Progress
     from .report import build_report, write_json, write_markdown
-    from .search import mini_ilias_keep, search
+    from .search import Tier, mini_ilias_keep, search_tiers
 
     root = Path(root)
     t0 = time.monotonic()
@@ -141,16 +143,21 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, s
     db = [Store.open(stores / "positives"), Store.open(stores / "distractors")]
     gt = load_ground_truth(root)
     keys = (root / "image_ids" / "mini_ilias_yfcc100m_ids.txt").read_text().split()
-    summary = {}
-    for setting, keep in (("mini", mini_ilias_keep(db, keys)), ("full", None)):
-        rows = int(keep.sum()) if keep is not None else sum(s.count for s in db)
-        say(f"searching {sum(q.count for q in queries):,} queries against {rows:,} vectors ({setting})")
-        res = search(queries, db, k=1000, threads=threads, keep=keep, progress=True)
-        res.save(root / f"results_{setting}.npz")
+    n_pos = db[0].count
+    tiers = [Tier(f"+{n:,}", n_pos + n) for n in (1_000, 10_000, 100_000) if n < config.distractors]
+    tiers += [Tier("mini", None, mini_ilias_keep(db, keys)), Tier("full")]
+    n_queries = sum(q.count for q in queries)
+    say(f"searching {n_queries:,} queries against {len(tiers)} database sizes in one pass over {n_pos + config.distractors:,} vectors")
+    found = search_tiers(queries, db, tiers, k=1000, threads=threads, progress=True)
+    curve = []
+    for name, res in found.items():
         ev = evaluate(res, gt, 1000, threads=threads)
-        report = build_report(ev, setting=None, config={"demo": vars(config), "demo_database": setting, "rows": rows})
-        write_json(report, root / f"report_{setting}.json")
-        write_markdown(report, root / f"report_{setting}.md")
-        summary[setting] = {task: t["map"] for task, t in report["tasks"].items()} | {"rows": rows}
-    summary["seconds"] = time.monotonic() - t0
-    return summary
+        report = build_report(ev, setting=None, config={"demo": vars(config), "tier": name, "rows": res.info["tier_rows"]})
+        curve.append({"name": name, "rows": res.info["tier_rows"], **{t: r["map"] for t, r in report["tasks"].items()}})
+        if name in ("mini", "full"):
+            res.save(root / f"results_{name}.npz")
+            write_json(report, root / f"report_{name}.json")
+            write_markdown(report, root / f"report_{name}.md")
+    curve.sort(key=lambda c: c["rows"])
+    (root / "curve.json").write_text(json.dumps(curve, indent=1))
+    return {"curve": curve, "seconds": time.monotonic() - t0}
