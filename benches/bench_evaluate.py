@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import average_precision_score
-
 from ilias.evaluate import CLUTTER_GROUPS, SCALE_GROUPS, evaluate, load_ground_truth
 from ilias.report import build_report
+from sklearn.metrics import average_precision_score
 
 N_INSTANCES, N_POSITIVES, N_IMAGE_Q, K = 1000, 4715, 1232, 1000
 

@@ -11,13 +11,11 @@ import argparse
 import io
 import time
 
-import numpy as np
 import torch
-from PIL import Image
-
 from ilias.extract import ResizeLarge, padded_size
 from ilias.models import ModelSpec, build_image_encoder
 from ilias.models.registry import HALF
+from PIL import Image
 
 
 def jpegs(side):

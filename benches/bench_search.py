@@ -39,9 +39,8 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
-    import numpy as np
-
     import ilias
+    import numpy as np
     from common import make_store, peak_rss_gb, queries, table, timed
 
     store = make_store("bench", args.n, args.d, args.kind)
@@ -73,7 +72,7 @@ def main() -> None:
     ours_t = ours = None
     for method in args.methods.split(","):
         t, res = timed(
-            lambda: ilias.search(q, store, k=args.k, threads=args.threads, simd=args.simd, method=method), args.repeat
+            lambda method=method: ilias.search(q, store, k=args.k, threads=args.threads, simd=args.simd, method=method), args.repeat
         )
         if ours is None:
             ours_t, ours = t, res
@@ -91,7 +90,7 @@ def main() -> None:
             )
         print(f"ilias {method}: {t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
         if args.scaling:
-            t1, _ = timed(lambda: ilias.search(q, store, k=args.k, threads=1, simd=args.simd, method=method))
+            t1, _ = timed(lambda method=method: ilias.search(q, store, k=args.k, threads=1, simd=args.simd, method=method))
             print(f"ilias {method}: 1 thread {t1:.2f}s, {args.threads} threads {t:.2f}s: {t1 / t:.2f}x")
 
     peers = [p for p in args.peers.split(",") if p]
@@ -103,10 +102,10 @@ def main() -> None:
         if "faiss-flat" in peers:
             index = faiss.IndexFlatIP(args.d)
             index.add(x32)
-            t, (D, I) = timed(lambda: index.search(q, args.k), args.repeat)
+            t, (dist, ids) = timed(lambda: index.search(q, args.k), args.repeat)
             add("faiss IndexFlatIP (float32 in RAM)", t, ours_t)
-            agree = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(I, ours.indices)])
-            print(f"faiss flat: {t:.2f}s; overlap of result sets with ilias {agree:.5f}, max |score diff| {np.abs(D - ours.scores).max():.2e}")
+            agree = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, ours.indices)])
+            print(f"faiss flat: {t:.2f}s; overlap of result sets with ilias {agree:.5f}, max |score diff| {np.abs(dist - ours.scores).max():.2e}")
             del index
         if "faiss-sq-fp16" in peers:
             index = faiss.IndexScalarQuantizer(args.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// A file could not be opened or read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A file was read but is not what it should be (bad header, wrong size, wrong dtype).
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -21,11 +24,17 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Error {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub fn format(path: &Path, message: impl Into<String>) -> Error {
-        Error::Format { path: path.to_path_buf(), message: message.into() }
+        Error::Format {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Error {

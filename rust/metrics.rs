@@ -56,7 +56,11 @@ impl Lists<'_> {
 
 /// AP@k and oracle of each row, or the first problem found (bad label, non-finite score,
 /// more positives found than `n_positives` says exist).
-pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+pub fn average_precision(
+    lists: Lists<'_>,
+    k: usize,
+    threads: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     lists.validate()?;
     if k == 0 {
         return Err(Error::invalid("k must be at least 1"));
@@ -95,7 +99,10 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
             })
             .collect();
         // report the error of the lowest row, whatever thread finished first
-        workers.into_iter().map(|w| w.join().expect("metrics worker panicked")).collect::<Result<Vec<()>>>()
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("metrics worker panicked"))
+            .collect::<Result<Vec<()>>>()
     })?;
     Ok((ap, oracle))
 }
@@ -113,7 +120,11 @@ fn one_query(
         match l {
             SKIP => continue,
             NEGATIVE | POSITIVE => {}
-            _ => return Err(format!("label {l} is not 0 (negative), 1 (positive) or 2 (skip)")),
+            _ => {
+                return Err(format!(
+                    "label {l} is not 0 (negative), 1 (positive) or 2 (skip)"
+                ))
+            }
         }
         if !s.is_finite() {
             return Err(format!("score {s} is not finite"));
@@ -122,7 +133,9 @@ fn one_query(
     }
     let in_list = scratch.iter().filter(|x| x.1).count() as u64;
     if in_list > n_pos {
-        return Err(format!("{in_list} positives in the list but only {n_pos} exist (duplicate ids?)"));
+        return Err(format!(
+            "{in_list} positives in the list but only {n_pos} exist (duplicate ids?)"
+        ));
     }
     // results normally arrive in rank order already; sort (stably) only when they do not
     if scratch.windows(2).any(|p| p[0].0 < p[1].0) {
@@ -158,7 +171,12 @@ mod tests {
 
     fn run(scores: &[f64], labels: &[u8], n_pos: u64, k: usize) -> (f64, f64) {
         let n = [n_pos];
-        let lists = Lists { scores, labels, n_positives: &n, width: scores.len() };
+        let lists = Lists {
+            scores,
+            labels,
+            n_positives: &n,
+            width: scores.len(),
+        };
         let (ap, oracle) = average_precision(lists, k, 1).unwrap();
         (ap[0], oracle[0])
     }
@@ -187,7 +205,17 @@ mod tests {
         assert_eq!(run(&[0.5, 0.4], &[0, 0], 3, 10), (0.0, 0.0));
         let n = [1];
         let bad = |s: &[f64], l: &[u8]| {
-            average_precision(Lists { scores: s, labels: l, n_positives: &n, width: s.len() }, 5, 1).is_err()
+            average_precision(
+                Lists {
+                    scores: s,
+                    labels: l,
+                    n_positives: &n,
+                    width: s.len(),
+                },
+                5,
+                1,
+            )
+            .is_err()
         };
         assert!(bad(&[f64::NAN], &[0]));
         assert!(bad(&[0.1], &[7]));
@@ -197,8 +225,12 @@ mod tests {
 
     /// Sklearn's definition spelled out naively: precision at every distinct threshold.
     fn reference(scores: &[f64], labels: &[u8], n_pos: u64, k: usize) -> f64 {
-        let mut items: Vec<(f64, bool)> =
-            scores.iter().zip(labels).filter(|x| *x.1 != SKIP).map(|(&s, &l)| (s, l == POSITIVE)).collect();
+        let mut items: Vec<(f64, bool)> = scores
+            .iter()
+            .zip(labels)
+            .filter(|x| *x.1 != SKIP)
+            .map(|(&s, &l)| (s, l == POSITIVE))
+            .collect();
         items.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
         items.truncate(k);
         let mut thresholds: Vec<f64> = items.iter().map(|x| x.0).collect();

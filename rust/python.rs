@@ -6,19 +6,27 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use numpy::{IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::Error;
-use crate::kernels::Simd;
 use crate::kernels::int8::Int8Kernel;
+use crate::kernels::Simd;
 use crate::search::{search, Control, Int8Choice, SearchOptions, Tier};
 use crate::store::{Database, Shard};
 
-create_exception!(ilias._core, StoreFormatError, PyValueError, "A store file is not what it should be (bad header, size, dtype or dimension).");
+create_exception!(
+    ilias._core,
+    StoreFormatError,
+    PyValueError,
+    "A store file is not what it should be (bad header, size, dtype or dimension)."
+);
 
 fn to_py(err: Error) -> PyErr {
     match err {
@@ -36,6 +44,14 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
+/// What `exact_search` returns: scores, indices (both (tiers, nq, k)) and statistics.
+type Found<'py> = (
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<i64>>,
+    Bound<'py, PyDict>,
+);
+type Floats<'py> = Bound<'py, numpy::PyArray1<f64>>;
+
 /// Runs `work` without the GIL on a scoped thread; every 100 ms calls `progress(done)` and
 /// checks for signals, setting `control.cancel` when one raises.
 fn run_watched<T: Send>(
@@ -51,7 +67,9 @@ fn run_watched<T: Send>(
             py.allow_threads(|| std::thread::sleep(Duration::from_millis(100)));
             if pending.is_none() {
                 let polled = py.check_signals().and_then(|_| match progress {
-                    Some(cb) => cb.call1((control.done_rows.load(Ordering::Relaxed),)).map(|_| ()),
+                    Some(cb) => cb
+                        .call1((control.done_rows.load(Ordering::Relaxed),))
+                        .map(|_| ()),
                     None => Ok(()),
                 });
                 if let Err(e) = polled {
@@ -67,7 +85,9 @@ fn run_watched<T: Send>(
     }
     match result {
         Ok(r) => r.map_err(to_py),
-        Err(_) => Err(PyValueError::new_err("internal error: the search thread panicked")),
+        Err(_) => Err(PyValueError::new_err(
+            "internal error: the search thread panicked",
+        )),
     }
 }
 
@@ -90,7 +110,7 @@ fn exact_search<'py>(
     simd: Option<&str>,
     method: &str,
     progress: Option<Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<i64>>, Bound<'py, PyDict>)> {
+) -> PyResult<Found<'py>> {
     let int8 = match method {
         "exact" => Int8Choice::Auto,
         "float32" => Int8Choice::Off,
@@ -104,26 +124,33 @@ fn exact_search<'py>(
     let simd = match simd {
         None | Some("auto") => None,
         Some(name) => Some(Simd::parse(name).ok_or_else(|| {
-            PyValueError::new_err(format!("simd: unknown path {name:?} (expected auto, avx512, avx2 or scalar)"))
+            PyValueError::new_err(format!(
+                "simd: unknown path {name:?} (expected auto, avx512, avx2 or scalar)"
+            ))
         })?),
     };
     let nq = queries.shape()[0];
     let qdim = queries.shape()[1];
-    let qslice = queries
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)"))?;
+    let qslice = queries.as_slice().map_err(|_| {
+        PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)")
+    })?;
     let tiers = tiers.unwrap_or_default();
     let tier_specs = tiers
         .iter()
         .map(|(rows, keep)| {
             let keep = match keep {
-                Some(a) => Some(a.as_slice().map_err(|_| PyValueError::new_err("keep must be C-contiguous"))?),
+                Some(a) => Some(
+                    a.as_slice()
+                        .map_err(|_| PyValueError::new_err("keep must be C-contiguous"))?,
+                ),
                 None => None,
             };
             Ok(Tier { rows: *rows, keep })
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    let db = py
+        .allow_threads(|| Database::open(&shards, None))
+        .map_err(to_py)?;
     if qdim != db.dim {
         return Err(PyValueError::new_err(format!(
             "queries have dimension {qdim} but the database has dimension {}",
@@ -131,9 +158,17 @@ fn exact_search<'py>(
         )));
     }
     let nt = tier_specs.len().max(1);
-    let opts = SearchOptions { k, threads, simd, tiers: tier_specs, int8 };
+    let opts = SearchOptions {
+        k,
+        threads,
+        simd,
+        tiers: tier_specs,
+        int8,
+    };
     let control = Control::default();
-    let found = run_watched(py, &control, progress.as_ref(), || search(&db, qslice, nq, &opts, &control))?;
+    let found = run_watched(py, &control, progress.as_ref(), || {
+        search(&db, qslice, nq, &opts, &control)
+    })?;
     let st = found.stats;
     let stats = PyDict::new(py);
     stats.set_item("simd", st.simd.map(Simd::name))?;
@@ -157,10 +192,17 @@ fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, u
 /// Measures this machine's float32 FMA peak (GFLOP/s) on `threads` threads for a given path.
 #[pyfunction]
 #[pyo3(signature = (simd=None, threads=0, millis=300))]
-fn fp32_peak_gflops(py: Python<'_>, simd: Option<&str>, threads: usize, millis: u64) -> PyResult<f64> {
+fn fp32_peak_gflops(
+    py: Python<'_>,
+    simd: Option<&str>,
+    threads: usize,
+    millis: u64,
+) -> PyResult<f64> {
     let simd = match simd {
         None | Some("auto") => Simd::detect(),
-        Some(n) => Simd::parse(n).filter(|s| s.supported()).ok_or_else(|| PyValueError::new_err(format!("simd: {n:?} is not available here")))?,
+        Some(n) => Simd::parse(n)
+            .filter(|s| s.supported())
+            .ok_or_else(|| PyValueError::new_err(format!("simd: {n:?} is not available here")))?,
     };
     Ok(py.allow_threads(|| crate::kernels::peak::fp32_peak_gflops(simd, threads, millis)))
 }
@@ -175,7 +217,11 @@ fn int8_peak_gops(py: Python<'_>, threads: usize, millis: u64) -> Option<f64> {
 /// The SIMD paths this CPU can run, fastest first.
 #[pyfunction]
 fn simd_paths() -> Vec<&'static str> {
-    [Simd::Avx512, Simd::Avx2, Simd::Scalar].into_iter().filter(|s| s.supported()).map(Simd::name).collect()
+    [Simd::Avx512, Simd::Avx2, Simd::Scalar]
+        .into_iter()
+        .filter(|s| s.supported())
+        .map(Simd::name)
+        .collect()
 }
 
 // ---- evaluation (metrics.rs)
@@ -192,8 +238,12 @@ fn average_precision<'py>(
     n_positives: PyReadonlyArray1<'py, i64>,
     k: usize,
     threads: usize,
-) -> PyResult<(Bound<'py, numpy::PyArray1<f64>>, Bound<'py, numpy::PyArray1<f64>>)> {
-    let contiguous = |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
+) -> PyResult<(Floats<'py>, Floats<'py>)> {
+    let contiguous = |name: &str| {
+        PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        ))
+    };
     if scores.shape() != labels.shape() || scores.shape()[0] != n_positives.len() {
         return Err(PyValueError::new_err(format!(
             "shapes disagree: scores {:?}, labels {:?}, n_positives ({},)",
@@ -206,7 +256,10 @@ fn average_precision<'py>(
         .as_slice()
         .map_err(|_| contiguous("n_positives"))?
         .iter()
-        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
+        .map(|&n| {
+            u64::try_from(n)
+                .map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative")))
+        })
         .collect::<PyResult<_>>()?;
     let lists = crate::metrics::Lists {
         scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
@@ -214,7 +267,9 @@ fn average_precision<'py>(
         n_positives: &n_pos,
         width: scores.shape()[1],
     };
-    let (ap, oracle) = py.allow_threads(|| crate::metrics::average_precision(lists, k, threads)).map_err(to_py)?;
+    let (ap, oracle) = py
+        .allow_threads(|| crate::metrics::average_precision(lists, k, threads))
+        .map_err(to_py)?;
     Ok((ap.into_pyarray(py), oracle.into_pyarray(py)))
 }
 

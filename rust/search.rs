@@ -103,7 +103,9 @@ impl Stats {
 
 pub fn resolve_threads(threads: usize) -> usize {
     if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         threads
     }
@@ -132,7 +134,10 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
         return Err(Error::invalid("k must be at least 1"));
     }
     if opts.k > db.rows {
-        return Err(Error::invalid(format!("k = {} is larger than the database ({} rows)", opts.k, db.rows)));
+        return Err(Error::invalid(format!(
+            "k = {} is larger than the database ({} rows)",
+            opts.k, db.rows
+        )));
     }
     for (t, tier) in opts.tiers.iter().enumerate() {
         if tier.rows == 0 || tier.rows > db.rows {
@@ -153,14 +158,23 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
     }
     if let Some(s) = opts.simd {
         if !s.supported() {
-            return Err(Error::invalid(format!("simd: this CPU cannot run the {} path", s.name())));
+            return Err(Error::invalid(format!(
+                "simd: this CPU cannot run the {} path",
+                s.name()
+            )));
         }
     }
     Ok(())
 }
 
 /// Searches `nq` float32 queries (row-major, `nq x db.dim`) against the whole database.
-pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, control: &Control) -> Result<Neighbors> {
+pub fn search(
+    db: &Database,
+    queries: &[f32],
+    nq: usize,
+    opts: &SearchOptions,
+    control: &Control,
+) -> Result<Neighbors> {
     validate(db, queries, nq, opts)?;
     let simd = opts.simd.unwrap_or_else(Simd::detect);
     let dim = db.dim;
@@ -172,9 +186,23 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     };
     let packed = pack_queries(queries, nq, dim, simd.mr());
     let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, simd.mr()));
-    let all = [Tier { rows: db.rows, keep: None }];
-    let tiers = if opts.tiers.is_empty() { &all[..] } else { &opts.tiers[..] };
-    let plan = Plan { simd, int8, quantized: quantized.as_ref(), packed: &packed, nq, tiers };
+    let all = [Tier {
+        rows: db.rows,
+        keep: None,
+    }];
+    let tiers = if opts.tiers.is_empty() {
+        &all[..]
+    } else {
+        &opts.tiers[..]
+    };
+    let plan = Plan {
+        simd,
+        int8,
+        quantized: quantized.as_ref(),
+        packed: &packed,
+        nq,
+        tiers,
+    };
 
     // work items: (shard, first row, end row), in database order
     let mut chunks = Vec::new();
@@ -195,11 +223,19 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("internal error: a search thread panicked"))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::invalid("internal error: a search thread panicked"))
+                })
+            })
             .collect()
     });
     let mut merged: Option<Vec<TopK>> = None;
-    let mut stats = Stats { simd: Some(simd), int8, ..Stats::default() };
+    let mut stats = Stats {
+        simd: Some(simd),
+        int8,
+        ..Stats::default()
+    };
     for part in partials {
         let (part, part_stats) = part?;
         stats.add(&part_stats);
@@ -227,7 +263,12 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             indices[out + j] = i as i64;
         }
     }
-    Ok(Neighbors { scores, indices, k, stats })
+    Ok(Neighbors {
+        scores,
+        indices,
+        k,
+        stats,
+    })
 }
 
 /// What every worker shares: the kernels and the prepared queries.
@@ -272,7 +313,9 @@ fn worker(
 
     loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&(s, lo, hi)) = chunks.get(c) else { break };
+        let Some(&(s, lo, hi)) = chunks.get(c) else {
+            break;
+        };
         let shard = &db.shards[s];
         shard.prefetch(lo, hi);
         let base = db.starts[s];
@@ -284,16 +327,33 @@ fn worker(
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
             let bytes = shard.row_bytes(t0, t1);
-            let use_int8 = plan.int8.is_some() && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
+            let use_int8 = plan.int8.is_some()
+                && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
             tiles_done += 1;
             let before = stats;
             if use_int8 {
                 codes.reset(rows, dim, nr);
-                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| {
-                    codes.set_row(r, row, nr, &mut code_scratch)
-                });
+                pack_rows(
+                    bytes,
+                    shard.dtype,
+                    rows,
+                    dim,
+                    nr,
+                    &mut tile,
+                    &mut scratch,
+                    |r, row| codes.set_row(r, row, nr, &mut code_scratch),
+                );
             } else {
-                pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |_, _| {});
+                pack_rows(
+                    bytes,
+                    shard.dtype,
+                    rows,
+                    dim,
+                    nr,
+                    &mut tile,
+                    &mut scratch,
+                    |_, _| {},
+                );
             }
             let panels = rows.div_ceil(nr);
             for qb in 0..qblocks {
@@ -302,7 +362,9 @@ fn worker(
                 let block_tops = &mut tops[qb * mr * nt..(qb * mr + live) * nt];
                 // the int8 pass needs a threshold for every query of the block: until their
                 // top-k buffers first fill (the first ~2k rows), every score is computed
-                let warm = block_tops.chunks(nt).all(|q| threshold(q, tiers, base + t0) > f32::NEG_INFINITY);
+                let warm = block_tops
+                    .chunks(nt)
+                    .all(|q| threshold(q, tiers, base + t0) > f32::NEG_INFINITY);
                 match (plan.int8, plan.quantized) {
                     (Some(kernel), Some(qs)) if warm && use_int8 => {
                         let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
@@ -315,7 +377,14 @@ fn worker(
                             for (i, q_tops) in block_tops.chunks(nt).enumerate() {
                                 let row = &raw[i * nr..(i + 1) * nr];
                                 let thr = threshold(q_tops, tiers, first);
-                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, thr);
+                                needs[i] = int8::panel_may_reach(
+                                    row,
+                                    &codes,
+                                    p * nr,
+                                    qs,
+                                    qb * mr + i,
+                                    thr,
+                                );
                                 count += needs[i] as usize;
                             }
                             stats.int8_pairs += live as u64;
@@ -324,7 +393,11 @@ fn worker(
                             let valid = (rows - p * nr).min(nr);
                             if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
-                                for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
+                                for (i, q_tops) in block_tops
+                                    .chunks_mut(nt)
+                                    .enumerate()
+                                    .filter(|(i, _)| needs[*i])
+                                {
                                     offer(q_tops, tiers, &exact[i * nr..i * nr + valid], first);
                                 }
                             } else {
@@ -333,13 +406,20 @@ fn worker(
                         }
                         // the remaining (query, panel) pairs, rescored a few at a time
                         for group in jobs.chunks(16) {
-                            let panels_of: Vec<(usize, &[f32])> =
-                                group.iter().map(|&(i, p)| (i, &tile[p * dim * nr..(p + 1) * dim * nr])).collect();
+                            let panels_of: Vec<(usize, &[f32])> = group
+                                .iter()
+                                .map(|&(i, p)| (i, &tile[p * dim * nr..(p + 1) * dim * nr]))
+                                .collect();
                             simd.columns(a, &panels_of, dim, &mut job_scores[..group.len() * nr]);
                             for (j, &(i, p)) in group.iter().enumerate() {
                                 let valid = (rows - p * nr).min(nr);
                                 let scores = &job_scores[j * nr..j * nr + valid];
-                                offer(&mut block_tops[i * nt..(i + 1) * nt], tiers, scores, base + t0 + p * nr);
+                                offer(
+                                    &mut block_tops[i * nt..(i + 1) * nt],
+                                    tiers,
+                                    scores,
+                                    base + t0 + p * nr,
+                                );
                             }
                         }
                     }
@@ -350,19 +430,27 @@ fn worker(
                         }
                         stats.float_pairs += (live * panels) as u64;
                         for (i, q_tops) in block_tops.chunks_mut(nt).enumerate() {
-                            offer(q_tops, tiers, &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows], base + t0);
+                            offer(
+                                q_tops,
+                                tiers,
+                                &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows],
+                                base + t0,
+                            );
                         }
                     }
                 }
             }
             let tried = stats.int8_pairs - before.int8_pairs;
             if tried > 0 {
-                rescored_share = (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
+                rescored_share =
+                    (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
             }
             t0 = t1;
         }
         shard.release(lo, hi);
-        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+        control
+            .done_rows
+            .fetch_add((hi - lo) as u64, Ordering::Relaxed);
     }
     Ok((tops, stats))
 }

@@ -59,7 +59,10 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> 
             if bytes.len() < 12 {
                 return Err("truncated .npy header".into());
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(format!("unsupported .npy format version {v}")),
     };
@@ -67,7 +70,8 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> 
         .checked_add(len)
         .filter(|&e| e <= bytes.len())
         .ok_or_else(|| "truncated .npy header".to_string())?;
-    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text".to_string())?;
+    let text =
+        std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text".to_string())?;
     let descr = dict_value(text, "descr")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_string();
     let fortran_order = match dict_value(text, "fortran_order")?.as_str() {
@@ -84,9 +88,17 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> 
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text:?}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape {shape_text:?}"))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(NpyHeader { descr, fortran_order, shape, data_offset: end })
+    Ok(NpyHeader {
+        descr,
+        fortran_order,
+        shape,
+        data_offset: end,
+    })
 }
 
 /// The raw text of `key`'s value in the header's Python dict literal.
@@ -143,7 +155,10 @@ impl Shard {
             }
         };
         if header.fortran_order {
-            return Err(Error::format(path, "array is in Fortran order (expected C order)"));
+            return Err(Error::format(
+                path,
+                "array is in Fortran order (expected C order)",
+            ));
         }
         let (rows, dim) = match header.shape[..] {
             [r, d] => (r, d),
@@ -159,7 +174,10 @@ impl Shard {
         }
         if let Some(d) = expect_dim {
             if d != dim {
-                return Err(Error::format(path, format!("dimension {dim} differs from the store's {d}")));
+                return Err(Error::format(
+                    path,
+                    format!("dimension {dim} differs from the store's {d}"),
+                ));
             }
         }
         let expected = rows
@@ -176,7 +194,14 @@ impl Shard {
                 ),
             ));
         }
-        Ok(Shard { path: path.to_path_buf(), dtype, rows, dim, map, offset: header.data_offset })
+        Ok(Shard {
+            path: path.to_path_buf(),
+            dtype,
+            rows,
+            dim,
+            map,
+            offset: header.data_offset,
+        })
     }
 
     /// The raw little-endian bytes of rows `start..end`.
@@ -197,7 +222,8 @@ impl Shard {
             // SAFETY: the mapping is a read-only shared file mapping: dropping its pages only
             // means that a later access reads them again from the file; no data is lost.
             let _ = unsafe {
-                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
             };
         }
     }
@@ -209,7 +235,9 @@ impl Shard {
         let lo = (self.offset + start * row) / page * page;
         let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
         if hi > lo {
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
         }
     }
 }
@@ -241,7 +269,12 @@ impl Database {
             starts.push(rows);
             rows += s.rows;
         }
-        Ok(Database { shards, starts, rows, dim })
+        Ok(Database {
+            shards,
+            starts,
+            rows,
+            dim,
+        })
     }
 
     pub fn open(paths: &[PathBuf], dim: Option<usize>) -> Result<Database> {
@@ -259,7 +292,8 @@ mod tests {
     use std::io::Write;
 
     fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut dict =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + dict.len() + 1) % 64 != 0 {
             dict.push(' ');
         }
@@ -306,8 +340,16 @@ mod tests {
         let e = Shard::open(&short, None).err().unwrap().to_string();
         assert!(e.contains("short.npy") && e.contains("truncated"), "{e}");
         let f8 = write(&d, "f8.npy", &npy_bytes("<f8", "(2, 3)", &[0u8; 48]));
-        assert!(Shard::open(&f8, None).err().unwrap().to_string().contains("'<f2'"));
-        assert!(Shard::open(&good, Some(4)).err().unwrap().to_string().contains("dimension"));
+        assert!(Shard::open(&f8, None)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("'<f2'"));
+        assert!(Shard::open(&good, Some(4))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("dimension"));
         let missing = Shard::open(&d.join("nope.npy"), None).err().unwrap();
         assert!(matches!(missing, Error::Io { .. }));
         std::fs::remove_dir_all(d).unwrap();

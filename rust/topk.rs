@@ -15,7 +15,9 @@ pub type Hit = (f32, u64);
 /// Rank order: `Less` means `a` ranks before `b`.
 #[inline]
 pub fn rank_order(a: &Hit, b: &Hit) -> Ordering {
-    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(b.1.cmp(&a.1))
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(Ordering::Equal)
+        .then(b.1.cmp(&a.1))
 }
 
 pub struct TopK {
@@ -26,7 +28,11 @@ pub struct TopK {
 
 impl TopK {
     pub fn new(k: usize) -> TopK {
-        TopK { k, hits: Vec::new(), threshold: f32::NEG_INFINITY }
+        TopK {
+            k,
+            hits: Vec::new(),
+            threshold: f32::NEG_INFINITY,
+        }
     }
 
     /// Scores below this cannot enter the top k.

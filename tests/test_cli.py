@@ -3,7 +3,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from ilias import SearchResults, Store
 from ilias.cli import main
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import average_precision_score
-
 from ilias import _core
 from ilias.evaluate import CLUTTER_GROUPS, SCALE_GROUPS, evaluate, load_ground_truth
+from sklearn.metrics import average_precision_score
 
 # ---------------------------------------------------------------- AP@k of one list
 

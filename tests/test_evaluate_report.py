@@ -5,7 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from ilias.cli import main
 from ilias.evaluate import evaluate, load_ground_truth
 from ilias.report import build_report, infer_setting, place, published, to_markdown

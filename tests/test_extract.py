@@ -9,17 +9,30 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 skdata = pytest.importorskip("skimage.data")
-from PIL import Image  # noqa: E402
-
 from ilias import Store  # noqa: E402
 from ilias.cli import main  # noqa: E402
 from ilias.extract import (  # noqa: E402
-    Piece, ResizeLarge, core_sources, extract_images, extract_texts, folder_sources, list_items, merge_parts,
-    open_parts, pad_amounts, padded_size, piece_from_env, read_id_list, resize_large_size, select, tar_sources,
+    Piece,
+    ResizeLarge,
+    core_sources,
+    extract_images,
+    extract_texts,
+    folder_sources,
+    list_items,
+    merge_parts,
+    open_parts,
+    pad_amounts,
+    padded_size,
+    piece_from_env,
+    read_id_list,
+    resize_large_size,
+    select,
+    tar_sources,
     webdataset_key,
 )
 from ilias.models import ModelSpec, build_image_encoder, build_text_encoder  # noqa: E402
 from ilias.models.registry import HALF  # noqa: E402
+from PIL import Image  # noqa: E402
 
 TINY_VIT = ModelSpec("tiny-vit", "timm", "vit_tiny_patch16_224", None, 64, patch=16, mean=HALF[0], std=HALF[1])
 

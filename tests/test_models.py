@@ -12,7 +12,7 @@ pytest.importorskip("open_clip")
 
 from ilias.cli import main  # noqa: E402
 from ilias.models import REGISTRY, ModelSpec, build_image_encoder, build_text_encoder, get_spec, list_models  # noqa: E402
-from ilias.models.registry import HALF, IMAGENET  # noqa: E402
+from ilias.models.registry import HALF  # noqa: E402
 
 SEED = Path(__file__).parents[1] / "python/ilias/data/seed_results.tsv"
 

@@ -5,12 +5,11 @@ import subprocess
 import sys
 import time
 
+import ilias
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import ilias
 from ilias import SearchResults, mini_ilias_keep, search, write_store
 
 from .conftest import unit_rows

@@ -131,7 +131,7 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, s
     evaluation of each, reports for mini and full, and the mAP-versus-distractors curve."""
     from .evaluate import evaluate, load_ground_truth
     from .progress import Progress
-    from .report import build_report, write_json, write_markdown
+    from .report import build_report, write_html, write_json, write_markdown
     from .search import Tier, mini_ilias_keep, search_tiers
 
     root = Path(root)
@@ -149,15 +149,18 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, s
     n_queries = sum(q.count for q in queries)
     say(f"searching {n_queries:,} queries against {len(tiers)} database sizes in one pass over {n_pos + config.distractors:,} vectors")
     found = search_tiers(queries, db, tiers, k=1000, threads=threads, progress=True)
-    curve = []
+    curve, reports = [], {}
     for name, res in found.items():
         ev = evaluate(res, gt, 1000, threads=threads)
-        report = build_report(ev, setting=None, config={"demo": vars(config), "tier": name, "rows": res.info["tier_rows"]})
+        config_used = {"model": "synthetic embeddings (ilias demo)", "demo": vars(config), "tier": name}
+        report = build_report(ev, setting=None, config=config_used | {"rows": res.info["tier_rows"]})
         curve.append({"name": name, "rows": res.info["tier_rows"], **{t: r["map"] for t, r in report["tasks"].items()}})
         if name in ("mini", "full"):
             res.save(root / f"results_{name}.npz")
             write_json(report, root / f"report_{name}.json")
             write_markdown(report, root / f"report_{name}.md")
+            reports[name] = report
     curve.sort(key=lambda c: c["rows"])
     (root / "curve.json").write_text(json.dumps(curve, indent=1))
+    write_html(reports["full"], root / "report.html", tiers=curve)
     return {"curve": curve, "seconds": time.monotonic() - t0}

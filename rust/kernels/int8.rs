@@ -37,7 +37,10 @@ impl Int8Kernel {
     /// The fastest int8 kernel matching the float32 path `simd`, if any beats float32 alone.
     pub fn detect(simd: Simd) -> Option<Int8Kernel> {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512f") {
+        if simd == Simd::Avx512
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512f")
+        {
             return Some(Int8Kernel::Vnni512);
         }
         let _ = simd;
@@ -56,7 +59,12 @@ impl Int8Kernel {
     #[inline]
     pub fn block(self, simd: Simd, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
         let (mr, nr) = (simd.mr(), simd.nr());
-        assert!(a.len() >= d4 * mr * 4 && b.len() >= d4 * nr * 4 && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        assert!(
+            a.len() >= d4 * mr * 4
+                && b.len() >= d4 * nr * 4
+                && ldo >= nr
+                && out.len() >= (mr - 1) * ldo + nr
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => {
@@ -70,7 +78,8 @@ impl Int8Kernel {
                     for j in 0..nr {
                         let mut acc = 0i32;
                         for t in 0..d4 {
-                            let (qa, xb) = (&a[(t * mr + i) * 4..][..4], &b[(t * nr + j) * 4..][..4]);
+                            let (qa, xb) =
+                                (&a[(t * mr + i) * 4..][..4], &b[(t * nr + j) * 4..][..4]);
                             for l in 0..4 {
                                 acc += qa[l] as i32 * xb[l] as i32;
                             }
@@ -118,7 +127,11 @@ pub fn quantize_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Qu
         let t = if maxabs > 0.0 { maxabs / 127.0 } else { 0.0 };
         let (mut n2, mut f2) = (0f64, 0f64);
         for (d, &v) in row.iter().enumerate() {
-            let u = if t > 0.0 { (v / t).round().clamp(-127.0, 127.0) } else { 0.0 };
+            let u = if t > 0.0 {
+                (v / t).round().clamp(-127.0, 127.0)
+            } else {
+                0.0
+            };
             codes[((b * steps + d / 4) * mr + i) * 4 + d % 4] = (u as i32 + 128) as u8;
             let f = v as f64 - t as f64 * u as f64;
             n2 += v as f64 * v as f64;
@@ -128,7 +141,12 @@ pub fn quantize_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Qu
         norm[q] = round_up(n2.sqrt() * SLACK);
         resid[q] = round_up(f2.sqrt() * SLACK);
     }
-    Queries { codes, scale, norm, resid }
+    Queries {
+        codes,
+        scale,
+        norm,
+        resid,
+    }
 }
 
 /// Quantized rows of one tile: codes in panels of `nr` plus per-row terms of the bound.
@@ -168,7 +186,13 @@ impl Tile {
         let dim = row.len();
         let steps = d4(dim);
         let (p, lane) = (r / nr, r % nr);
-        let maxabs = row.iter().fold(0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
+        let maxabs = row.iter().fold(0f32, |m, v| {
+            if v.abs() > m || v.is_nan() {
+                v.abs()
+            } else {
+                m
+            }
+        });
         if !maxabs.is_finite() {
             // NaN or Inf: no bound holds, so the row is always rescored exactly
             self.scale[r] = 0.0;
@@ -177,7 +201,11 @@ impl Tile {
             self.h[r] = 0.0;
             return;
         }
-        let (s, inv) = if maxabs > 0.0 { (maxabs / 127.0, 127.0 / maxabs) } else { (0.0, 0.0) };
+        let (s, inv) = if maxabs > 0.0 {
+            (maxabs / 127.0, 127.0 / maxabs)
+        } else {
+            (0.0, 0.0)
+        };
         scratch.clear();
         scratch.resize(steps * 4, 0);
         let (mut sum, mut x2, mut e2, mut h2) = ([0i32; L], [0f32; L], [0f32; L], [0f32; L]);
@@ -224,10 +252,22 @@ fn round_up(v: f64) -> f32 {
 /// Whether any row of a panel may reach `threshold` for query `qi`: `raw` holds the panel's
 /// unsigned-by-signed products for this query, the other slices its rows' terms.
 #[inline]
-pub fn panel_may_reach(raw: &[i32], tile: &Tile, first: usize, queries: &Queries, qi: usize, threshold: f32) -> bool {
+pub fn panel_may_reach(
+    raw: &[i32],
+    tile: &Tile,
+    first: usize,
+    queries: &Queries,
+    qi: usize,
+    threshold: f32,
+) -> bool {
     let (t, nq, nf) = (queries.scale[qi], queries.norm[qi], queries.resid[qi]);
     let n = raw.len();
-    let (scale, offset, e, h) = (&tile.scale[first..first + n], &tile.offset[first..first + n], &tile.e[first..first + n], &tile.h[first..first + n]);
+    let (scale, offset, e, h) = (
+        &tile.scale[first..first + n],
+        &tile.offset[first..first + n],
+        &tile.e[first..first + n],
+        &tile.h[first..first + n],
+    );
     let mut any = false;
     for j in 0..n {
         let approx = (raw[j] - offset[j]) as f32 * (t * scale[j]);
@@ -275,7 +315,9 @@ mod tests {
     fn kernels_agree_and_the_bound_holds() {
         let mut seed = 3u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         let simd = Simd::detect();
@@ -299,10 +341,18 @@ mod tests {
             }
             for i in 0..mr {
                 for j in 0..nr {
-                    let exact: f64 = (0..dim).map(|d| q[i * dim + d] as f64 * x[j * dim + d] as f64).sum();
-                    let approx = (want[i * nr + j] - tile.offset[j]) as f64 * qs.scale[i] as f64 * tile.scale[j] as f64;
-                    let bound = qs.norm[i] as f64 * tile.e[j] as f64 + qs.resid[i] as f64 * tile.h[j] as f64;
-                    assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
+                    let exact: f64 = (0..dim)
+                        .map(|d| q[i * dim + d] as f64 * x[j * dim + d] as f64)
+                        .sum();
+                    let approx = (want[i * nr + j] - tile.offset[j]) as f64
+                        * qs.scale[i] as f64
+                        * tile.scale[j] as f64;
+                    let bound = qs.norm[i] as f64 * tile.e[j] as f64
+                        + qs.resid[i] as f64 * tile.h[j] as f64;
+                    assert!(
+                        (exact - approx).abs() <= bound,
+                        "d={dim} {exact} {approx} {bound}"
+                    );
                     // the panel test must say yes for a threshold at the exact score
                     let raw = &want[i * nr..(i + 1) * nr];
                     assert!(panel_may_reach(raw, &tile, 0, &qs, i, exact as f32));

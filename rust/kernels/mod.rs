@@ -15,8 +15,8 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::store::DType;
 
-pub mod peak;
 pub mod int8;
+pub mod peak;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -98,15 +98,24 @@ impl Simd {
     #[inline]
     pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
         let (mr, nr) = (self.mr(), self.nr());
-        assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        assert!(
+            a.len() >= dim * mr
+                && b.len() >= dim * nr
+                && ldo >= nr
+                && out.len() >= (mr - 1) * ldo + nr
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the lengths are checked above, and a `Simd` other than Scalar is only
             // constructed by `detect` or accepted after `supported` said the CPU has it.
-            Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
+            Simd::Avx512 => unsafe {
+                x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo)
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Simd::Avx2 => unsafe { x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
+            Simd::Avx2 => unsafe {
+                x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo)
+            },
             _ => scalar::block(a, b, dim, out, ldo),
         }
     }
@@ -122,10 +131,14 @@ impl Simd {
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
-            Simd::Avx512 => unsafe { x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
+            Simd::Avx512 => unsafe {
+                x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr())
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
-            Simd::Avx2 => unsafe { x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
+            Simd::Avx2 => unsafe {
+                x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr())
+            },
             _ => scalar::column(a, i, b, dim, out),
         }
     }
@@ -236,7 +249,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -256,7 +271,16 @@ mod tests {
                 let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
                 let a = pack_queries(&q, nq, dim, mr);
                 let mut b = Vec::new();
-                pack_rows(&xb, DType::F32, rows, dim, nr, &mut b, &mut RowScratch::default(), |_, _| {});
+                pack_rows(
+                    &xb,
+                    DType::F32,
+                    rows,
+                    dim,
+                    nr,
+                    &mut b,
+                    &mut RowScratch::default(),
+                    |_, _| {},
+                );
                 let mut out = vec![0f32; mr * nr];
                 for qb in 0..nq.div_ceil(mr) {
                     for p in 0..rows.div_ceil(nr) {
@@ -265,15 +289,30 @@ mod tests {
                             for j in 0..nr {
                                 let (qi, rj) = (qb * mr + i, p * nr + j);
                                 let want = if qi < nq && rj < rows {
-                                    (0..dim).map(|d| q[qi * dim + d] * x[rj * dim + d]).sum::<f32>()
+                                    (0..dim)
+                                        .map(|d| q[qi * dim + d] * x[rj * dim + d])
+                                        .sum::<f32>()
                                 } else {
                                     0.0
                                 };
                                 let got = out[i * nr + j];
-                                assert!((got - want).abs() <= 1e-5 * dim as f32, "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}");
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * dim as f32,
+                                    "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}"
+                                );
                                 let mut col = vec![0f32; nr];
-                                simd.column(&a[qb * dim * mr..], i, &b[p * dim * nr..], dim, &mut col);
-                                assert_eq!(col[j].to_bits(), got.to_bits(), "column differs from block");
+                                simd.column(
+                                    &a[qb * dim * mr..],
+                                    i,
+                                    &b[p * dim * nr..],
+                                    dim,
+                                    &mut col,
+                                );
+                                assert_eq!(
+                                    col[j].to_bits(),
+                                    got.to_bits(),
+                                    "column differs from block"
+                                );
                             }
                         }
                     }
@@ -284,10 +323,22 @@ mod tests {
 
     #[test]
     fn float16_rows_are_widened_exactly() {
-        let vals = [0.5f32, -1.25, 3.0, 0.0999755859375, 65504.0, -0.0];
-        let bytes: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect();
+        let vals = [0.5f32, -1.25, 3.0, 0.099_975_586, 65504.0, -0.0];
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
         let mut out = Vec::new();
-        pack_rows(&bytes, DType::F16, 2, 3, 4, &mut out, &mut RowScratch::default(), |_, _| {});
+        pack_rows(
+            &bytes,
+            DType::F16,
+            2,
+            3,
+            4,
+            &mut out,
+            &mut RowScratch::default(),
+            |_, _| {},
+        );
         // row r, dim d lands at d * nr + r
         for r in 0..2 {
             for d in 0..3 {

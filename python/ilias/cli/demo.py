@@ -37,5 +37,5 @@ def run(args) -> int:
     print(f"{'database':<10}{'rows':>12}{'image-to-image':>16}{'text-to-image':>15}")
     for c in summary["curve"]:
         print(f"{c['name']:<10}{c['rows']:>12,}{c.get('i2i', float('nan')):>16.2f}{c.get('t2i', float('nan')):>15.2f}")
-    print(f"reports: {out}/report_mini.md, {out}/report_full.md (JSON beside them), curve: {out}/curve.json")
+    print(f"report: {out}/report.html (Markdown and JSON per setting beside it)")
     return 0

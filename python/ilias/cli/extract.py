@@ -17,7 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-
 ALL_CORE = "image_queries,positives,text_queries"
 
 
@@ -64,8 +63,15 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out: give the output folder")
     from ..extract import (
-        core_sources, extract_images, extract_texts, folder_sources, list_items, piece_from_env,
-        read_id_list, select, tar_sources,
+        core_sources,
+        extract_images,
+        extract_texts,
+        folder_sources,
+        list_items,
+        piece_from_env,
+        read_id_list,
+        select,
+        tar_sources,
     )
     from ..models import build_image_encoder, build_text_encoder, get_spec
 
