@@ -49,3 +49,25 @@ def test_help_for_every_command():
     for cmd in ("import", "export", "info", "search", "evaluate", "demo"):
         proc = subprocess.run([sys.executable, "-m", "ilias", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: ilias" in proc.stdout
+
+
+def test_search_tiers_from_the_command_line(tmp_path, rng):
+    from ilias import write_store
+
+    pos = write_store(tmp_path / "pos", unit_rows(rng, 50, 8), [f"i/pos/P{i}.jpg" for i in range(50)])
+    dis = write_store(tmp_path / "dis", unit_rows(rng, 400, 8), [f"t.tar/key{i}" for i in range(400)])
+    q = write_store(tmp_path / "q", unit_rows(rng, 5, 8), [f"i/query/Q{i}.jpg" for i in range(5)])
+    (tmp_path / "keys.txt").write_text("key3\nkey17\nkey399\n")
+    base = ["search", "--queries", str(q.path), "--db", str(pos.path), str(dis.path), "-k", "20"]
+    tiers = ["--tier", f"mini={tmp_path / 'keys.txt'}", "--tier", "small=+100", "--tier", "full=all"]
+    assert main(base + tiers + ["--out", str(tmp_path / "r.npz")]) == 0
+    assert main(base + ["--mini", str(tmp_path / "keys.txt"), "--out", str(tmp_path / "mini.npz")]) == 0
+    assert main(base + ["--out", str(tmp_path / "full.npz")]) == 0
+    for tier, alone in (("mini", "mini.npz"), ("full", "full.npz")):
+        a, b = SearchResults.load(tmp_path / f"r.{tier}.npz"), SearchResults.load(tmp_path / alone)
+        np.testing.assert_array_equal(a.indices, b.indices)
+    small = SearchResults.load(tmp_path / "r.small.npz")
+    assert small.indices.max() < 150
+    mini = SearchResults.load(tmp_path / "r.mini.npz")
+    assert {i for i in mini.ids(0)} <= {f"i/pos/P{i}.jpg" for i in range(50)} | {"t.tar/key3", "t.tar/key17", "t.tar/key399"}
+    assert main(base + ["--tier", "bad", "--out", str(tmp_path / "x.npz")]) == 1

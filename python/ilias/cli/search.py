@@ -1,45 +1,94 @@
 """`ilias search --queries Q... --db DB... --out RESULTS`: exact search into a results file.
 
 The database is the ordered list of stores given to --db (positives first, then distractors).
+With --tier, one pass answers several databases, each written to its own file
+`<RESULTS stem>.<name><suffix>`:
+
+    --tier mini=image_ids/mini_ilias_yfcc100m_ids.txt   positives + the listed YFCC100M keys
+    --tier 10M=+10000000                                positives + the first 10M distractors
+    --tier full=all                                     everything
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("search", help="search query stores against database stores", description=__doc__)
+    p = sub.add_parser(
+        "search",
+        help="search query stores against database stores",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--queries", nargs="+", required=True, help="query store(s); image and text queries share one pass")
     p.add_argument("--db", nargs="+", required=True, help="database stores, in order")
     p.add_argument("--out", required=True, help="results file (.npz); .json / .pkl write the official formats")
     p.add_argument("-k", type=int, default=1000, help="neighbours per query (default 1000)")
     p.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
     p.add_argument("--mini", metavar="KEYS.txt", help="keep only positives (the first --db store) and these keys: mini-ILIAS")
+    p.add_argument("--tier", action="append", default=[], metavar="NAME=SPEC",
+                   help="a database answered in the same pass: SPEC is all, +N (positives + N rows after them) or a keys file")
+    p.add_argument("--method", choices=["exact", "float32"], default="exact",
+                   help="exact: fastest exact path (int8 first pass where the CPU has VNNI); float32: plain (same results)")
     p.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto", help="kernel path")
     p.add_argument("--format", choices=["npz", "json", "pickle"], help="output format (default: from the suffix)")
     p.set_defaults(run=run)
 
 
+def _keys(path: str) -> list[str]:
+    return [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+
+
+def parse_tier(text: str, db):
+    """NAME=SPEC (see the module docs) as a Tier over the stores `db`."""
+    from ..search import Tier, mini_ilias_keep
+
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise ValueError(f"--tier {text!r}: expected NAME=SPEC (SPEC: all, +N or a keys file)")
+    if spec == "all":
+        return Tier(name)
+    if spec.startswith("+"):
+        try:
+            extra = int(spec[1:].replace("_", "").replace(",", ""))
+        except ValueError:
+            raise ValueError(f"--tier {text!r}: +N needs a whole number of rows") from None
+        total = sum(s.count for s in db)
+        return Tier(name, min(db[0].count + extra, total))
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"--tier {text!r}: {spec}: no such keys file")
+    return Tier(name, None, mini_ilias_keep(db, _keys(spec)))
+
+
 def run(args) -> int:
-    from ..search import mini_ilias_keep, search
+    from ..search import mini_ilias_keep, search, search_tiers
     from ..store import Store
 
     queries = [Store.open(q) for q in args.queries]
     db = [Store.open(d) for d in args.db]
     out = Path(args.out)
     fmt = args.format or {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(out.suffix.lower(), "npz")
-    keep = None
-    if args.mini:
-        keys = [k.strip() for k in Path(args.mini).read_text().splitlines() if k.strip()]
-        keep = mini_ilias_keep(db, keys)
-    results = search(queries, db, k=args.k, threads=args.threads, keep=keep, simd=args.simd, progress=True)
-    if fmt == "json":
-        results.write_official_json(out)
-    elif fmt == "pickle":
-        results.write_official_pickle(out)
+    common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)
+    if args.tier:
+        if args.mini:
+            raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
+        tiers = [parse_tier(t, db) for t in args.tier]
+        found = search_tiers(queries, db, tiers, **common)
+        outputs = {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in found}
     else:
-        results.save(out)
-    nq, n = len(results), sum(p.count for p in results.database)
-    print(f"{out}: {nq:,} queries x {n:,} rows, k={args.k}, {results.info['seconds']:.1f}s")
+        keep = mini_ilias_keep(db, _keys(args.mini)) if args.mini else None
+        found = {"": search(queries, db, keep=keep, **common)}
+        outputs = {"": out}
+    for name, results in found.items():
+        path = outputs[name]
+        if fmt == "json":
+            results.write_official_json(path)
+        elif fmt == "pickle":
+            results.write_official_pickle(path)
+        else:
+            results.save(path)
+        rows = results.info.get("tier_rows", sum(p.count for p in results.database))
+        print(f"{path}: {len(results):,} queries x {rows:,} rows, k={args.k}, {results.info['seconds']:.1f}s")
     return 0
