@@ -21,6 +21,7 @@ COMMANDS = {
     "models": "models",
     "extract": "extract",
     "demo": "demo",
+    "run": "run",
 }
 
 # the errors a user can cause and fix; anything else is a bug and keeps its traceback

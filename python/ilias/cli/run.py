@@ -1,0 +1,45 @@
+"""`ilias run --model NAME --data ILIAS_DIR --out WORKDIR`: the whole benchmark for one model.
+
+Extracts what is missing (image queries, positives, text queries, distractors from --tars),
+searches image and text queries in one pass answering every database size (positives + 1M, 10M,
+mini-ILIAS, all), evaluates, and writes report.html, per-tier JSON/Markdown reports and run.json.
+Each step is resumable and skipped when its output is current: run the same command again after
+an interruption.
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="the whole benchmark for one model, resumable", description=__doc__)
+    p.add_argument("--model", required=True, help="a model of `ilias models`")
+    p.add_argument("--data", required=True, metavar="ILIAS_DIR", help="folder with ilias_core/, image_ids/, taxonomy.json")
+    p.add_argument("--out", required=True, metavar="WORKDIR", help="work folder (stores, results, reports)")
+    p.add_argument("--tars", nargs="+", help="distractor webdataset tars (or folders of them); none: positives only")
+    p.add_argument("--distractors", default="full", help="full, mini (the mini-ILIAS list) or a number (default full)")
+    p.add_argument("-k", type=int, default=1000, help="neighbours per query (default 1000)")
+    p.add_argument("--weights", help="image tower weights file (offline use)")
+    p.add_argument("--text-weights", help="text tower weights file (offline use)")
+    p.add_argument("--random-init", action="store_true", help="random weights (testing the pipeline only)")
+    p.add_argument("--device", help="torch device (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4, help="image decoding workers")
+    p.add_argument("--threads", type=int, default=0, help="search and evaluation threads (default 0: all cores)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..pipeline import RunConfig
+    from ..pipeline import run as run_pipeline
+
+    cfg = RunConfig(
+        model=args.model, data=args.data, out=args.out, tars=args.tars, distractors=args.distractors, k=args.k,
+        random_init=args.random_init, weights=args.weights, text_weights=args.text_weights, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+    )
+    record = run_pipeline(cfg)
+    print(f"{'database':<12}{'rows':>14}{'image-to-image':>16}{'text-to-image':>15}")
+    for name, r in record["results"].items():
+        print(f"{name:<12}{r['rows']:>14,}{r.get('i2i', float('nan')):>16.2f}{r.get('t2i', float('nan')):>15.2f}")
+    print(f"report: {args.out}/report.html; run record: {args.out}/run.json")
+    return 0

@@ -1,0 +1,218 @@
+"""`ilias run`: the whole benchmark for one model, each step resumable and skipped when current.
+
+Steps, in a work folder:
+1. features: `stores/{image_queries,positives,text_queries}` from `ilias_core/`, and
+   `stores/distractors` from the webdataset tars (all of them, the mini-ILIAS subset, or the first N);
+   a store counts as done when its manifest says the extraction completed (a killed extraction
+   resumes at shard granularity);
+2. search: image and text queries in one pass over positives + distractors, answering every
+   database size at once (tiers: positives + the first N, mini-ILIAS when its list is at hand, all):
+   `results.<tier>.npz`, skipped when present and made from the current stores and k;
+3. evaluation and reports: `report.<tier>.json|md`, and `report.html` with the mAP-versus-
+   distractors curve (cheap: always redone);
+4. `run.json`: the configuration, library versions, hardware and the time of each step.
+
+Every output is written atomically, so a run interrupted at any point and started again ends with
+the same files as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .store import Store
+
+MINI_LIST = "image_ids/mini_ilias_yfcc100m_ids.txt"
+
+
+@dataclass
+class RunConfig:
+    model: str
+    data: str  # the ILIAS folder: ilias_core/, image_ids/, taxonomy.json
+    out: str
+    tars: list[str] | None = None  # distractor tars (none: positives only)
+    distractors: str = "full"  # full | mini | a number of distractors
+    k: int = 1000
+    random_init: bool = False
+    weights: str | None = None
+    text_weights: str | None = None
+    device: str | None = None
+    batch_size: int = 32
+    workers: int = 4
+    threads: int = 0
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return bool(Store.open(path).manifest.provenance.get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("ilias-core", "numpy", "torch", "timm", "open_clip_torch", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware() -> dict:
+    from . import simd_paths
+
+    hw = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "simd": simd_paths()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return hw
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def run(cfg: RunConfig, spec=None, say=print) -> dict:
+    """Runs (or finishes) the benchmark described by `cfg`; `spec` overrides the registry entry
+    of `cfg.model` (a ModelSpec, e.g. a small model for tests). Returns the run record."""
+    from .evaluate import evaluate, load_ground_truth
+    from .report import build_report, write_html, write_json, write_markdown
+    from .search import Tier, mini_ilias_keep, search_tiers
+
+    data, out = Path(cfg.data), Path(cfg.out)
+    core = data / "ilias_core"
+    if not core.is_dir():
+        raise FileNotFoundError(f"--data {data}: no ilias_core/ folder")
+    if cfg.distractors not in ("full", "mini") and not str(cfg.distractors).isdigit():
+        raise ValueError(f"--distractors: full, mini or a number, got {cfg.distractors!r}")
+    mini_list = data / MINI_LIST
+    if cfg.distractors == "mini" and cfg.tars and not mini_list.exists():
+        raise FileNotFoundError(f"--distractors mini: {mini_list} is missing")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"config": asdict(cfg), "versions": _versions(), "hardware": _hardware(), "steps": {}}
+
+    def step(name, fn):
+        t0 = time.monotonic()
+        result = fn()
+        record["steps"][name] = {"seconds": round(time.monotonic() - t0, 3), "done": result}
+        _write_json(out / "run.json", record)
+        return result
+
+    stores = out / "stores"
+    step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say))
+    gt = load_ground_truth(data)
+    queries = [Store.open(stores / k) for k in ("image_queries", "text_queries") if (stores / k).exists()]
+    db = [Store.open(stores / "positives")] + ([Store.open(stores / "distractors")] if (stores / "distractors").exists() else [])
+    n_pos, total = db[0].count, sum(s.count for s in db)
+
+    tiers = [Tier(f"+{n:,}", n_pos + n) for n in (10**6, 10**7) if n_pos + n < total]
+    if cfg.distractors == "full" and len(db) > 1 and mini_list.exists():
+        tiers.append(Tier("mini", None, mini_ilias_keep(db, mini_list.read_text().split())))
+    tiers.append(Tier("all"))
+
+    def search_step():
+        paths = {t.name: out / f"results.{t.name}.npz" for t in tiers}
+        current = [p for p in paths.values() if _current(p, db, cfg.k)]
+        if len(current) == len(paths):
+            return "current"
+        found = search_tiers(queries, db, tiers, cfg.k, threads=cfg.threads, progress=True)
+        for name, res in found.items():
+            res.save(paths[name])
+        return f"{len(queries)} query stores x {total:,} rows, {len(tiers)} tier(s)"
+
+    step("search", search_step)
+
+    def report_step():
+        from .search import SearchResults
+
+        curve, reports = [], {}
+        for t in tiers:
+            res = SearchResults.load(out / f"results.{t.name}.npz")
+            ev = evaluate(res, gt, cfg.k, threads=cfg.threads)
+            rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
+            write_json(rep, out / f"report.{t.name}.json")
+            write_markdown(rep, out / f"report.{t.name}.md")
+            rows = res.info.get("tier_rows", total)
+            curve.append({"name": t.name, "rows": rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
+            reports[t.name] = rep
+        curve.sort(key=lambda c: c["rows"])
+        write_html(reports["all"], out / "report.html", tiers=curve if len(curve) > 1 else None)
+        return {c["name"]: {k: c[k] for k in ("rows", "i2i", "t2i") if k in c} for c in curve}
+
+    record["results"] = step("evaluate", report_step)
+    _write_json(out / "run.json", record)
+    return record
+
+
+def _current(path: Path, db: list[Store], k: int) -> bool:
+    """Whether a results file exists and was made from exactly these stores with this k."""
+    from .search import SearchResults
+
+    if not path.exists():
+        return False
+    try:
+        res = SearchResults.load(path)
+    except (OSError, ValueError):
+        return False
+    return res.k == k and [p.fingerprint for p in res.database] == [s.fingerprint for s in db]
+
+
+def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, say) -> dict:
+    from .extract import core_sources, extract_images, extract_texts, list_items, read_id_list, select, tar_sources
+    from .models import build_image_encoder, build_text_encoder, get_spec
+
+    spec = spec or get_spec(cfg.model)
+
+    def build(factory, weights):
+        if cfg.random_init:
+            import torch
+
+            torch.manual_seed(0)  # the same random weights in every run, so that resumed runs agree
+        return factory(spec, pretrained=not cfg.random_init, weights=weights)
+
+    jobs = [("image_queries", False), ("positives", False)] + ([("text_queries", True)] if spec.text else [])
+    done = {}
+    encoder = text_encoder = None
+    common = dict(device=cfg.device, progress=True)
+    for kind, is_text in jobs:
+        if _complete(stores / kind):
+            done[kind] = "current"
+            continue
+        items = list_items(core_sources(core, kind), exif=True, text=is_text)
+        if is_text:
+            text_encoder = text_encoder or build(build_text_encoder, cfg.text_weights)
+            extract_texts(items, text_encoder, stores / kind, **common)
+        else:
+            encoder = encoder or build(build_image_encoder, cfg.weights)
+            extract_images(items, encoder, stores / kind, batch_size=cfg.batch_size, workers=cfg.workers, **common)
+        done[kind] = len(items)
+    if cfg.tars:
+        if _complete(stores / "distractors"):
+            done["distractors"] = "current"
+        else:
+            items = list_items(tar_sources(cfg.tars))
+            if cfg.distractors == "mini":
+                items = select(items, read_id_list(mini_list))
+            elif cfg.distractors != "full":
+                items = items.take(range(min(int(cfg.distractors), len(items))))
+            encoder = encoder or build(build_image_encoder, cfg.weights)
+            extract_images(items, encoder, stores / "distractors", batch_size=cfg.batch_size, workers=cfg.workers, **common)
+            done["distractors"] = len(items)
+    else:
+        say("no --tars given: the database is the positives alone")
+    return done
