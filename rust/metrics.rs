@@ -115,7 +115,9 @@ fn one_query(
     k: usize,
     scratch: &mut Vec<(f64, bool)>,
 ) -> std::result::Result<(f64, f64), String> {
-    scratch.clear();
+    // one pass checks the labels and scores, counts the positives and sees whether the listed
+    // items already come in rank order (the normal case: no copy, no sort)
+    let (mut in_list, mut sorted, mut prev) = (0u64, true, f64::INFINITY);
     for (&s, &l) in scores.iter().zip(labels) {
         match l {
             SKIP => continue,
@@ -129,39 +131,108 @@ fn one_query(
         if !s.is_finite() {
             return Err(format!("score {s} is not finite"));
         }
-        scratch.push((s, l == POSITIVE));
+        in_list += (l == POSITIVE) as u64;
+        sorted &= s <= prev;
+        prev = s;
     }
-    let in_list = scratch.iter().filter(|x| x.1).count() as u64;
     if in_list > n_pos {
         return Err(format!(
             "{in_list} positives in the list but only {n_pos} exist (duplicate ids?)"
         ));
     }
-    // results normally arrive in rank order already; sort (stably) only when they do not
-    if scratch.windows(2).any(|p| p[0].0 < p[1].0) {
-        // partial_cmp (not total_cmp) so that -0.0 and 0.0 stay one tie, as in numpy and sklearn;
-        // the scores were checked finite above
-        scratch.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite scores"));
+    let listed = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, &l)| l != SKIP)
+        .map(|(&s, &l)| (s, l == POSITIVE));
+    if sorted {
+        return Ok(ranked_ap(listed, n_pos, k));
     }
-    let top = &scratch[..scratch.len().min(k)];
-    let mut sum = 0.0;
-    let mut tp = 0u64;
-    let mut new_in_run = 0u64;
-    for (i, &(s, pos)) in top.iter().enumerate() {
+    scratch.clear();
+    scratch.extend(listed);
+    // partial_cmp (not total_cmp) so that -0.0 and 0.0 stay one tie, as in numpy and sklearn;
+    // the scores were checked finite above; sort_by is stable
+    scratch.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite scores"));
+    Ok(ranked_ap(scratch.iter().copied(), n_pos, k))
+}
+
+/// AP@k and oracle of (score, is positive) items in rank order: every positive in a run of equal
+/// scores gets the precision at the end of the run (sklearn's thresholds).
+fn ranked_ap(items: impl Iterator<Item = (f64, bool)>, n_pos: u64, k: usize) -> (f64, f64) {
+    let mut items = items.take(k).peekable();
+    let (mut sum, mut tp, mut new_in_run, mut seen) = (0.0, 0u64, 0u64, 0usize);
+    while let Some((s, pos)) = items.next() {
+        seen += 1;
         tp += pos as u64;
         new_in_run += pos as u64;
-        let run_ends = top.get(i + 1).is_none_or(|next| next.0 != s);
-        if run_ends {
-            sum += new_in_run as f64 * tp as f64 / (i + 1) as f64;
+        if items.peek().is_none_or(|next| next.0 != s) {
+            sum += new_in_run as f64 * tp as f64 / seen as f64;
             new_in_run = 0;
         }
     }
     if tp == 0 {
-        return Ok((0.0, 0.0));
+        return (0.0, 0.0);
     }
     let ap = sum / (k as u64).min(n_pos) as f64;
-    let oracle = tp as f64 / top.len() as f64 * k as f64 / n_pos as f64;
-    Ok((ap, oracle))
+    let oracle = tp as f64 / seen as f64 * k as f64 / n_pos as f64;
+    (ap, oracle)
+}
+
+/// Positive ids -> their index, for labelling returned lists by id.
+pub struct PositiveIndex {
+    map: std::collections::HashMap<String, i32, std::hash::BuildHasherDefault<FxHasher>>,
+}
+
+/// A fast non-cryptographic hasher (the multiply-rotate scheme of rustc's FxHash): the keys are
+/// ids from our own files, and hashing millions of them is most of the cost of labelling results.
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// What `PositiveIndex::code` returns for an id that is not a positive.
+pub const NOT_POSITIVE: i32 = -1;
+
+impl PositiveIndex {
+    pub fn new(positives: Vec<String>) -> PositiveIndex {
+        let map = positives
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (p, i as i32))
+            .collect();
+        PositiveIndex { map }
+    }
+
+    /// The index of `id` among the positives, or [`NOT_POSITIVE`].
+    #[inline]
+    pub fn code(&self, id: &str) -> i32 {
+        self.map.get(id).copied().unwrap_or(NOT_POSITIVE)
+    }
+
+    /// Whether `id` has the form of an ILIAS positive (`<instance>/pos/...`) without being one
+    /// of these: results of another dataset or version.
+    #[inline]
+    pub fn foreign(&self, id: &str, code: i32) -> bool {
+        code == NOT_POSITIVE && id.contains("/pos/")
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +250,15 @@ mod tests {
         };
         let (ap, oracle) = average_precision(lists, k, 1).unwrap();
         (ap[0], oracle[0])
+    }
+
+    #[test]
+    fn positive_index() {
+        let ix = PositiveIndex::new(vec!["a/pos/P0.jpg".into(), "b/pos/P1.jpg".into()]);
+        assert_eq!(ix.code("b/pos/P1.jpg"), 1);
+        assert_eq!(ix.code("t.tar/key"), NOT_POSITIVE);
+        assert!(ix.foreign("c/pos/P9.jpg", ix.code("c/pos/P9.jpg")));
+        assert!(!ix.foreign("t.tar/key", NOT_POSITIVE));
     }
 
     #[test]

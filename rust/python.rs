@@ -226,6 +226,44 @@ fn simd_paths() -> Vec<&'static str> {
 
 // ---- evaluation (metrics.rs)
 
+/// The index among `positives` of each id of `ids` (str or UTF-8 bytes, any iterable), or -1.
+/// Returns `(codes int32, foreign count, first foreign id)`: a foreign id has the form of an
+/// ILIAS positive (`<instance>/pos/...`) without being one of `positives`.
+#[pyfunction]
+fn positive_codes<'py>(
+    py: Python<'py>,
+    ids: &Bound<'py, PyAny>,
+    positives: Vec<String>,
+) -> PyResult<(Bound<'py, numpy::PyArray1<i32>>, usize, Option<String>)> {
+    let index = crate::metrics::PositiveIndex::new(positives);
+    let mut codes = Vec::with_capacity(ids.len().unwrap_or(0));
+    let (mut foreign, mut first) = (0usize, None);
+    for item in ids.try_iter()? {
+        let item = item?;
+        let text: std::borrow::Cow<str> = if let Ok(s) = item.downcast::<pyo3::types::PyString>() {
+            s.to_cow()?
+        } else if let Ok(b) = item.downcast::<pyo3::types::PyBytes>() {
+            std::borrow::Cow::Owned(
+                std::str::from_utf8(b.as_bytes())
+                    .map_err(|_| PyValueError::new_err("ids: a bytes id is not UTF-8"))?
+                    .to_owned(),
+            )
+        } else {
+            return Err(PyValueError::new_err(format!(
+                "ids: expected str or bytes ids, got {}",
+                item.get_type().name()?
+            )));
+        };
+        let code = index.code(&text);
+        if index.foreign(&text, code) {
+            foreign += 1;
+            first.get_or_insert_with(|| text.to_string());
+        }
+        codes.push(code);
+    }
+    Ok((codes.into_pyarray(py), foreign, first))
+}
+
 /// AP@k and oracle per row of `scores` float64 (n, L) with `labels` uint8 (n, L) (0 negative,
 /// 1 positive, 2 not in the list) and `n_positives` int64 (n,) = |G| per row.
 /// Returns `(ap float64 (n,), oracle float64 (n,))`, as fractions.
@@ -281,6 +319,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
+    m.add_function(wrap_pyfunction!(positive_codes, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
     Ok(())

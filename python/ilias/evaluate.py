@@ -13,7 +13,6 @@ not know) is an error; a subset of the queries is a warning that gives the count
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pickle
@@ -231,7 +230,7 @@ def _unique_keys(pairs, path) -> dict:
 
 def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> RankedLists:
     rows, ids = r.returned_rows()
-    code = _positive_codes([b.decode("utf-8") for b in ids], gt, source)
+    code = _positive_codes(ids, gt, source)
     idx = r.indices
     valid = idx >= 0
     positive = np.full(idx.shape, EMPTY, dtype=np.int32)
@@ -262,9 +261,8 @@ def _from_official_pickle(d: dict, gt: GroundTruth, source: str) -> RankedLists:
     used = np.flatnonzero(used)
     # duplicates are checked per list (same rank, same positive), not over all db_ids: hashing
     # every retrieved id once more would double the cost of the whole evaluation
-    ids = list(map(str, db_ids[used].tolist()))
     code = np.full(len(db_ids), NOT_POSITIVE, dtype=np.int32)
-    code[used] = _positive_codes(ids, gt, source)
+    code[used] = _positive_codes(db_ids[used], gt, source)
     positive = np.where(valid, code[np.maximum(ranks, 0)], EMPTY).astype(np.int32)
     _no_duplicate_items(np.where(valid, ranks, -1), qids, source)
     return RankedLists(qids, sims.astype(np.float64), positive, sims.shape[1], source)
@@ -285,16 +283,15 @@ def _from_official_json(d: dict, gt: GroundTruth, source: str) -> RankedLists:
     return RankedLists(qids, scores, positive, width, source)
 
 
-def _positive_codes(ids: list[str], gt: GroundTruth, source: str) -> np.ndarray:
-    """Index of each id among the positives, or NOT_POSITIVE. A core-style id that this ground
-    truth lacks means another ILIAS version or dataset: counting it as a negative would be wrong."""
-    index = gt.positive_index
-    code = np.fromiter(map(index.get, ids, itertools.repeat(NOT_POSITIVE)), dtype=np.int32, count=len(ids))
-    foreign = [i for i in ids if "/pos/" in i and i not in index]
+def _positive_codes(ids, gt: GroundTruth, source: str) -> np.ndarray:
+    """Index of each id (str or UTF-8 bytes) among the positives, or NOT_POSITIVE, looked up in
+    Rust. A core-style id that this ground truth lacks means another ILIAS version or dataset:
+    counting it as a negative would be wrong."""
+    code, foreign, first = _core.positive_codes(ids, list(gt.positives))
     if foreign:
         raise ValueError(
-            f"{source}: {len(foreign)} returned id(s) look like ILIAS positives but are not in the ground truth "
-            f"({gt.source}), e.g. {foreign[0]!r}: results from another dataset or version?"
+            f"{source}: {foreign} returned id(s) look like ILIAS positives but are not in the ground truth "
+            f"({gt.source}), e.g. {first!r}: results from another dataset or version?"
         )
     return code
 
