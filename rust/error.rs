@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// A file could not be opened or read.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A file was read but is not what it should be (bad header, wrong size, wrong dtype).
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },

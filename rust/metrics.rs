@@ -56,11 +56,7 @@ impl Lists<'_> {
 
 /// AP@k and oracle of each row, or the first problem found (bad label, non-finite score,
 /// more positives found than `n_positives` says exist).
-pub fn average_precision(
-    lists: Lists<'_>,
-    k: usize,
-    threads: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
+pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     lists.validate()?;
     if k == 0 {
         return Err(Error::invalid("k must be at least 1"));
@@ -122,11 +118,7 @@ fn one_query(
         match l {
             SKIP => continue,
             NEGATIVE | POSITIVE => {}
-            _ => {
-                return Err(format!(
-                    "label {l} is not 0 (negative), 1 (positive) or 2 (skip)"
-                ))
-            }
+            _ => return Err(format!("label {l} is not 0 (negative), 1 (positive) or 2 (skip)")),
         }
         if !s.is_finite() {
             return Err(format!("score {s} is not finite"));
@@ -213,11 +205,7 @@ pub const NOT_POSITIVE: i32 = -1;
 
 impl PositiveIndex {
     pub fn new(positives: Vec<String>) -> PositiveIndex {
-        let map = positives
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| (p, i as i32))
-            .collect();
+        let map = positives.into_iter().enumerate().map(|(i, p)| (p, i as i32)).collect();
         PositiveIndex { map }
     }
 

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use numpy::{
-    IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
-};
+use numpy::{IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -45,11 +42,7 @@ fn to_py(err: Error) -> PyErr {
 }
 
 /// What `exact_search` returns: scores, indices (both (tiers, nq, k)) and statistics.
-type Found<'py> = (
-    Bound<'py, PyArray3<f32>>,
-    Bound<'py, PyArray3<i64>>,
-    Bound<'py, PyDict>,
-);
+type Found<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<i64>>, Bound<'py, PyDict>);
 type Floats<'py> = Bound<'py, numpy::PyArray1<f64>>;
 
 /// Runs `work` without the GIL on a scoped thread; every 100 ms calls `progress(done)` and
@@ -67,9 +60,7 @@ fn run_watched<T: Send>(
             py.allow_threads(|| std::thread::sleep(Duration::from_millis(100)));
             if pending.is_none() {
                 let polled = py.check_signals().and_then(|_| match progress {
-                    Some(cb) => cb
-                        .call1((control.done_rows.load(Ordering::Relaxed),))
-                        .map(|_| ()),
+                    Some(cb) => cb.call1((control.done_rows.load(Ordering::Relaxed),)).map(|_| ()),
                     None => Ok(()),
                 });
                 if let Err(e) = polled {
@@ -85,9 +76,7 @@ fn run_watched<T: Send>(
     }
     match result {
         Ok(r) => r.map_err(to_py),
-        Err(_) => Err(PyValueError::new_err(
-            "internal error: the search thread panicked",
-        )),
+        Err(_) => Err(PyValueError::new_err("internal error: the search thread panicked")),
     }
 }
 
@@ -131,9 +120,9 @@ fn exact_search<'py>(
     };
     let nq = queries.shape()[0];
     let qdim = queries.shape()[1];
-    let qslice = queries.as_slice().map_err(|_| {
-        PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)")
-    })?;
+    let qslice = queries
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("queries must be C-contiguous (use np.ascontiguousarray)"))?;
     let tiers = tiers.unwrap_or_default();
     let tier_specs = tiers
         .iter()
@@ -148,9 +137,7 @@ fn exact_search<'py>(
             Ok(Tier { rows: *rows, keep })
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let db = py
-        .allow_threads(|| Database::open(&shards, None))
-        .map_err(to_py)?;
+    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
     if qdim != db.dim {
         return Err(PyValueError::new_err(format!(
             "queries have dimension {qdim} but the database has dimension {}",
@@ -192,12 +179,7 @@ fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, u
 /// Measures this machine's float32 FMA peak (GFLOP/s) on `threads` threads for a given path.
 #[pyfunction]
 #[pyo3(signature = (simd=None, threads=0, millis=300))]
-fn fp32_peak_gflops(
-    py: Python<'_>,
-    simd: Option<&str>,
-    threads: usize,
-    millis: u64,
-) -> PyResult<f64> {
+fn fp32_peak_gflops(py: Python<'_>, simd: Option<&str>, threads: usize, millis: u64) -> PyResult<f64> {
     let simd = match simd {
         None | Some("auto") => Simd::detect(),
         Some(n) => Simd::parse(n)
@@ -277,11 +259,8 @@ fn average_precision<'py>(
     k: usize,
     threads: usize,
 ) -> PyResult<(Floats<'py>, Floats<'py>)> {
-    let contiguous = |name: &str| {
-        PyValueError::new_err(format!(
-            "{name} must be C-contiguous (use np.ascontiguousarray)"
-        ))
-    };
+    let contiguous =
+        |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
     if scores.shape() != labels.shape() || scores.shape()[0] != n_positives.len() {
         return Err(PyValueError::new_err(format!(
             "shapes disagree: scores {:?}, labels {:?}, n_positives ({},)",
@@ -294,10 +273,7 @@ fn average_precision<'py>(
         .as_slice()
         .map_err(|_| contiguous("n_positives"))?
         .iter()
-        .map(|&n| {
-            u64::try_from(n)
-                .map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative")))
-        })
+        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
         .collect::<PyResult<_>>()?;
     let lists = crate::metrics::Lists {
         scores: scores.as_slice().map_err(|_| contiguous("scores"))?,

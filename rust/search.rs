@@ -103,9 +103,7 @@ impl Stats {
 
 pub fn resolve_threads(threads: usize) -> usize {
     if threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     } else {
         threads
     }
@@ -168,13 +166,7 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
 }
 
 /// Searches `nq` float32 queries (row-major, `nq x db.dim`) against the whole database.
-pub fn search(
-    db: &Database,
-    queries: &[f32],
-    nq: usize,
-    opts: &SearchOptions,
-    control: &Control,
-) -> Result<Neighbors> {
+pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, control: &Control) -> Result<Neighbors> {
     validate(db, queries, nq, opts)?;
     let simd = opts.simd.unwrap_or_else(Simd::detect);
     let dim = db.dim;
@@ -224,9 +216,8 @@ pub fn search(
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::invalid("internal error: a search thread panicked"))
-                })
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a search thread panicked")))
             })
             .collect()
     });
@@ -327,34 +318,17 @@ fn worker(
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
             let bytes = shard.row_bytes(t0, t1);
-            let use_int8 = plan.int8.is_some()
-                && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
+            let use_int8 = plan.int8.is_some() && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
             tiles_done += 1;
             let before = stats;
             if use_int8 {
                 codes.reset(rows, dim, nr);
-                pack_rows(
-                    bytes,
-                    shard.dtype,
-                    rows,
-                    dim,
-                    nr,
-                    &mut tile,
-                    &mut scratch,
-                    |r, row| codes.set_row(r, row, nr, &mut code_scratch),
-                );
-            } else {
-                pack_rows(
-                    bytes,
-                    shard.dtype,
-                    rows,
-                    dim,
-                    nr,
-                    &mut tile,
-                    &mut scratch,
-                    |_, _| {},
-                );
             }
+            pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| {
+                if use_int8 {
+                    codes.set_row(r, row, nr, &mut code_scratch)
+                }
+            });
             let panels = rows.div_ceil(nr);
             for qb in 0..qblocks {
                 let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
@@ -377,14 +351,7 @@ fn worker(
                             for (i, q_tops) in block_tops.chunks(nt).enumerate() {
                                 let row = &raw[i * nr..(i + 1) * nr];
                                 let thr = threshold(q_tops, tiers, first);
-                                needs[i] = int8::panel_may_reach(
-                                    row,
-                                    &codes,
-                                    p * nr,
-                                    qs,
-                                    qb * mr + i,
-                                    thr,
-                                );
+                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, thr);
                                 count += needs[i] as usize;
                             }
                             stats.int8_pairs += live as u64;
@@ -393,11 +360,7 @@ fn worker(
                             let valid = (rows - p * nr).min(nr);
                             if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
-                                for (i, q_tops) in block_tops
-                                    .chunks_mut(nt)
-                                    .enumerate()
-                                    .filter(|(i, _)| needs[*i])
-                                {
+                                for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
                                     offer(q_tops, tiers, &exact[i * nr..i * nr + valid], first);
                                 }
                             } else {
@@ -414,12 +377,7 @@ fn worker(
                             for (j, &(i, p)) in group.iter().enumerate() {
                                 let valid = (rows - p * nr).min(nr);
                                 let scores = &job_scores[j * nr..j * nr + valid];
-                                offer(
-                                    &mut block_tops[i * nt..(i + 1) * nt],
-                                    tiers,
-                                    scores,
-                                    base + t0 + p * nr,
-                                );
+                                offer(&mut block_tops[i * nt..(i + 1) * nt], tiers, scores, base + t0 + p * nr);
                             }
                         }
                     }
@@ -442,15 +400,12 @@ fn worker(
             }
             let tried = stats.int8_pairs - before.int8_pairs;
             if tried > 0 {
-                rescored_share =
-                    (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
+                rescored_share = (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
             }
             t0 = t1;
         }
         shard.release(lo, hi);
-        control
-            .done_rows
-            .fetch_add((hi - lo) as u64, Ordering::Relaxed);
+        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
     }
     Ok((tops, stats))
 }

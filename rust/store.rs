@@ -70,8 +70,7 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> 
         .checked_add(len)
         .filter(|&e| e <= bytes.len())
         .ok_or_else(|| "truncated .npy header".to_string())?;
-    let text =
-        std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text".to_string())?;
+    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text".to_string())?;
     let descr = dict_value(text, "descr")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_string();
     let fortran_order = match dict_value(text, "fortran_order")?.as_str() {
@@ -88,10 +87,7 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<NpyHeader, String> 
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| format!("bad shape {shape_text:?}"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text:?}")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(NpyHeader {
         descr,
@@ -155,10 +151,7 @@ impl Shard {
             }
         };
         if header.fortran_order {
-            return Err(Error::format(
-                path,
-                "array is in Fortran order (expected C order)",
-            ));
+            return Err(Error::format(path, "array is in Fortran order (expected C order)"));
         }
         let (rows, dim) = match header.shape[..] {
             [r, d] => (r, d),
@@ -235,9 +228,7 @@ impl Shard {
         let lo = (self.offset + start * row) / page * page;
         let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
         if hi > lo {
-            let _ = self
-                .map
-                .advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
         }
     }
 }
@@ -278,10 +269,7 @@ impl Database {
     }
 
     pub fn open(paths: &[PathBuf], dim: Option<usize>) -> Result<Database> {
-        let shards = paths
-            .iter()
-            .map(|p| Shard::open(p, dim))
-            .collect::<Result<Vec<_>>>()?;
+        let shards = paths.iter().map(|p| Shard::open(p, dim)).collect::<Result<Vec<_>>>()?;
         Database::new(shards)
     }
 }
@@ -292,8 +280,7 @@ mod tests {
     use std::io::Write;
 
     fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut dict =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + dict.len() + 1) % 64 != 0 {
             dict.push(' ');
         }
@@ -340,11 +327,7 @@ mod tests {
         let e = Shard::open(&short, None).err().unwrap().to_string();
         assert!(e.contains("short.npy") && e.contains("truncated"), "{e}");
         let f8 = write(&d, "f8.npy", &npy_bytes("<f8", "(2, 3)", &[0u8; 48]));
-        assert!(Shard::open(&f8, None)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("'<f2'"));
+        assert!(Shard::open(&f8, None).err().unwrap().to_string().contains("'<f2'"));
         assert!(Shard::open(&good, Some(4))
             .err()
             .unwrap()

@@ -15,9 +15,7 @@ pub type Hit = (f32, u64);
 /// Rank order: `Less` means `a` ranks before `b`.
 #[inline]
 pub fn rank_order(a: &Hit, b: &Hit) -> Ordering {
-    b.0.partial_cmp(&a.0)
-        .unwrap_or(Ordering::Equal)
-        .then(b.1.cmp(&a.1))
+    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(b.1.cmp(&a.1))
 }
 
 pub struct TopK {

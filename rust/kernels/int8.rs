@@ -37,10 +37,7 @@ impl Int8Kernel {
     /// The fastest int8 kernel matching the float32 path `simd`, if any beats float32 alone.
     pub fn detect(simd: Simd) -> Option<Int8Kernel> {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx512
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx512f")
-        {
+        if simd == Simd::Avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512f") {
             return Some(Int8Kernel::Vnni512);
         }
         let _ = simd;
@@ -59,12 +56,7 @@ impl Int8Kernel {
     #[inline]
     pub fn block(self, simd: Simd, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
         let (mr, nr) = (simd.mr(), simd.nr());
-        assert!(
-            a.len() >= d4 * mr * 4
-                && b.len() >= d4 * nr * 4
-                && ldo >= nr
-                && out.len() >= (mr - 1) * ldo + nr
-        );
+        assert!(a.len() >= d4 * mr * 4 && b.len() >= d4 * nr * 4 && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => {
@@ -78,8 +70,7 @@ impl Int8Kernel {
                     for j in 0..nr {
                         let mut acc = 0i32;
                         for t in 0..d4 {
-                            let (qa, xb) =
-                                (&a[(t * mr + i) * 4..][..4], &b[(t * nr + j) * 4..][..4]);
+                            let (qa, xb) = (&a[(t * mr + i) * 4..][..4], &b[(t * nr + j) * 4..][..4]);
                             for l in 0..4 {
                                 acc += qa[l] as i32 * xb[l] as i32;
                             }
@@ -186,13 +177,9 @@ impl Tile {
         let dim = row.len();
         let steps = d4(dim);
         let (p, lane) = (r / nr, r % nr);
-        let maxabs = row.iter().fold(0f32, |m, v| {
-            if v.abs() > m || v.is_nan() {
-                v.abs()
-            } else {
-                m
-            }
-        });
+        let maxabs = row
+            .iter()
+            .fold(0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
         if !maxabs.is_finite() {
             // NaN or Inf: no bound holds, so the row is always rescored exactly
             self.scale[r] = 0.0;
@@ -252,14 +239,7 @@ fn round_up(v: f64) -> f32 {
 /// Whether any row of a panel may reach `threshold` for query `qi`: `raw` holds the panel's
 /// unsigned-by-signed products for this query, the other slices its rows' terms.
 #[inline]
-pub fn panel_may_reach(
-    raw: &[i32],
-    tile: &Tile,
-    first: usize,
-    queries: &Queries,
-    qi: usize,
-    threshold: f32,
-) -> bool {
+pub fn panel_may_reach(raw: &[i32], tile: &Tile, first: usize, queries: &Queries, qi: usize, threshold: f32) -> bool {
     let (t, nq, nf) = (queries.scale[qi], queries.norm[qi], queries.resid[qi]);
     let n = raw.len();
     let (scale, offset, e, h) = (
@@ -315,9 +295,7 @@ mod tests {
     fn kernels_agree_and_the_bound_holds() {
         let mut seed = 3u64;
         let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         let simd = Simd::detect();
@@ -341,18 +319,10 @@ mod tests {
             }
             for i in 0..mr {
                 for j in 0..nr {
-                    let exact: f64 = (0..dim)
-                        .map(|d| q[i * dim + d] as f64 * x[j * dim + d] as f64)
-                        .sum();
-                    let approx = (want[i * nr + j] - tile.offset[j]) as f64
-                        * qs.scale[i] as f64
-                        * tile.scale[j] as f64;
-                    let bound = qs.norm[i] as f64 * tile.e[j] as f64
-                        + qs.resid[i] as f64 * tile.h[j] as f64;
-                    assert!(
-                        (exact - approx).abs() <= bound,
-                        "d={dim} {exact} {approx} {bound}"
-                    );
+                    let exact: f64 = (0..dim).map(|d| q[i * dim + d] as f64 * x[j * dim + d] as f64).sum();
+                    let approx = (want[i * nr + j] - tile.offset[j]) as f64 * qs.scale[i] as f64 * tile.scale[j] as f64;
+                    let bound = qs.norm[i] as f64 * tile.e[j] as f64 + qs.resid[i] as f64 * tile.h[j] as f64;
+                    assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
                     // the panel test must say yes for a threshold at the exact score
                     let raw = &want[i * nr..(i + 1) * nr];
                     assert!(panel_may_reach(raw, &tile, 0, &qs, i, exact as f32));

@@ -98,24 +98,15 @@ impl Simd {
     #[inline]
     pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
         let (mr, nr) = (self.mr(), self.nr());
-        assert!(
-            a.len() >= dim * mr
-                && b.len() >= dim * nr
-                && ldo >= nr
-                && out.len() >= (mr - 1) * ldo + nr
-        );
+        assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the lengths are checked above, and a `Simd` other than Scalar is only
             // constructed by `detect` or accepted after `supported` said the CPU has it.
-            Simd::Avx512 => unsafe {
-                x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo)
-            },
+            Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Simd::Avx2 => unsafe {
-                x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo)
-            },
+            Simd::Avx2 => unsafe { x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
             _ => scalar::block(a, b, dim, out, ldo),
         }
     }
@@ -131,14 +122,10 @@ impl Simd {
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
-            Simd::Avx512 => unsafe {
-                x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr())
-            },
+            Simd::Avx512 => unsafe { x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
-            Simd::Avx2 => unsafe {
-                x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr())
-            },
+            Simd::Avx2 => unsafe { x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
             _ => scalar::column(a, i, b, dim, out),
         }
     }
@@ -249,9 +236,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -289,9 +274,7 @@ mod tests {
                             for j in 0..nr {
                                 let (qi, rj) = (qb * mr + i, p * nr + j);
                                 let want = if qi < nq && rj < rows {
-                                    (0..dim)
-                                        .map(|d| q[qi * dim + d] * x[rj * dim + d])
-                                        .sum::<f32>()
+                                    (0..dim).map(|d| q[qi * dim + d] * x[rj * dim + d]).sum::<f32>()
                                 } else {
                                     0.0
                                 };
@@ -301,18 +284,8 @@ mod tests {
                                     "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}"
                                 );
                                 let mut col = vec![0f32; nr];
-                                simd.column(
-                                    &a[qb * dim * mr..],
-                                    i,
-                                    &b[p * dim * nr..],
-                                    dim,
-                                    &mut col,
-                                );
-                                assert_eq!(
-                                    col[j].to_bits(),
-                                    got.to_bits(),
-                                    "column differs from block"
-                                );
+                                simd.column(&a[qb * dim * mr..], i, &b[p * dim * nr..], dim, &mut col);
+                                assert_eq!(col[j].to_bits(), got.to_bits(), "column differs from block");
                             }
                         }
                     }

@@ -104,8 +104,7 @@ pub unsafe fn columns4_avx512(a: [*const f32; 4], b: [*const f32; 4], dim: usize
             // SAFETY: d < dim, within the caller's lengths.
             let av = _mm512_set1_ps(*a[j].add(d * AVX512_MR));
             acc[j][0] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR)), acc[j][0]);
-            acc[j][1] =
-                _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR + 16)), acc[j][1]);
+            acc[j][1] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR + 16)), acc[j][1]);
         }
     }
     for (j, c) in acc.iter().enumerate() {
