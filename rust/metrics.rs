@@ -64,10 +64,7 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
     let rows = lists.rows();
     let mut ap = vec![0.0; rows];
     let mut oracle = vec![0.0; rows];
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        t => t,
-    };
+    let threads = crate::search::resolve_threads(threads);
     let block = rows.div_ceil(threads.max(1)).max(1);
     let w = lists.width;
     std::thread::scope(|scope| {
@@ -97,7 +94,10 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
         // report the error of the lowest row, whatever thread finished first
         workers
             .into_iter()
-            .map(|w| w.join().expect("metrics worker panicked"))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
+            })
             .collect::<Result<Vec<()>>>()
     })?;
     Ok((ap, oracle))

@@ -207,29 +207,30 @@ impl Shard {
     /// this process's resident set (they stay in the page cache). This keeps the memory of a
     /// search bounded whatever the size of the database.
     pub fn release(&self, start: usize, end: usize) {
-        let row = self.dim * self.dtype.size();
-        let page = 4096;
-        let lo = (self.offset + start * row) / page * page;
-        let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
-        if hi > lo {
+        if let Some((lo, len)) = self.pages(start, end) {
             // SAFETY: the mapping is a read-only shared file mapping: dropping its pages only
             // means that a later access reads them again from the file; no data is lost.
             let _ = unsafe {
                 self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, len)
             };
         }
     }
 
     /// Hints the kernel to read rows `start..end` ahead.
     pub fn prefetch(&self, start: usize, end: usize) {
-        let row = self.dim * self.dtype.size();
-        let page = 4096;
-        let lo = (self.offset + start * row) / page * page;
-        let hi = ((self.offset + end * row).div_ceil(page) * page).min(self.map.len());
-        if hi > lo {
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, lo, hi - lo);
+        if let Some((lo, len)) = self.pages(start, end) {
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, lo, len);
         }
+    }
+
+    /// The whole pages (offset, length) of the mapping that hold rows `start..end`.
+    fn pages(&self, start: usize, end: usize) -> Option<(usize, usize)> {
+        const PAGE: usize = 4096;
+        let row = self.dim * self.dtype.size();
+        let lo = (self.offset + start * row) / PAGE * PAGE;
+        let hi = ((self.offset + end * row).div_ceil(PAGE) * PAGE).min(self.map.len());
+        (hi > lo).then_some((lo, hi - lo))
     }
 }
 

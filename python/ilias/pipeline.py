@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ._io import atomic_write
 from .store import Store
 
 MINI_LIST = "image_ids/mini_ilias_yfcc100m_ids.txt"
@@ -82,9 +83,7 @@ def _hardware() -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def run(cfg: RunConfig, spec=None, say=print) -> dict:

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
+from ._io import atomic_path, atomic_write
 from .progress import Progress
 from .store import Store
 
@@ -219,8 +220,7 @@ class SearchResults:
             "info": self.info,
         }
         qids = [q.encode("utf-8") for q in self.query_ids]
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        try:
+        with atomic_path(path) as tmp:
             np.savez(
                 tmp,
                 scores=self.scores,
@@ -230,9 +230,6 @@ class SearchResults:
                 row_ids=ids,
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -273,7 +270,7 @@ class SearchResults:
 
     def write_official_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        _atomic_text(path, json.dumps(self.to_official_dict()))
+        atomic_write(path, json.dumps(self.to_official_dict()))
         return path
 
     def to_official_pickle(self) -> dict:
@@ -285,23 +282,9 @@ class SearchResults:
 
     def write_official_pickle(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                pickle.dump(self.to_official_pickle(), f, protocol=4)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            pickle.dump(self.to_official_pickle(), f, protocol=4)
         return path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def mini_ilias_keep(database, keys, always: Sequence[int] = (0,)) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _core
 from ._core import StoreFormatError
+from ._io import atomic_path, atomic_write, fsync_dir
 
 FORMAT = "ilias-store"
 VERSION = 1
@@ -44,36 +45,6 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     if pad < 0:
         raise ValueError(f"shape {shape} does not fit a {_HEADER_BYTES}-byte .npy header")
     return b"\x93NUMPY\x01\x00" + (_HEADER_BYTES - 10).to_bytes(2, "little") + text + b" " * pad + b"\n"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def encode_ids(ids: Iterable, what: str = "ids") -> list[bytes]:
@@ -354,7 +325,7 @@ class StoreWriter:
         return self.manifest.count
 
     def _write_manifest(self) -> None:
-        _atomic_write(self.path / "manifest.json", self.manifest.to_json().encode())
+        atomic_write(self.path / "manifest.json", self.manifest.to_json())
 
     def _tmp_path(self) -> Path:
         return self.path / "shards" / f".{len(self.manifest.shards):05d}.npy.tmp"
@@ -413,9 +384,10 @@ class StoreWriter:
         f.close()
         self._file = None
         width = max(len(i) for i in self._ids)
-        _save_npy_atomic(shards / f"{name}.ids.npy", np.array(self._ids, dtype=f"S{width}"))
+        with atomic_path(shards / f"{name}.ids.npy") as tmp:
+            np.save(tmp, np.array(self._ids, dtype=f"S{width}"), allow_pickle=False)
         os.replace(self._tmp_path(), shards / f"{name}.npy")
-        _fsync_dir(shards)
+        fsync_dir(shards)
         self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest()))
         self._write_manifest()
         self._rows = 0
@@ -553,23 +525,18 @@ def export_hdf5(store: Store, dest: str | os.PathLike, chunk_rows: int = 65536, 
     """Writes a store as one official feature file (float16 `features`, ASCII `index`)."""
     h5py = _h5py()
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
     if progress:
         progress.total = store.count
-    try:
-        with h5py.File(tmp, "w") as h:
-            feats = h.create_dataset("features", (store.count, store.dim), dtype="float16")
-            index = h.create_dataset("index", (store.count,), dtype=h5py.string_dtype("ascii"))
-            lo = 0
-            for v, ids in store.iter_chunks(chunk_rows):
-                feats[lo : lo + len(v)] = np.asarray(v, dtype=np.float16)
-                index[lo : lo + len(v)] = [encode_official_id(i.decode("utf-8")) for i in ids]
-                lo += len(v)
-                if progress:
-                    progress.update(len(v))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dest) as tmp, h5py.File(tmp, "w") as h:
+        feats = h.create_dataset("features", (store.count, store.dim), dtype="float16")
+        index = h.create_dataset("index", (store.count,), dtype=h5py.string_dtype("ascii"))
+        lo = 0
+        for v, ids in store.iter_chunks(chunk_rows):
+            feats[lo : lo + len(v)] = np.asarray(v, dtype=np.float16)
+            index[lo : lo + len(v)] = [encode_official_id(i.decode("utf-8")) for i in ids]
+            lo += len(v)
+            if progress:
+                progress.update(len(v))
     return dest
 
 

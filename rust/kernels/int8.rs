@@ -60,9 +60,11 @@ impl Int8Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => {
-                assert!(mr == 8 && nr == 32);
-                // SAFETY: lengths checked above; Vnni512 is only chosen by `detect`, which checked
-                // the CPU features, and only with the AVX-512 path's 8 x 32 blocks.
+                assert!(
+                    mr == 8 && nr == 32 && Int8Kernel::detect(simd) == Some(self),
+                    "VNNI needs AVX-512 VNNI"
+                );
+                // SAFETY: lengths, block sizes and CPU features checked just above.
                 unsafe { vnni::block(a.as_ptr(), b.as_ptr(), d4, out.as_mut_ptr(), ldo) }
             }
             _ => {

@@ -99,10 +99,15 @@ impl Simd {
     pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
         let (mr, nr) = (self.mr(), self.nr());
         assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        assert!(
+            self.supported(),
+            "the {} path needs CPU features this machine lacks",
+            self.name()
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the lengths are checked above, and a `Simd` other than Scalar is only
-            // constructed by `detect` or accepted after `supported` said the CPU has it.
+            // SAFETY: the lengths and the CPU features are checked above (feature detection is
+            // cached by std: one atomic load).
             Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -119,6 +124,11 @@ impl Simd {
     pub fn column(self, a: &[f32], i: usize, b: &[f32], dim: usize, out: &mut [f32]) {
         let (mr, nr) = (self.mr(), self.nr());
         assert!(i < mr && a.len() >= dim * mr && b.len() >= dim * nr && out.len() >= nr);
+        assert!(
+            self.supported(),
+            "the {} path needs CPU features this machine lacks",
+            self.name()
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
@@ -139,13 +149,13 @@ impl Simd {
         let mut rest = jobs;
         let mut o = 0;
         #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512 {
+        if self == Simd::Avx512 && self.supported() {
             while rest.len() >= 4 {
                 let (four, tail) = rest.split_at(4);
                 assert!(four.iter().all(|(i, b)| *i < mr && b.len() >= dim * nr));
                 let ai = [four[0].0, four[1].0, four[2].0, four[3].0].map(|i| a[i..].as_ptr());
                 let bs = [four[0].1, four[1].1, four[2].1, four[3].1].map(|b| b.as_ptr());
-                // SAFETY: job indices and panel lengths checked above; the path was validated.
+                // SAFETY: job indices and panel lengths checked above, CPU features just before.
                 unsafe { x86::columns4_avx512(ai, bs, dim, out[o..o + 4 * nr].as_mut_ptr()) };
                 rest = tail;
                 o += 4 * nr;

@@ -6,6 +6,11 @@ use super::Simd;
 
 /// Float32 multiply-add peak in GFLOP/s over `threads` threads (each running ~`millis`).
 pub fn fp32_peak_gflops(simd: Simd, threads: usize, millis: u64) -> f64 {
+    assert!(
+        simd.supported(),
+        "the {} path needs CPU features this machine lacks",
+        simd.name()
+    );
     on_threads(threads, move || spin(simd, millis))
 }
 
@@ -45,7 +50,7 @@ fn spin(simd: Simd, millis: u64) -> f64 {
         const ITERS: usize = 1 << 16;
         let (f, v) = match simd {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called with a path the CPU supports (checked by the caller).
+            // SAFETY: `fp32_peak_gflops` checked that the CPU supports the path.
             Simd::Avx512 => unsafe { x86_peak::avx512(ITERS) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write
 from ..models.factory import torch
 from ..progress import Progress
-from ..store import DEFAULT_SHARD_ROWS, Manifest, Store, StoreWriter, _atomic_write
+from ..store import DEFAULT_SHARD_ROWS, Manifest, Store, StoreWriter
 from .datasets import Items
 from .transforms import make_transform
 
@@ -191,7 +192,7 @@ def _write(items, out, dim, dtype, shard_rows, prov, window, results, progress, 
         bar.set(len(items) - start)
         writer.manifest.provenance["complete"] = True
     # the writer saves the manifest only when it completes a shard: save the final provenance too
-    _atomic_write(out / "manifest.json", writer.manifest.to_json().encode())
+    atomic_write(out / "manifest.json", writer.manifest.to_json())
     return Store.open(out)
 
 

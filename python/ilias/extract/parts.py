@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..store import Manifest, ShardInfo, Store, _atomic_write
+from .._io import atomic_write
+from ..store import Manifest, ShardInfo, Store
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
@@ -116,7 +117,7 @@ def merge_parts(out: str | os.PathLike) -> Store:
     provenance = {k: v for k, v in first.provenance.items() if k not in ("piece", "skipped")}
     provenance.update(skipped=skipped, merged_from=len(parts))
     merged = Manifest(first.dim, first.dtype, shards, first.normalized, provenance)
-    _atomic_write(out / "manifest.json", merged.to_json().encode())  # from here on `out` is the store
+    atomic_write(out / "manifest.json", merged.to_json())  # from here on `out` is the store
     for part in parts:
         shutil.rmtree(part.path)
     return Store.open(out)

@@ -18,6 +18,7 @@ import os
 from html import escape
 from pathlib import Path
 
+from .._io import atomic_write
 from .published import SETTINGS, published
 
 TASK_COLOURS = {"i2i": "#2b6cb0", "t2i": "#dd6b20"}
@@ -57,14 +58,7 @@ def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dic
 def write_html(report: dict, path: str | os.PathLike, tiers: list[dict] | None = None,
                qualitative: list[dict] | None = None) -> Path:
     """Written whole or not at all: a browser (or a rerun) never sees half a report."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(to_html(report, tiers, qualitative), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, to_html(report, tiers, qualitative))
 
 
 _CSS = """

@@ -9,8 +9,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .._io import atomic_write
 from ..evaluate import TASKS, Evaluation
-from ..search import _atomic_text
 from .published import SETTINGS, infer_setting, place
 
 REPORT_FORMAT, REPORT_VERSION = "ilias-evaluation", 1
@@ -94,10 +94,10 @@ def to_markdown(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
-    _atomic_text(Path(path), json.dumps(report, indent=1))
+    atomic_write(path, json.dumps(report, indent=1))
     return Path(path)
 
 
 def write_markdown(report: dict, path: str | os.PathLike) -> Path:
-    _atomic_text(Path(path), to_markdown(report))
+    atomic_write(path, to_markdown(report))
     return Path(path)
