@@ -71,3 +71,19 @@ def test_search_tiers_from_the_command_line(tmp_path, rng):
     mini = SearchResults.load(tmp_path / "r.mini.npz")
     assert {i for i in mini.ids(0)} <= {f"i/pos/P{i}.jpg" for i in range(50)} | {"t.tar/key3", "t.tar/key17", "t.tar/key399"}
     assert main(base + ["--tier", "bad", "--out", str(tmp_path / "x.npz")]) == 1
+
+
+def test_search_takes_a_store_written_in_parts(tmp_path, rng):
+    from ilias import write_store
+
+    x = unit_rows(rng, 90, 8)
+    for k, (lo, hi) in enumerate([(0, 40), (40, 90)]):
+        write_store(tmp_path / "db" / f"part-{k:05d}-of-00002", x[lo:hi], [str(i) for i in range(lo, hi)],
+                    provenance={"complete": True})
+    write_store(tmp_path / "q", x[[5, 60]], ["a", "b"])
+    argv = ["search", "--queries", str(tmp_path / "q"), "--db", str(tmp_path / "db"), "-k", "3"]
+    assert main(argv + ["--out", str(tmp_path / "r.npz")]) == 0
+    res = SearchResults.load(tmp_path / "r.npz")
+    assert res.ids(0)[0] == "5" and res.ids(1)[0] == "60"
+    (tmp_path / "db" / "part-00001-of-00002" / "manifest.json").unlink()
+    assert main(argv + ["--out", str(tmp_path / "r2.npz")]) == 1  # a missing piece is an error

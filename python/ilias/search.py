@@ -20,16 +20,17 @@ import numpy as np
 from . import _core
 from ._io import atomic_path, atomic_write
 from .progress import Progress
-from .store import Store
+from .store import Store, open_stores
 
 RESULTS_FORMAT = "ilias-results"
 RESULTS_VERSION = 1
 
 
 def _as_stores(database) -> list[Store]:
+    """Stores, paths of stores or of stores written in parts, in order, as one list of stores."""
     if isinstance(database, (Store, str, os.PathLike)):
         database = [database]
-    stores = [d if isinstance(d, Store) else Store.open(d) for d in database]
+    stores = [s for d in database for s in ([d] if isinstance(d, Store) else open_stores(d))]
     if not stores:
         raise ValueError("database: no stores given")
     dims = {s.dim for s in stores}
@@ -42,7 +43,7 @@ def _as_queries(queries, query_ids) -> tuple[np.ndarray, list[str]]:
     if isinstance(queries, (Store, str, os.PathLike)):
         queries = [queries]
     if isinstance(queries, (list, tuple)) and queries and isinstance(queries[0], (Store, str, os.PathLike)):
-        stores = [q if isinstance(q, Store) else Store.open(q) for q in queries]
+        stores = _as_stores(queries)
         mats = [s.read_all().astype(np.float32) for s in stores]
         if len({m.shape[1] for m in mats}) != 1:
             raise ValueError("queries: query stores have different dimensions")

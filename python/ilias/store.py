@@ -429,6 +429,39 @@ def write_store(path, vectors: np.ndarray, ids: Sequence, **kwargs) -> Store:
     return Store.open(path)
 
 
+# ---- stores written in pieces
+
+# `ilias extract --shard-id k --num-shards n` writes piece k of a store to `<out>/part-<k>-of-<n>`
+PART_NAME = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+
+
+def part_dirs(out: Path) -> list[Path]:
+    """The finished pieces under `out`, in order; an error names what is missing or unfinished."""
+    parts = sorted(p for p in out.iterdir() if p.is_dir() and PART_NAME.match(p.name)) if out.is_dir() else []
+    if not parts:
+        raise FileNotFoundError(f"{out}: neither a store nor a folder of part-XXXXX-of-XXXXX stores")
+    counts = {int(PART_NAME.match(p.name).group(2)) for p in parts}
+    if len(counts) != 1:
+        raise ValueError(f"{out}: parts of different splits ({sorted(counts)} pieces) are mixed here")
+    n = counts.pop()
+    have = {int(PART_NAME.match(p.name).group(1)) for p in parts}
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        raise ValueError(f"{out}: {len(missing)} of {n} parts are missing (first: part {missing[0]})")
+    for p in parts:
+        if not Manifest.read(p).provenance.get("complete"):
+            raise ValueError(f"{p}: this part is not finished yet (run its piece again to complete it)")
+    return parts
+
+
+def open_stores(path: str | os.PathLike) -> list[Store]:
+    """A store, or the ordered pieces of one written in parts, as a list of stores (one database)."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or not path.is_dir():
+        return [Store.open(path)]
+    return [Store.open(p) for p in part_dirs(path)]
+
+
 # ---- the official HDF5 feature files
 
 _ESCAPE = re.compile(r"#U([0-9a-fA-F]{4})")

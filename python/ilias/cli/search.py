@@ -64,10 +64,10 @@ def parse_tier(text: str, db):
 
 def run(args) -> int:
     from ..search import mini_ilias_keep, search, search_tiers
-    from ..store import Store
+    from ..store import open_stores
 
-    queries = [Store.open(q) for q in args.queries]
-    db = [Store.open(d) for d in args.db]
+    queries = [s for q in args.queries for s in open_stores(q)]
+    db = [s for d in args.db for s in open_stores(d)]
     out = Path(args.out)
     fmt = args.format or {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(out.suffix.lower(), "npz")
     common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)

@@ -7,6 +7,7 @@ preprocessing, and a resumable, splittable loop that writes stores.
 >>> extract_images(items, build_image_encoder("dinov2_vitb14"), "feats/dinov2_vitb14/positives")
 """
 
+from ..store import open_stores as open_parts
 from .datasets import (
     Items,
     Source,
@@ -19,7 +20,7 @@ from .datasets import (
     webdataset_key,
 )
 from .loop import default_device, extract_images, extract_texts
-from .parts import Piece, merge_parts, open_parts, piece_from_env
+from .parts import Piece, merge_parts, piece_from_env
 from .transforms import ResizeLarge, make_transform, pad_amounts, padded_size, resize_large_size
 
 __all__ = [

@@ -5,7 +5,7 @@ that a piece reads only its own tars. Piece `k` of `n` writes a complete store o
 `<out>/part-<k>-of-<n>` (five digits each, k from 0), with its own shards, resume point and skipped
 list. Read in the order of k, the parts hold exactly the rows of a single run, in its order:
 
-- `open_parts(out)` gives them as an ordered list of stores, which `ilias.search` takes as one
+- `ilias.store.open_parts(out)` gives them as an ordered list of stores, which `ilias.search` takes as one
   database as it is (no copy);
 - `merge_parts(out)` turns them into one ordinary store at `<out>` by hard-linking their shards
   (no data copied; copies only where links are unsupported), then removes the parts.
@@ -19,16 +19,13 @@ CUDA_VISIBLE_DEVICES=i and --shard-id (node * gpus + i) --num-shards (nodes * gp
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from .._io import atomic_write
-from ..store import Manifest, ShardInfo, Store
-
-_PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+from ..store import Manifest, ShardInfo, Store, part_dirs
 
 
 @dataclass(frozen=True)
@@ -69,39 +66,12 @@ def piece_from_env(shard_id: int | None = None, num_shards: int | None = None, e
     return Piece()
 
 
-def _part_dirs(out: Path) -> list[Path]:
-    parts = sorted(p for p in out.iterdir() if p.is_dir() and _PART.match(p.name)) if out.is_dir() else []
-    if not parts:
-        raise FileNotFoundError(f"{out}: neither a store nor a folder of part-XXXXX-of-XXXXX stores")
-    counts = {int(_PART.match(p.name).group(2)) for p in parts}
-    if len(counts) != 1:
-        raise ValueError(f"{out}: parts of different splits ({sorted(counts)} pieces) are mixed here")
-    n = counts.pop()
-    have = {int(_PART.match(p.name).group(1)) for p in parts}
-    missing = sorted(set(range(n)) - have)
-    if missing:
-        raise ValueError(f"{out}: {len(missing)} of {n} parts are missing (first: part {missing[0]})")
-    for p in parts:
-        man = Manifest.read(p)
-        if not man.provenance.get("complete"):
-            raise ValueError(f"{p}: this part is not finished yet (run its piece again to complete it)")
-    return parts
-
-
-def open_parts(out: str | os.PathLike) -> list[Store]:
-    """The stores of an extraction in order: `[out]` itself, or its finished parts."""
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        return [Store.open(out)]
-    return [Store.open(p) for p in _part_dirs(out)]
-
-
 def merge_parts(out: str | os.PathLike) -> Store:
     """Joins the finished parts under `out` into one store at `out` (shards linked, parts removed)."""
     out = Path(out)
     if (out / "manifest.json").exists():
         return Store.open(out)
-    parts = [Store.open(p) for p in _part_dirs(out)]
+    parts = [Store.open(p) for p in part_dirs(out)]
     first = parts[0].manifest
     if any(p.dim != first.dim or p.manifest.dtype != first.dtype for p in parts):
         raise ValueError(f"{out}: the parts have different dims or dtypes")
