@@ -74,6 +74,12 @@ def test_interrupted_run_finishes_like_an_uninterrupted_one(ilias_dir, tmp_path,
     assert [a.ids(i) for i in range(len(a))] == [b.ids(i) for i in range(len(b))]
 
 
+def test_distractors_of_another_selection_are_not_reused(ilias_dir, tmp_path):
+    _run(ilias_dir, tmp_path / "w", distractors="4")
+    with pytest.raises(ValueError, match="selected otherwise"):
+        _run(ilias_dir, tmp_path / "w")
+
+
 def test_bad_arguments(ilias_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no ilias_core"):
         pipeline.run(RunConfig(model="x", data=str(tmp_path), out=str(tmp_path / "w")), spec=TINY_VIT)

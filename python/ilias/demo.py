@@ -129,7 +129,7 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, s
     """Builds (once) and runs the demo: one search pass answering several database sizes
     (tiers: positives plus growing prefixes of the distractors, the mini subset, everything),
     evaluation of each, reports for mini and full, and the mAP-versus-distractors curve."""
-    from .evaluate import evaluate, load_ground_truth
+    from .evaluate import evaluate, load_ground_truth, read_id_list
     from .progress import Progress
     from .report import build_report, write_html, write_json, write_markdown
     from .search import Tier, mini_ilias_keep, search_tiers
@@ -142,10 +142,10 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, s
     queries = [Store.open(stores / "image_queries"), Store.open(stores / "text_queries")]
     db = [Store.open(stores / "positives"), Store.open(stores / "distractors")]
     gt = load_ground_truth(root)
-    keys = (root / "image_ids" / "mini_ilias_yfcc100m_ids.txt").read_text().split()
+    keys = read_id_list(root / "image_ids" / "mini_ilias_yfcc100m_ids.txt")
     n_pos = db[0].count
-    tiers = [Tier(f"+{n:,}", n_pos + n) for n in (1_000, 10_000, 100_000) if n < config.distractors]
-    tiers += [Tier("mini", None, mini_ilias_keep(db, keys)), Tier("full")]
+    tiers = [Tier(f"+{n:,}", n_pos + n, setting="") for n in (1_000, 10_000, 100_000) if n < config.distractors]
+    tiers += [Tier("mini", None, mini_ilias_keep(db, keys), setting="mini"), Tier("full")]
     n_queries = sum(q.count for q in queries)
     say(f"searching {n_queries:,} queries against {len(tiers)} database sizes in one pass over {n_pos + config.distractors:,} vectors")
     found = search_tiers(queries, db, tiers, k=1000, threads=threads, progress=True)

@@ -13,6 +13,7 @@ not know) is an error; a subset of the queries is a warning that gives the count
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
@@ -125,6 +126,17 @@ def load_ground_truth(root: str | os.PathLike) -> GroundTruth:
     )
 
 
+def read_id_list(path: str | Path) -> list[str]:
+    """Ids from a text file (optionally .gz): the first comma-separated column of each line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such id list")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        ids = [line.split(",", 1)[0].strip() for line in f]
+    return [i for i in ids if i]
+
+
 def _lines(path: Path) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (needed next to positive_ids.txt)")
@@ -190,6 +202,7 @@ class RankedLists:
     k: int  # the k the results were made with
     source: str
     database_rows: int | None = None  # database size, when the source records it
+    setting: str | None = None  # the published setting the results answer (mini, full), "" for none
 
 
 def read_results(results, gt: GroundTruth) -> RankedLists:
@@ -242,7 +255,9 @@ def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> Rank
         positive,
         r.k,
         source,
-        sum(p.count for p in r.database) or None,
+        # a tier of a one-pass search answers a part of the database: its own size counts
+        r.info.get("tier_rows") or sum(p.count for p in r.database) or None,
+        r.info.get("setting"),
     )
 
 
@@ -339,6 +354,7 @@ class Evaluation:
     results_k: int
     database_rows: int | None
     warnings: list[str] = field(default_factory=list)
+    setting: str | None = None
 
 
 def evaluate(
@@ -405,7 +421,7 @@ def evaluate(
             report = {key: float(np.mean(g_ap[rows][has[rows]])) for key, g_ap, has in per_group if has[rows].any()}
             setattr(res, name, report)
         tasks[task] = res
-    return Evaluation(k, tasks, lists.source, gt.source, lists.k, lists.database_rows, notes)
+    return Evaluation(k, tasks, lists.source, gt.source, lists.k, lists.database_rows, notes, lists.setting)
 
 
 def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> None:

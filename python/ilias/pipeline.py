@@ -89,7 +89,7 @@ def _write_json(path: Path, data) -> None:
 def run(cfg: RunConfig, spec=None, say=print) -> dict:
     """Runs (or finishes) the benchmark described by `cfg`; `spec` overrides the registry entry
     of `cfg.model` (a ModelSpec, e.g. a small model for tests). Returns the run record."""
-    from .evaluate import evaluate, load_ground_truth
+    from .evaluate import evaluate, load_ground_truth, read_id_list
     from .report import build_report, write_html, write_json, write_markdown
     from .search import Tier, mini_ilias_keep, search_tiers
 
@@ -119,10 +119,10 @@ def run(cfg: RunConfig, spec=None, say=print) -> dict:
     db = [Store.open(stores / "positives")] + ([Store.open(stores / "distractors")] if (stores / "distractors").exists() else [])
     n_pos, total = db[0].count, sum(s.count for s in db)
 
-    tiers = [Tier(f"+{n:,}", n_pos + n) for n in (10**6, 10**7) if n_pos + n < total]
+    tiers = [Tier(name, n_pos + n, setting="") for name, n in (("+1M", 10**6), ("+10M", 10**7)) if n_pos + n < total]
     if cfg.distractors == "full" and len(db) > 1 and mini_list.exists():
-        tiers.append(Tier("mini", None, mini_ilias_keep(db, mini_list.read_text().split())))
-    tiers.append(Tier("all"))
+        tiers.append(Tier("mini", None, mini_ilias_keep(db, read_id_list(mini_list)), setting="mini"))
+    tiers.append(Tier("all", setting="mini" if cfg.distractors == "mini" else None))
 
     def search_step():
         paths = {t.name: out / f"results.{t.name}.npz" for t in tiers}
@@ -201,16 +201,28 @@ def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, sa
             extract_images(items, encoder, stores / kind, batch_size=cfg.batch_size, workers=cfg.workers, **common)
         done[kind] = len(items)
     if cfg.tars:
-        if _complete(stores / "distractors"):
+        sources = tar_sources(cfg.tars)
+        # which distractors: a store made from another selection must not pass for this one
+        selection = {"distractors": str(cfg.distractors), "tars": [Path(s.path).name for s in sources]}
+        dest = stores / "distractors"
+        if (dest / "manifest.json").exists():
+            made = Store.open(dest).manifest.provenance.get("selection")
+            if made != selection:
+                raise ValueError(
+                    f"{dest} holds distractors selected otherwise ({made}); "
+                    f"use another --out, or remove that store to extract {selection['distractors']}"
+                )
+        if _complete(dest):
             done["distractors"] = "current"
         else:
-            items = list_items(tar_sources(cfg.tars))
+            items = list_items(sources)
             if cfg.distractors == "mini":
                 items = select(items, read_id_list(mini_list))
             elif cfg.distractors != "full":
                 items = items.take(range(min(int(cfg.distractors), len(items))))
             encoder = encoder or build(build_image_encoder, cfg.weights)
-            extract_images(items, encoder, stores / "distractors", batch_size=cfg.batch_size, workers=cfg.workers, **common)
+            extract_images(items, encoder, dest, batch_size=cfg.batch_size, workers=cfg.workers,
+                           provenance={"selection": selection}, **common)
             done["distractors"] = len(items)
     else:
         say("no --tars given: the database is the positives alone")

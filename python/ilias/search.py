@@ -67,11 +67,14 @@ def _as_queries(queries, query_ids) -> tuple[np.ndarray, list[str]]:
 @dataclass(frozen=True)
 class Tier:
     """A database answered by a search: the first `rows` global rows (all when None), of which
-    those with `keep` True (all when None). Several tiers share one pass over the database."""
+    those with `keep` True (all when None). Several tiers share one pass over the database.
+    `setting`: the published setting it answers ("mini", "full"), "" for none, None to infer it
+    from its size."""
 
     name: str
     rows: int | None = None
     keep: np.ndarray | None = None
+    setting: str | None = None
 
 
 def search(
@@ -150,7 +153,8 @@ def search_tiers(
             k=k,
             database=parts,
             stores=stores,
-            info={"seconds": seconds, "threads": threads, "method": method, "tier": t.name, "tier_rows": held, **stats},
+            info={"seconds": seconds, "threads": threads, "method": method, "tier": t.name, "tier_rows": held,
+                  **({"setting": t.setting} if t.setting is not None else {}), **stats},
         )
     return out
 

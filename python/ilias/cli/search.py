@@ -37,12 +37,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _keys(path: str) -> list[str]:
-    return [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
-
-
 def parse_tier(text: str, db):
     """NAME=SPEC (see the module docs) as a Tier over the stores `db`."""
+    from ..evaluate import read_id_list
     from ..search import Tier, mini_ilias_keep
 
     name, sep, spec = text.partition("=")
@@ -56,14 +53,14 @@ def parse_tier(text: str, db):
         except ValueError:
             raise ValueError(f"--tier {text!r}: +N needs a whole number of rows") from None
         total = sum(s.count for s in db)
-        return Tier(name, min(db[0].count + extra, total))
+        return Tier(name, min(db[0].count + extra, total), setting="")
     if not Path(spec).exists():
         raise FileNotFoundError(f"--tier {text!r}: {spec}: no such keys file")
-    return Tier(name, None, mini_ilias_keep(db, _keys(spec)))
+    return Tier(name, None, mini_ilias_keep(db, read_id_list(spec)), setting="mini")
 
 
 def run(args) -> int:
-    from ..search import mini_ilias_keep, search, search_tiers
+    from ..search import Tier, search_tiers
     from ..store import open_stores
 
     queries = [s for q in args.queries for s in open_stores(q)]
@@ -78,8 +75,8 @@ def run(args) -> int:
         found = search_tiers(queries, db, tiers, **common)
         outputs = {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in found}
     else:
-        keep = mini_ilias_keep(db, _keys(args.mini)) if args.mini else None
-        found = {"": search(queries, db, keep=keep, **common)}
+        tier = parse_tier(f"mini={args.mini}", db) if args.mini else Tier("all")
+        found = {"": search_tiers(queries, db, [tier], **common)[tier.name]}
         outputs = {"": out}
     for name, results in found.items():
         path = outputs[name]

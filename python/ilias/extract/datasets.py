@@ -18,7 +18,6 @@ not); everything is converted to RGB. A file that does not decode is reported, n
 
 from __future__ import annotations
 
-import gzip
 import io
 import tarfile
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ..evaluate import read_id_list  # noqa: F401  (re-exported: id lists select items)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CORE_KINDS = ("image_queries", "positives", "text_queries")
@@ -180,17 +181,6 @@ def list_items(sources: Sequence[Source], exif: bool = False, text: bool = False
         except tarfile.ReadError as e:
             raise ValueError(f"{s.path}: not a readable tar file ({e})") from None
     return Items(ids, paths, np.array(offsets, np.int64), np.array(sizes, np.int64), exif, text)
-
-
-def read_id_list(path: str | Path) -> list[str]:
-    """Ids from a text file (optionally .gz): the first comma-separated column of each line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such id list")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        ids = [line.split(",", 1)[0].strip() for line in f]
-    return [i for i in ids if i]
 
 
 def select(items: Items, wanted: Sequence[str]) -> Items:

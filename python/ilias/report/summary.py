@@ -22,14 +22,15 @@ def build_report(ev: Evaluation, setting: str | None = None, config: dict | None
     from .. import __version__
 
     notes = list(ev.warnings)
-    inferred = infer_setting(ev.database_rows)
+    # results that know their setting (a mini-ILIAS tier; "" for a tier that is neither) say so
+    inferred = ev.setting if ev.setting is not None else infer_setting(ev.database_rows)
     if setting is not None and setting not in SETTINGS:
         raise ValueError(f"setting: {setting!r} is not one of {', '.join(SETTINGS)}")
     if setting and inferred and setting != inferred:
         msg = f"setting {setting!r} given, but the database has {ev.database_rows:,} rows, which looks like {inferred!r}"
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
-    setting = setting or inferred
+    setting = setting or inferred or None
     tasks = {}
     for name, t in ev.tasks.items():
         placement = place(t.map, name, setting) if setting else None
