@@ -7,6 +7,12 @@ preprocessing, and a resumable, splittable loop that writes stores.
 >>> extract_images(items, build_image_encoder("dinov2_vitb14"), "feats/dinov2_vitb14/positives")
 """
 
+try:  # a core install lacks these: say which extra brings them
+    import PIL  # noqa: F401
+    import torch  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"feature extraction needs the models extra ({e.name} is missing): pip install 'ilias-core[models]'") from None
+
 from ..store import open_stores as open_parts
 from .datasets import (
     Items,
