@@ -44,10 +44,7 @@ def _as_queries(queries, query_ids) -> tuple[np.ndarray, list[str]]:
         queries = [queries]
     if isinstance(queries, (list, tuple)) and queries and isinstance(queries[0], (Store, str, os.PathLike)):
         stores = _as_stores(queries)
-        mats = [s.read_all().astype(np.float32) for s in stores]
-        if len({m.shape[1] for m in mats}) != 1:
-            raise ValueError("queries: query stores have different dimensions")
-        q = np.concatenate(mats)
+        q = np.concatenate([s.read_all().astype(np.float32) for s in stores])
         ids = [i for s in stores for i in s.all_ids()]
         if query_ids is not None:
             raise ValueError("query_ids: not needed when the queries come from stores (their ids are used)")
