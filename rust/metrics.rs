@@ -78,14 +78,10 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
                     for (i, (ap, oracle)) in ap.iter_mut().zip(oracle.iter_mut()).enumerate() {
                         let r = b * block + i;
                         let row = r * w..(r + 1) * w;
-                        (*ap, *oracle) = one_query(
-                            &lists.scores[row.clone()],
-                            &lists.labels[row],
-                            lists.n_positives[r],
-                            k,
-                            &mut scratch,
-                        )
-                        .map_err(|m| Error::invalid(format!("row {r}: {m}")))?;
+                        let labels = &lists.labels[row.clone()];
+                        (*ap, *oracle) =
+                            one_query(&lists.scores[row], |j| labels[j], lists.n_positives[r], k, &mut scratch)
+                                .map_err(|m| Error::invalid(format!("row {r}: {m}")))?;
                     }
                     Ok(())
                 })
@@ -103,18 +99,98 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
     Ok((ap, oracle))
 }
 
+/// The scale and clutter reports: AP@k of every row once per group of positives, in one pass.
+///
+/// For group `g`, the query's positives outside the group leave the list (before the top-k cut)
+/// and `n_positives[g * rows + r]` is |G| within the group. `positive[i]` is the index of item
+/// `i`'s positive (or negative), `member[g * n_pos_total + p]` whether positive `p` is in `g`.
+/// Returns AP per group and row (`ap[g * rows + r]`; 0 where the group has no positive).
+pub fn grouped_average_precision(
+    lists: Lists<'_>,
+    positive: &[i32],
+    member: &[bool],
+    groups: usize,
+    k: usize,
+    threads: usize,
+) -> Result<Vec<f64>> {
+    let rows = lists.rows() / groups.max(1);
+    let (w, n_total) = (lists.width, member.len() / groups.max(1));
+    if groups == 0 || lists.n_positives.len() != groups * rows || lists.scores.len() != rows * w {
+        return Err(Error::invalid(
+            "grouped lists: n_positives must hold groups x rows values",
+        ));
+    }
+    if lists.labels.len() != rows * w || positive.len() != rows * w || member.len() != groups * n_total {
+        return Err(Error::invalid(
+            "grouped lists: labels, positive and member disagree in shape",
+        ));
+    }
+    if positive.iter().any(|&p| p >= n_total as i32) {
+        return Err(Error::invalid("grouped lists: a positive index is out of range"));
+    }
+    let threads = crate::search::resolve_threads(threads);
+    let block = rows.div_ceil(threads.max(1)).max(1);
+    let mut out = vec![0.0; groups * rows];
+    // rows are split between threads; each thread writes its rows of every group at the end
+    let parts: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..rows.div_ceil(block))
+            .map(|b| {
+                scope.spawn(move || {
+                    let (lo, hi) = (b * block, ((b + 1) * block).min(rows));
+                    let mut scratch = Vec::with_capacity(w);
+                    let mut part = vec![0.0; groups * (hi - lo)];
+                    for r in lo..hi {
+                        let (labels, pos) = (&lists.labels[r * w..(r + 1) * w], &positive[r * w..(r + 1) * w]);
+                        for g in 0..groups {
+                            let n_pos = lists.n_positives[g * rows + r];
+                            if n_pos == 0 {
+                                continue;
+                            }
+                            let inside = &member[g * n_total..(g + 1) * n_total];
+                            let label = |j: usize| match labels[j] {
+                                POSITIVE if !inside[pos[j] as usize] => SKIP,
+                                l => l,
+                            };
+                            let (ap, _) = one_query(&lists.scores[r * w..(r + 1) * w], label, n_pos, k, &mut scratch)
+                                .map_err(|m| Error::invalid(format!("row {r}, group {g}: {m}")))?;
+                            part[g * (hi - lo) + r - lo] = ap;
+                        }
+                    }
+                    Ok(part)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
+            })
+            .collect()
+    });
+    for (b, part) in parts.into_iter().enumerate() {
+        let part = part?;
+        let (lo, n) = (b * block, part.len() / groups);
+        for g in 0..groups {
+            out[g * rows + lo..g * rows + lo + n].copy_from_slice(&part[g * n..(g + 1) * n]);
+        }
+    }
+    Ok(out)
+}
+
 /// AP@k and oracle of one list. `scratch` is reused between calls to avoid an allocation per row.
 fn one_query(
     scores: &[f64],
-    labels: &[u8],
+    label: impl Fn(usize) -> u8,
     n_pos: u64,
     k: usize,
     scratch: &mut Vec<(f64, bool)>,
 ) -> std::result::Result<(f64, f64), String> {
+    let labels = (0..scores.len()).map(&label);
     // one pass checks the labels and scores, counts the positives and sees whether the listed
     // items already come in rank order (the normal case: no copy, no sort)
     let (mut in_list, mut sorted, mut prev) = (0u64, true, f64::INFINITY);
-    for (&s, &l) in scores.iter().zip(labels) {
+    for (&s, l) in scores.iter().zip(labels.clone()) {
         match l {
             SKIP => continue,
             NEGATIVE | POSITIVE => {}
@@ -135,8 +211,8 @@ fn one_query(
     let listed = scores
         .iter()
         .zip(labels)
-        .filter(|(_, &l)| l != SKIP)
-        .map(|(&s, &l)| (s, l == POSITIVE));
+        .filter(|&(_, l)| l != SKIP)
+        .map(|(&s, l)| (s, l == POSITIVE));
     if sorted {
         return Ok(ranked_ap(listed, n_pos, k));
     }
@@ -238,6 +314,41 @@ mod tests {
         };
         let (ap, oracle) = average_precision(lists, k, 1).unwrap();
         (ap[0], oracle[0])
+    }
+
+    #[test]
+    fn grouped_equals_relabelled_lists() {
+        // 2 rows x 5 items; positives 0..3; groups: {0, 1} and {2}
+        let scores = [0.9, 0.8, 0.8, 0.5, 0.1, 0.7, 0.6, 0.6, 0.3, 0.2];
+        let labels = [1, 0, 1, 1, 2, 0, 1, 1, 0, 0];
+        let positive = [0, -1, 1, 2, -1, -1, 2, 0, -1, -1];
+        let member = [true, true, false, false, false, false, true, false];
+        let n_pos = [2, 1, 1, 1]; // group 0: rows 0, 1; group 1: rows 0, 1
+        let lists = Lists {
+            scores: &scores,
+            labels: &labels,
+            n_positives: &n_pos,
+            width: 5,
+        };
+        let got = grouped_average_precision(lists, &positive, &member, 2, 4, 1).unwrap();
+        for (g, r) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let row: Vec<u8> = (0..5)
+                .map(|j| {
+                    let (l, p) = (labels[r * 5 + j], positive[r * 5 + j]);
+                    if l == POSITIVE && !member[g * 4 + p as usize] {
+                        SKIP
+                    } else {
+                        l
+                    }
+                })
+                .collect();
+            let (want, _) = run(&scores[r * 5..r * 5 + 5], &row, n_pos[g * 2 + r], 4);
+            assert!(
+                (got[g * 2 + r] - want).abs() < 1e-12,
+                "group {g} row {r}: {} vs {want}",
+                got[g * 2 + r]
+            );
+        }
     }
 
     #[test]

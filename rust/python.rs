@@ -208,6 +208,54 @@ fn simd_paths() -> Vec<&'static str> {
 
 // ---- evaluation (metrics.rs)
 
+/// AP@k per group of positives (the scale and clutter reports) in one pass: `positive` int32
+/// (n, L) is each item's positive index (or -1), `member` bool (G, P) the groups, `n_positives`
+/// int64 (G, n) |G| per group and row. Returns ap float64 (G, n), as fractions.
+#[pyfunction]
+#[pyo3(signature = (scores, labels, positive, member, n_positives, k, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn grouped_average_precision<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f64>,
+    labels: PyReadonlyArray2<'py, u8>,
+    positive: PyReadonlyArray2<'py, i32>,
+    member: PyReadonlyArray2<'py, bool>,
+    n_positives: PyReadonlyArray2<'py, i64>,
+    k: usize,
+    threads: usize,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let contiguous =
+        |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
+    let (groups, rows) = (n_positives.shape()[0], n_positives.shape()[1]);
+    if scores.shape() != labels.shape()
+        || scores.shape() != positive.shape()
+        || scores.shape()[0] != rows
+        || member.shape()[0] != groups
+    {
+        return Err(PyValueError::new_err(
+            "shapes disagree: scores, labels, positive (n, L); member (G, P); n_positives (G, n)",
+        ));
+    }
+    let n_pos: Vec<u64> = n_positives
+        .as_slice()
+        .map_err(|_| contiguous("n_positives"))?
+        .iter()
+        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
+        .collect::<PyResult<_>>()?;
+    let lists = crate::metrics::Lists {
+        scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
+        labels: labels.as_slice().map_err(|_| contiguous("labels"))?,
+        n_positives: &n_pos,
+        width: scores.shape()[1],
+    };
+    let positive = positive.as_slice().map_err(|_| contiguous("positive"))?;
+    let member = member.as_slice().map_err(|_| contiguous("member"))?;
+    let ap = py
+        .allow_threads(|| crate::metrics::grouped_average_precision(lists, positive, member, groups, k, threads))
+        .map_err(to_py)?;
+    Ok(ap.into_pyarray(py).reshape([groups, rows])?)
+}
+
 /// The index among `positives` of each id of `ids` (str or UTF-8 bytes, any iterable), or -1.
 /// Returns `(codes int32, foreign count, first foreign id)`: a foreign id has the form of an
 /// ILIAS positive (`<instance>/pos/...`) without being one of `positives`.
@@ -296,6 +344,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(positive_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(grouped_average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
     Ok(())

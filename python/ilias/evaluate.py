@@ -378,26 +378,29 @@ def evaluate(
     relevant = (lists.positive >= 0) & (pos_inst[np.maximum(lists.positive, 0)] == q_inst[:, None])
     labels = np.where(lists.positive == EMPTY, SKIP, relevant).astype(np.uint8)
 
-    def run(labels: np.ndarray, in_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n_pos = np.bincount(pos_inst, weights=in_group, minlength=len(inst_names)).astype(np.int64)[q_inst]
-        ap, oracle = _core.average_precision(lists.scores, labels, n_pos, k, threads)
-        return 100 * ap, 100 * oracle, n_pos > 0
-
+    n_inst = len(inst_names)
     groups = [("scale", gt.scale, SCALE_GROUPS), ("clutter", gt.clutter, CLUTTER_GROUPS)]
-    groups = [(name, values, bounds) for name, values, bounds in groups if values is not None]
-    bar = Progress("evaluate", total=1 + 4 * len(groups), unit="passes", enabled=progress)
+    keys = [(name, f"{lo}-{hi}") for name, values, bounds in groups if values is not None for lo, hi in bounds]
+    member = np.array(
+        [(values >= lo) & (values < hi) for _, values, bounds in groups if values is not None for lo, hi in bounds],
+        dtype=bool,
+    ).reshape(len(keys), len(gt.positives))
+    bar = Progress("evaluate", total=2, unit="passes", enabled=progress)
     with bar:
-        ap, oracle, _ = run(labels, np.ones(len(gt.positives)))
+        n_pos = np.bincount(pos_inst, minlength=n_inst).astype(np.int64)[q_inst]
+        ap, oracle = _core.average_precision(lists.scores, labels, n_pos, k, threads)
+        ap, oracle = 100 * ap, 100 * oracle
         bar.update(1)
         # per (query, group): AP with the query's positives outside the group taken out of the list
         grouped: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
-        for name, values, bounds in groups:
-            for lo, hi in bounds:
-                in_group = (values >= lo) & (values < hi)
-                outside = relevant & ~in_group[np.maximum(lists.positive, 0)]
-                g_ap, _, has = run(np.where(outside, SKIP, labels).astype(np.uint8), in_group.astype(np.float64))
-                grouped.setdefault(name, []).append((f"{lo}-{hi}", g_ap, has))
-                bar.update(1)
+        if keys:
+            g_pos = np.stack([np.bincount(pos_inst, weights=m, minlength=n_inst) for m in member]).astype(np.int64)
+            g_pos = np.ascontiguousarray(g_pos[:, q_inst])
+            positive = np.ascontiguousarray(lists.positive, dtype=np.int32)
+            g_ap = 100 * _core.grouped_average_precision(lists.scores, labels, positive, member, g_pos, k, threads)
+            for (name, key), row_ap, row_pos in zip(keys, g_ap, g_pos):
+                grouped.setdefault(name, []).append((key, row_ap, row_pos > 0))
+        bar.update(1)
 
     if gt.taxonomy is None:
         _note(notes, f"{gt.source}: no taxonomy.json, so no category reports")
