@@ -42,6 +42,9 @@ def test_run_end_to_end_and_skips_current_steps(ilias_dir, tmp_path):
     for f in ("report.html", "report.all.json", "report.all.md", "results.all.npz", "run.json"):
         assert (tmp_path / "w" / f).exists()
     assert json.loads((tmp_path / "w" / "run.json").read_text())["hardware"]["simd"]
+    html = (tmp_path / "w" / "report.html").read_text()
+    # thumbnails of the queries and of their results, from the core folders and from the tars
+    assert html.count("data:image/jpeg;base64,") >= 2 * (1 + 8)
     again = _run(ilias_dir, tmp_path / "w")
     assert again["steps"]["features"]["done"] == {k: "current" for k in ("image_queries", "positives", "distractors")}
     assert again["steps"]["search"]["done"] == "current"

@@ -150,12 +150,57 @@ def run(cfg: RunConfig, spec=None, say=print) -> dict:
             curve.append({"name": t.name, "rows": rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
             reports[t.name] = rep
         curve.sort(key=lambda c: c["rows"])
-        write_html(reports["all"], out / "report.html", tiers=curve if len(curve) > 1 else None)
+        shown = _qualitative(SearchResults.load(out / "results.all.npz"), gt, core, cfg.tars)
+        write_html(reports["all"], out / "report.html", tiers=curve if len(curve) > 1 else None, qualitative=shown)
         return {c["name"]: {k: c[k] for k in ("rows", "i2i", "t2i") if k in c} for c in curve}
 
     record["results"] = step("evaluate", report_step)
     _write_json(out / "run.json", record)
     return record
+
+
+def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:
+    """The first image query of a few instances with its top results, images read from the core
+    folders and the distractor tars (only the members shown), for the report's thumbnails."""
+    import tarfile
+
+    from .extract import tar_sources
+
+    tar_paths = {Path(s.path).name: s.path for s in tar_sources(tars)} if tars else {}
+    opened: dict = {}
+
+    def image(item_id: str):
+        if (core / item_id).is_file():
+            return core / item_id
+        name, _, key = item_id.partition("/")
+        if name not in tar_paths:
+            return None
+        try:
+            tar = opened.setdefault(name, tarfile.open(tar_paths[name], "r:"))
+            f = tar.extractfile(f"{key}.jpg")
+            return f.read() if f else None
+        except (KeyError, OSError, tarfile.TarError):
+            return None
+
+    positives = set(gt.positives)
+    rows, seen = [], set()
+    for r, q in enumerate(res.query_ids):
+        inst = q.split("/", 1)[0]
+        if gt.task_of(q) != "i2i" or inst in seen:
+            continue
+        seen.add(inst)
+        ranked = res.ranked(r)[:top]
+        rows.append({
+            "query_id": q,
+            "query_image": image(q),
+            "results": [{"id": i, "score": s, "positive": i in positives and i.split("/", 1)[0] == inst, "image": image(i)}
+                        for i, s in ranked],
+        })
+        if len(rows) == queries:
+            break
+    for tar in opened.values():
+        tar.close()
+    return rows
 
 
 def _current(path: Path, db: list[Store], k: int) -> bool:

@@ -29,7 +29,8 @@ FONT = 12  # px; SVG text sizes and label widths are derived from it
 
 def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dict] | None = None) -> str:
     """`tiers`: [{"name", "rows", "i2i", "t2i"}] for the mAP-versus-distractors curve.
-    `qualitative`: [{"query_id", "query_image", "results": [{"id", "score", "positive", "image"}]}]."""
+    `qualitative`: [{"query_id", "query_image", "results": [{"id", "score", "positive", "image"}]}],
+    images given as paths or encoded bytes."""
     cfg, tasks = report["config"], report["tasks"]
     sections = [_summary(report)]
     if tiers:
@@ -315,17 +316,22 @@ def _item(image, alt: str, caption: str, kind: str) -> str:
     return f'<div class="item {kind}">{picture}{escape(caption)}</div>'
 
 
-def _thumbnail(path) -> str | None:
+def _thumbnail(image) -> str | None:
     """A ~128 px JPEG as a data URI, so the report stays one small file; None (the id is shown
-    instead) without Pillow or when the file is missing or unreadable: a report is still useful."""
-    if not path or not Path(path).is_file():
+    instead) without Pillow or when the file is missing or unreadable: a report is still useful.
+    `image`: a path, or the encoded bytes (a member of a tar)."""
+    if isinstance(image, bytes):
+        source = io.BytesIO(image)
+    elif image and Path(image).is_file():
+        source = image
+    else:
         return None
     try:
         from PIL import Image
     except ImportError:
         return None
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))
             buf = io.BytesIO()
