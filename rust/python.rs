@@ -253,7 +253,7 @@ fn grouped_average_precision<'py>(
     let ap = py
         .allow_threads(|| crate::metrics::grouped_average_precision(lists, positive, member, groups, k, threads))
         .map_err(to_py)?;
-    Ok(ap.into_pyarray(py).reshape([groups, rows])?)
+    ap.into_pyarray(py).reshape([groups, rows])
 }
 
 /// The index among `positives` of each id of `ids` (str or UTF-8 bytes, any iterable), or -1.
