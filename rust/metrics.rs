@@ -87,14 +87,7 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
                 })
             })
             .collect();
-        // report the error of the lowest row, whatever thread finished first
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
-            })
-            .collect::<Result<Vec<()>>>()
+        join_all(workers)
     })?;
     Ok((ap, oracle))
 }
@@ -132,7 +125,7 @@ pub fn grouped_average_precision(
     let block = rows.div_ceil(threads.max(1)).max(1);
     let mut out = vec![0.0; groups * rows];
     // rows are split between threads; each thread writes its rows of every group at the end
-    let parts: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+    let parts: Vec<Vec<f64>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..rows.div_ceil(block))
             .map(|b| {
                 scope.spawn(move || {
@@ -160,22 +153,27 @@ pub fn grouped_average_precision(
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
-            })
-            .collect()
-    });
+        join_all(workers)
+    })?;
     for (b, part) in parts.into_iter().enumerate() {
-        let part = part?;
         let (lo, n) = (b * block, part.len() / groups);
         for g in 0..groups {
             out[g * rows + lo..g * rows + lo + n].copy_from_slice(&part[g * n..(g + 1) * n]);
         }
     }
     Ok(out)
+}
+
+/// The results of worker threads in order, or the error of the lowest block that failed (whatever
+/// thread finished first); a panicked thread is an error, never a panic across the boundary.
+fn join_all<T>(workers: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Result<Vec<T>> {
+    workers
+        .into_iter()
+        .map(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
+        })
+        .collect()
 }
 
 /// AP@k and oracle of one list. `scratch` is reused between calls to avoid an allocation per row.

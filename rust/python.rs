@@ -208,6 +208,32 @@ fn simd_paths() -> Vec<&'static str> {
 
 // ---- evaluation (metrics.rs)
 
+fn contiguous(name: &str) -> PyErr {
+    PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"))
+}
+
+/// |G| per row, checked non-negative.
+fn counts(n_positives: &[i64]) -> PyResult<Vec<u64>> {
+    n_positives
+        .iter()
+        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
+        .collect()
+}
+
+/// The ranked lists of an evaluation, borrowed from numpy.
+fn lists<'a>(
+    scores: &'a PyReadonlyArray2<'_, f64>,
+    labels: &'a PyReadonlyArray2<'_, u8>,
+    n_pos: &'a [u64],
+) -> PyResult<crate::metrics::Lists<'a>> {
+    Ok(crate::metrics::Lists {
+        scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
+        labels: labels.as_slice().map_err(|_| contiguous("labels"))?,
+        n_positives: n_pos,
+        width: scores.shape()[1],
+    })
+}
+
 /// AP@k per group of positives (the scale and clutter reports) in one pass: `positive` int32
 /// (n, L) is each item's positive index (or -1), `member` bool (G, P) the groups, `n_positives`
 /// int64 (G, n) |G| per group and row. Returns ap float64 (G, n), as fractions.
@@ -224,8 +250,6 @@ fn grouped_average_precision<'py>(
     k: usize,
     threads: usize,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let contiguous =
-        |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
     let (groups, rows) = (n_positives.shape()[0], n_positives.shape()[1]);
     if scores.shape() != labels.shape()
         || scores.shape() != positive.shape()
@@ -236,18 +260,8 @@ fn grouped_average_precision<'py>(
             "shapes disagree: scores, labels, positive (n, L); member (G, P); n_positives (G, n)",
         ));
     }
-    let n_pos: Vec<u64> = n_positives
-        .as_slice()
-        .map_err(|_| contiguous("n_positives"))?
-        .iter()
-        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
-        .collect::<PyResult<_>>()?;
-    let lists = crate::metrics::Lists {
-        scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
-        labels: labels.as_slice().map_err(|_| contiguous("labels"))?,
-        n_positives: &n_pos,
-        width: scores.shape()[1],
-    };
+    let n_pos = counts(n_positives.as_slice().map_err(|_| contiguous("n_positives"))?)?;
+    let lists = lists(&scores, &labels, &n_pos)?;
     let positive = positive.as_slice().map_err(|_| contiguous("positive"))?;
     let member = member.as_slice().map_err(|_| contiguous("member"))?;
     let ap = py
@@ -307,8 +321,6 @@ fn average_precision<'py>(
     k: usize,
     threads: usize,
 ) -> PyResult<(Floats<'py>, Floats<'py>)> {
-    let contiguous =
-        |name: &str| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)"));
     if scores.shape() != labels.shape() || scores.shape()[0] != n_positives.len() {
         return Err(PyValueError::new_err(format!(
             "shapes disagree: scores {:?}, labels {:?}, n_positives ({},)",
@@ -317,18 +329,8 @@ fn average_precision<'py>(
             n_positives.len()
         )));
     }
-    let n_pos: Vec<u64> = n_positives
-        .as_slice()
-        .map_err(|_| contiguous("n_positives"))?
-        .iter()
-        .map(|&n| u64::try_from(n).map_err(|_| PyValueError::new_err(format!("n_positives: {n} is negative"))))
-        .collect::<PyResult<_>>()?;
-    let lists = crate::metrics::Lists {
-        scores: scores.as_slice().map_err(|_| contiguous("scores"))?,
-        labels: labels.as_slice().map_err(|_| contiguous("labels"))?,
-        n_positives: &n_pos,
-        width: scores.shape()[1],
-    };
+    let n_pos = counts(n_positives.as_slice().map_err(|_| contiguous("n_positives"))?)?;
+    let lists = lists(&scores, &labels, &n_pos)?;
     let (ap, oracle) = py
         .allow_threads(|| crate::metrics::average_precision(lists, k, threads))
         .map_err(to_py)?;
