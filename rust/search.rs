@@ -15,7 +15,7 @@
 //! The caller observes progress through `Control::done_rows` and stops the work by setting
 //! `Control::cancel`; workers look at it after every tile (a few milliseconds of work).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
@@ -192,6 +192,9 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     } else {
         &opts.tiers[..]
     };
+    let floors: Vec<AtomicU32> = (0..nq * tiers.len())
+        .map(|_| AtomicU32::new(key(f32::NEG_INFINITY)))
+        .collect();
     let plan = Plan {
         simd,
         int8,
@@ -199,6 +202,7 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         packed: &packed,
         nq,
         tiers,
+        floors: &floors,
     };
 
     // work items: (shard, first row, end row), in database order
@@ -275,6 +279,23 @@ struct Plan<'a> {
     packed: &'a [f32],
     nq: usize,
     tiers: &'a [Tier<'a>],
+    /// Per (query, tier), the highest k-th score any thread has reached (as `key`): no row
+    /// below it can be in the final top k, so every thread prunes with it, not only its own.
+    floors: &'a [AtomicU32],
+}
+
+/// An f32 as a u32 that orders like it (for the atomic `fetch_max` of shared thresholds).
+fn key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+fn unkey(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
 }
 
 fn worker(
@@ -339,11 +360,13 @@ fn worker(
                 let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
                 let live = mr.min(nq - qb * mr);
                 let block_tops = &mut tops[qb * mr * nt..(qb * mr + live) * nt];
+                let block_floors = &plan.floors[qb * mr * nt..(qb * mr + live) * nt];
                 // the int8 pass needs a threshold for every query of the block: until their
                 // top-k buffers first fill (the first ~2k rows), every score is computed
                 let warm = block_tops
                     .chunks(nt)
-                    .all(|q| threshold(q, tiers, base + t0) > f32::NEG_INFINITY);
+                    .zip(block_floors.chunks(nt))
+                    .all(|(q, f)| threshold(q, f, tiers, base + t0) > f32::NEG_INFINITY);
                 match (plan.int8, plan.quantized) {
                     (Some(kernel), Some(qs)) if warm && use_int8 => {
                         let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
@@ -353,9 +376,11 @@ fn worker(
                             kernel.block(simd, qcodes, pcodes, steps, &mut raw, nr);
                             let mut count = 0;
                             let first = base + t0 + p * nr;
-                            for (i, q_tops) in block_tops.chunks(nt).enumerate() {
+                            for (i, (q_tops, q_floors)) in
+                                block_tops.chunks(nt).zip(block_floors.chunks(nt)).enumerate()
+                            {
                                 let row = &raw[i * nr..(i + 1) * nr];
-                                let thr = threshold(q_tops, tiers, first);
+                                let thr = threshold(q_tops, q_floors, tiers, first);
                                 needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, thr);
                                 count += needs[i] as usize;
                             }
@@ -366,7 +391,8 @@ fn worker(
                             if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
                                 for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
-                                    offer(q_tops, tiers, &exact[i * nr..i * nr + valid], first);
+                                    let q_floors = &block_floors[i * nt..(i + 1) * nt];
+                                    offer(q_tops, q_floors, tiers, &exact[i * nr..i * nr + valid], first);
                                 }
                             } else {
                                 jobs.extend((0..live).filter(|&i| needs[i]).map(|i| (i, p)));
@@ -382,7 +408,11 @@ fn worker(
                             for (j, &(i, p)) in group.iter().enumerate() {
                                 let valid = (rows - p * nr).min(nr);
                                 let scores = &job_scores[j * nr..j * nr + valid];
-                                offer(&mut block_tops[i * nt..(i + 1) * nt], tiers, scores, base + t0 + p * nr);
+                                let (q_tops, q_floors) = (
+                                    &mut block_tops[i * nt..(i + 1) * nt],
+                                    &block_floors[i * nt..(i + 1) * nt],
+                                );
+                                offer(q_tops, q_floors, tiers, scores, base + t0 + p * nr);
                             }
                         }
                     }
@@ -392,13 +422,11 @@ fn worker(
                             simd.block(a, b, dim, &mut tile_scores[p * nr..], TILE_ROWS);
                         }
                         stats.float_pairs += (live * panels) as u64;
-                        for (i, q_tops) in block_tops.chunks_mut(nt).enumerate() {
-                            offer(
-                                q_tops,
-                                tiers,
-                                &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows],
-                                base + t0,
-                            );
+                        for (i, (q_tops, q_floors)) in
+                            block_tops.chunks_mut(nt).zip(block_floors.chunks(nt)).enumerate()
+                        {
+                            let scores = &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows];
+                            offer(q_tops, q_floors, tiers, scores, base + t0);
                         }
                     }
                 }
@@ -418,30 +446,45 @@ fn worker(
 /// The lowest threshold among the tiers of one query that still hold rows from `first` on:
 /// a score below it is of no use to any of them. Infinite when no tier holds such rows.
 #[inline]
-fn threshold(tops: &[TopK], tiers: &[Tier], first: usize) -> f32 {
+fn threshold(tops: &[TopK], floors: &[AtomicU32], tiers: &[Tier], first: usize) -> f32 {
     tops.iter()
+        .zip(floors)
         .zip(tiers)
         .filter(|(_, tier)| tier.rows > first)
-        .map(|(top, _)| top.threshold())
+        .map(|((top, floor), _)| top.threshold().max(unkey(floor.load(Ordering::Relaxed))))
         .fold(f32::INFINITY, f32::min)
 }
 
 /// Offers one query's scores for consecutive rows starting at global row `first` to each of its
-/// tiers (`tops[t]` is the query's top-k in tier `t`).
+/// tiers (`tops[t]` is the query's top-k in tier `t`), and shares any threshold that rose.
 #[inline]
-fn offer(tops: &mut [TopK], tiers: &[Tier], scores: &[f32], first: usize) {
-    for (top, tier) in tops.iter_mut().zip(tiers) {
+fn offer(tops: &mut [TopK], floors: &[AtomicU32], tiers: &[Tier], scores: &[f32], first: usize) {
+    for ((top, floor), tier) in tops.iter_mut().zip(floors).zip(tiers) {
         let end = tier.rows.saturating_sub(first).min(scores.len());
-        offer_one(top, &scores[..end], first, tier.keep);
+        if end == 0 {
+            continue;
+        }
+        let before = top.threshold();
+        offer_one(
+            top,
+            &scores[..end],
+            first,
+            tier.keep,
+            unkey(floor.load(Ordering::Relaxed)),
+        );
+        if top.threshold() > before {
+            floor.fetch_max(key(top.threshold()), Ordering::Relaxed);
+        }
     }
 }
 
 /// After the first tiles almost no score reaches the threshold, so groups of 16 are tested
 /// with a branch-free comparison (which compiles to one vector compare) before any work.
+/// `floor`: a score the final k-th score is known to reach (rows below it are skipped).
 #[inline]
-fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>) {
+fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>, floor: f32) {
     const GROUP: usize = 16;
-    let mut threshold = top.threshold();
+    let mut threshold = top.threshold().max(floor);
     for (g, group) in scores.chunks(GROUP).enumerate() {
         if !group.iter().fold(false, |any, &s| any | (s >= threshold)) {
             continue;
@@ -451,9 +494,35 @@ fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>
                 let row = first + g * GROUP + j;
                 if keep.is_none_or(|k| k[row]) {
                     top.push(s, row as u64);
-                    threshold = top.threshold();
+                    threshold = top.threshold().max(floor);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key, unkey};
+
+    #[test]
+    fn keys_order_like_floats() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            0.25,
+            7.0,
+            f32::INFINITY,
+        ];
+        for w in v.windows(2) {
+            assert!(key(w[0]) <= key(w[1]), "{} {}", w[0], w[1]);
+        }
+        for x in v {
+            assert_eq!(unkey(key(x)).to_bits(), x.to_bits());
         }
     }
 }
