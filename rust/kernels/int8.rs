@@ -171,48 +171,31 @@ impl Tile {
 
     /// Quantizes row `r` (its float32 values) into the tile.
     ///
-    /// Written as 16 independent lanes so that it vectorises: this runs for every database row.
-    /// The norms are summed in float32; their relative rounding error (at most `gamma_d`) is
-    /// covered by inflating them by `1 + 2 gamma_d` before rounding up.
+    /// This runs for every database row, so the arithmetic is written as 16 independent lanes
+    /// (it vectorises) and compiled for AVX-512 where the CPU has it. The norms are summed in
+    /// float32; their relative rounding error (at most `gamma_d`) is covered by inflating them by
+    /// `1 + 2 gamma_d` before rounding up.
     pub fn set_row(&mut self, r: usize, row: &[f32], nr: usize, scratch: &mut Vec<i8>) {
-        const L: usize = 16;
         let dim = row.len();
         let steps = d4(dim);
         let (p, lane) = (r / nr, r % nr);
-        let maxabs = row
-            .iter()
-            .fold(0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
-        if !maxabs.is_finite() {
+        scratch.clear();
+        scratch.resize(steps * 4, 0);
+        let Some(Sums {
+            scale: s,
+            sum,
+            x2,
+            e2,
+            h2,
+        }) = quantize(row, &mut scratch[..dim])
+        else {
             // NaN or Inf: no bound holds, so the row is always rescored exactly
             self.scale[r] = 0.0;
             self.offset[r] = 0;
             self.e[r] = f32::INFINITY;
             self.h[r] = 0.0;
             return;
-        }
-        let (s, inv) = if maxabs > 0.0 {
-            (maxabs / 127.0, 127.0 / maxabs)
-        } else {
-            (0.0, 0.0)
         };
-        scratch.clear();
-        scratch.resize(steps * 4, 0);
-        let (mut sum, mut x2, mut e2, mut h2) = ([0i32; L], [0f32; L], [0f32; L], [0f32; L]);
-        for (vals, out) in row.chunks(L).zip(scratch.chunks_mut(L)) {
-            for l in 0..vals.len() {
-                let v = vals[l];
-                // round to nearest even by the 1.5 * 2^23 trick: |v * inv| <= 127, and unlike
-                // `round` it compiles to plain vector adds on every x86-64
-                let c = (v * inv + ROUNDER) - ROUNDER;
-                out[l] = c as i8;
-                let xh = s * c;
-                let e = v - xh;
-                sum[l] += c as i32;
-                x2[l] += v * v;
-                e2[l] += e * e;
-                h2[l] += xh * xh;
-            }
-        }
         let codes = &mut self.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
         for (t, quad) in scratch.chunks_exact(4).enumerate() {
             codes[(t * nr + lane) * 4..(t * nr + lane) * 4 + 4].copy_from_slice(quad);
@@ -220,12 +203,94 @@ impl Tile {
         // `s * c` and `v - s c` are each rounded once: their errors (a few u relative to |x|)
         // are covered by the 32u term of gamma; float32 summation by the 2 gamma_d inflation
         let g = gamma(dim);
-        let total = |a: [f32; L]| a.iter().map(|&v| v as f64).sum::<f64>().sqrt() * (1.0 + 2.0 * g);
+        let total = |a: f64| a.sqrt() * (1.0 + 2.0 * g);
         self.scale[r] = s;
-        self.offset[r] = 128 * sum.iter().sum::<i32>();
+        self.offset[r] = 128 * sum;
         self.e[r] = round_up((total(e2) + g * total(x2)) * SLACK);
         self.h[r] = round_up(total(h2) * SLACK);
     }
+}
+
+/// What quantizing one row gives: its scale, the sum of its codes and the squared norms of the
+/// row, its residual and its quantized value (float32 lane sums, added up in f64).
+struct Sums {
+    scale: f32,
+    sum: i32,
+    x2: f64,
+    e2: f64,
+    h2: f64,
+}
+
+/// Quantizes `row` into `codes` (same length); None when the row holds NaN or Inf.
+fn quantize(row: &[f32], codes: &mut [i8]) -> Option<Sums> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the features were just detected.
+        return unsafe { quantize_avx512(row, codes) };
+    }
+    quantize_lanes(row, codes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn quantize_avx512(row: &[f32], codes: &mut [i8]) -> Option<Sums> {
+    quantize_lanes(row, codes)
+}
+
+#[inline(always)]
+fn quantize_lanes(row: &[f32], codes: &mut [i8]) -> Option<Sums> {
+    const L: usize = 16;
+    let (mut big, mut finite) = ([0f32; L], true);
+    let mut head = row.chunks_exact(L);
+    for ch in &mut head {
+        for l in 0..L {
+            big[l] = big[l].max(ch[l].abs());
+            finite &= ch[l].is_finite();
+        }
+    }
+    for &v in head.remainder() {
+        big[0] = big[0].max(v.abs());
+        finite &= v.is_finite();
+    }
+    if !finite {
+        return None;
+    }
+    let maxabs = big.iter().fold(0f32, |m, &v| m.max(v));
+    let (s, inv) = if maxabs > 0.0 {
+        (maxabs / 127.0, 127.0 / maxabs)
+    } else {
+        (0.0, 0.0)
+    };
+    let (mut sum, mut x2, mut e2, mut h2) = ([0i32; L], [0f32; L], [0f32; L], [0f32; L]);
+    let mut one = |l: usize, v: f32, out: &mut i8| {
+        // round to nearest even by the 1.5 * 2^23 trick: |v * inv| <= 127, and unlike `round`
+        // it compiles to plain vector adds
+        let c = (v * inv + ROUNDER) - ROUNDER;
+        *out = c as i8;
+        let xh = s * c;
+        let e = v - xh;
+        sum[l] += c as i32;
+        x2[l] += v * v;
+        e2[l] += e * e;
+        h2[l] += xh * xh;
+    };
+    let split = row.len() / L * L;
+    for (vals, out) in row[..split].chunks_exact(L).zip(codes[..split].chunks_exact_mut(L)) {
+        for l in 0..L {
+            one(l, vals[l], &mut out[l]);
+        }
+    }
+    for (j, (&v, out)) in row[split..].iter().zip(&mut codes[split..]).enumerate() {
+        one(j, v, out);
+    }
+    let f64sum = |a: [f32; L]| a.iter().map(|&v| v as f64).sum::<f64>();
+    Some(Sums {
+        scale: s,
+        sum: sum.iter().sum(),
+        x2: f64sum(x2),
+        e2: f64sum(e2),
+        h2: f64sum(h2),
+    })
 }
 
 /// The smallest float32 not below `v` (for bound terms computed in f64).
