@@ -205,32 +205,54 @@ pub fn pack_rows(
     mut visit: impl FnMut(usize, &[f32]),
 ) {
     let panels = rows.div_ceil(nr);
-    out.clear();
+    // every lane of every panel is written below, so the buffer needs no clearing between tiles
     out.resize(panels * dim * nr, 0.0);
     let row_bytes = dim * dtype.size();
-    scratch.f32s.resize(dim, 0.0);
+    scratch.f32s.resize(nr * dim, 0.0);
     scratch.f16s.resize(dim, f16::ZERO);
-    for r in 0..rows {
-        let src = &bytes[r * row_bytes..(r + 1) * row_bytes];
-        match dtype {
-            DType::F16 => {
-                for (h, c) in scratch.f16s.iter_mut().zip(src.chunks_exact(2)) {
-                    *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-                }
-                scratch.f16s.convert_to_f32_slice(&mut scratch.f32s);
-            }
-            DType::F32 => {
-                for (f, c) in scratch.f32s.iter_mut().zip(src.chunks_exact(4)) {
-                    *f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
+    for p in 0..panels {
+        let (r0, n) = (p * nr, nr.min(rows - p * nr));
+        // widen the panel's rows (row-major), then write them transposed, one d at a time,
+        // so that the writes run along the panel instead of striding across it
+        for j in 0..n {
+            let src = &bytes[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes];
+            let dst = &mut scratch.f32s[j * dim..(j + 1) * dim];
+            widen(src, dtype, dst, &mut scratch.f16s);
+            visit(r0 + j, dst);
         }
-        let (p, lane) = (r / nr, r % nr);
         let panel = &mut out[p * dim * nr..(p + 1) * dim * nr];
-        for (d, &v) in scratch.f32s.iter().enumerate() {
-            panel[d * nr + lane] = v;
+        let rows_f32 = &scratch.f32s[..n * dim];
+        for (d, lanes) in panel.chunks_exact_mut(nr).enumerate() {
+            for (j, lane) in lanes[..n].iter_mut().enumerate() {
+                *lane = rows_f32[j * dim + d];
+            }
+            lanes[n..].fill(0.0);
         }
-        visit(r, &scratch.f32s);
+    }
+}
+
+/// One little-endian row of `dtype` values as float32.
+fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16]) {
+    match dtype {
+        DType::F16 => {
+            #[cfg(target_endian = "little")]
+            if (src.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f16>()) {
+                // SAFETY: `f16` is a transparent u16; the bytes are little-endian u16 values
+                // on a little-endian machine, aligned (checked) and `dst.len()` of them.
+                let halves = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<f16>(), dst.len()) };
+                halves.convert_to_f32_slice(dst);
+                return;
+            }
+            for (h, c) in f16s.iter_mut().zip(src.chunks_exact(2)) {
+                *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+            }
+            f16s.convert_to_f32_slice(dst);
+        }
+        DType::F32 => {
+            for (f, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
     }
 }
 
