@@ -150,7 +150,7 @@ def run(cfg: RunConfig, spec=None, say=print) -> dict:
             curve.append({"name": t.name, "rows": rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
             reports[t.name] = rep
         curve.sort(key=lambda c: c["rows"])
-        shown = _qualitative(SearchResults.load(out / "results.all.npz"), gt, core, cfg.tars)
+        shown = _qualitative(res, gt, core, cfg.tars)  # the last tier: "all"
         write_html(reports["all"], out / "report.html", tiers=curve if len(curve) > 1 else None, qualitative=shown)
         return {c["name"]: {k: c[k] for k in ("rows", "i2i", "t2i") if k in c} for c in curve}
 
