@@ -99,11 +99,7 @@ impl Simd {
     pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
         let (mr, nr) = (self.mr(), self.nr());
         assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
-        assert!(
-            self.supported(),
-            "the {} path needs CPU features this machine lacks",
-            self.name()
-        );
+        self.require();
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the lengths and the CPU features are checked above (feature detection is
@@ -115,20 +111,24 @@ impl Simd {
             _ => scalar::block(a, b, dim, out, ldo),
         }
     }
-}
 
-impl Simd {
+    /// Panics (before any unsafe code runs) when this CPU lacks the path's features.
+    #[inline]
+    fn require(self) {
+        assert!(
+            self.supported(),
+            "the {} path needs CPU features this machine lacks",
+            self.name()
+        );
+    }
+
     /// Column `i` of `block`: `out[j] = sum_d a[d * mr + i] * b[d * nr + j]`, computed with the
     /// same operations in the same order as `block`, hence bit-identical to its row `i`.
     #[inline]
     pub fn column(self, a: &[f32], i: usize, b: &[f32], dim: usize, out: &mut [f32]) {
         let (mr, nr) = (self.mr(), self.nr());
         assert!(i < mr && a.len() >= dim * mr && b.len() >= dim * nr && out.len() >= nr);
-        assert!(
-            self.supported(),
-            "the {} path needs CPU features this machine lacks",
-            self.name()
-        );
+        self.require();
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `block`.
