@@ -85,5 +85,6 @@ def test_search_takes_a_store_written_in_parts(tmp_path, rng):
     assert main(argv + ["--out", str(tmp_path / "r.npz")]) == 0
     res = SearchResults.load(tmp_path / "r.npz")
     assert res.ids(0)[0] == "5" and res.ids(1)[0] == "60"
+    assert main(["info", str(tmp_path / "db")]) == 0
     (tmp_path / "db" / "part-00001-of-00002" / "manifest.json").unlink()
     assert main(argv + ["--out", str(tmp_path / "r2.npz")]) == 1  # a missing piece is an error

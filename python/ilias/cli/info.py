@@ -1,4 +1,5 @@
-"""`ilias info STORE...`: the manifest of each store, validated (optionally checksummed)."""
+"""`ilias info STORE...`: the manifest of each store (or of each part of a store written in parts),
+validated, optionally checksummed."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..store import Store
+    from ..store import open_stores
 
-    for path in args.stores:
-        store = Store.open(path)
+    for store in (s for path in args.stores for s in open_stores(path)):
         if args.verify:
             store.verify()
         m = store.manifest
