@@ -359,6 +359,9 @@ fn worker(
                 }
             });
             let panels = rows.div_ceil(nr);
+            // panel `p` of the float32 tile, and how many of its rows are real (not padding)
+            let panel = |p: usize| &tile[p * dim * nr..(p + 1) * dim * nr];
+            let valid = |p: usize| (rows - p * nr).min(nr);
             for qb in 0..qblocks {
                 let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
                 let live = mr.min(nq - qb * mr);
@@ -389,13 +392,12 @@ fn worker(
                             }
                             stats.int8_pairs += live as u64;
                             stats.rescored_pairs += count as u64;
-                            let b = &tile[p * dim * nr..(p + 1) * dim * nr];
-                            let valid = (rows - p * nr).min(nr);
+                            let (b, n) = (panel(p), valid(p));
                             if count >= BLOCK_RESCORE {
                                 simd.block(a, b, dim, &mut exact, nr);
                                 for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
                                     let q_floors = &block_floors[i * nt..(i + 1) * nt];
-                                    offer(q_tops, q_floors, tiers, &exact[i * nr..i * nr + valid], first);
+                                    offer(q_tops, q_floors, tiers, &exact[i * nr..i * nr + n], first);
                                 }
                             } else {
                                 jobs.extend((0..live).filter(|&i| needs[i]).map(|i| (i, p)));
@@ -403,14 +405,10 @@ fn worker(
                         }
                         // the remaining (query, panel) pairs, rescored a few at a time
                         for group in jobs.chunks(16) {
-                            let panels_of: Vec<(usize, &[f32])> = group
-                                .iter()
-                                .map(|&(i, p)| (i, &tile[p * dim * nr..(p + 1) * dim * nr]))
-                                .collect();
+                            let panels_of: Vec<(usize, &[f32])> = group.iter().map(|&(i, p)| (i, panel(p))).collect();
                             simd.columns(a, &panels_of, dim, &mut job_scores[..group.len() * nr]);
                             for (j, &(i, p)) in group.iter().enumerate() {
-                                let valid = (rows - p * nr).min(nr);
-                                let scores = &job_scores[j * nr..j * nr + valid];
+                                let scores = &job_scores[j * nr..j * nr + valid(p)];
                                 let (q_tops, q_floors) = (
                                     &mut block_tops[i * nt..(i + 1) * nt],
                                     &block_floors[i * nt..(i + 1) * nt],
@@ -421,8 +419,7 @@ fn worker(
                     }
                     _ => {
                         for p in 0..panels {
-                            let b = &tile[p * dim * nr..(p + 1) * dim * nr];
-                            simd.block(a, b, dim, &mut tile_scores[p * nr..], TILE_ROWS);
+                            simd.block(a, panel(p), dim, &mut tile_scores[p * nr..], TILE_ROWS);
                         }
                         stats.float_pairs += (live * panels) as u64;
                         for (i, (q_tops, q_floors)) in
