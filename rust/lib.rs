@@ -6,11 +6,13 @@
 //! - [`kernels`]: float32 dot-product micro-kernels with run-time SIMD dispatch.
 //! - [`topk`]: bounded top-k with the reference's tie order.
 //! - [`search`]: the exact search driver (one pass over the database, threads, progress, cancel).
+//! - [`quant`]: quantized codes (SQ8, PQ, 4-bit fast-scan) with exact rescoring.
 //! - [`metrics`]: AP@k and oracle with the official ILIAS tie semantics, threaded over queries.
 
 pub mod error;
 pub mod kernels;
 pub mod metrics;
+pub mod quant;
 pub mod search;
 pub mod store;
 pub mod topk;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use numpy::{IntoPyArray, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -43,6 +45,8 @@ fn to_py(err: Error) -> PyErr {
 
 /// What `exact_search` returns: scores, indices (both (tiers, nq, k)) and statistics.
 type Found<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<i64>>, Bound<'py, PyDict>);
+/// What `code_search` returns: scores, indices (both (nq, k)) and statistics.
+type Found2<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyDict>);
 type Floats<'py> = Bound<'py, numpy::PyArray1<f64>>;
 
 /// Runs `work` without the GIL on a scoped thread; every 100 ms calls `progress(done)` and
@@ -337,6 +341,111 @@ fn average_precision<'py>(
     Ok((ap.into_pyarray(py), oracle.into_pyarray(py)))
 }
 
+/// Builds codes of `kind` ("sq8", "pq<M>", "pq<M>x4") for the database `shards` into `path`
+/// (written beside it and renamed into place when complete), tagged with `fingerprint`.
+#[pyfunction]
+#[pyo3(signature = (shards, kind, path, fingerprint, threads=0, sample=0, iters=20, seed=1234, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn build_codes(
+    py: Python<'_>,
+    shards: Vec<PathBuf>,
+    kind: &str,
+    path: PathBuf,
+    fingerprint: &str,
+    threads: usize,
+    sample: usize,
+    iters: usize,
+    seed: u64,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let kind = crate::quant::Kind::parse(kind).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "codes: unknown kind {kind:?} (expected sq8, pq<M> or pq<M>x4, e.g. pq96x4)"
+        ))
+    })?;
+    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    let training = crate::quant::pq::Training {
+        threads,
+        sample,
+        iters,
+        seed,
+    };
+    let control = Control::default();
+    run_watched(py, &control, progress.as_ref(), || {
+        crate::quant::build(&db, kind, &path, fingerprint, &training, &control)
+    })
+}
+
+/// The header of a codes file: `{kind, dim, rows, fingerprint}` (validated, sizes included).
+#[pyfunction]
+fn inspect_codes(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let c = crate::quant::CodesFile::open(&path).map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("kind", c.header.kind.name())?;
+    d.set_item("dim", c.header.dim)?;
+    d.set_item("rows", c.header.rows)?;
+    d.set_item("fingerprint", &c.header.fingerprint)?;
+    Ok(d)
+}
+
+/// Searches with codes: a shortlist of `shortlist` rows per query from the codes, rescored
+/// exactly from `shards` when `rerank`. Returns `(scores (nq, k), indices (nq, k), stats)`.
+#[pyfunction]
+#[pyo3(signature = (codes, shards, queries, k, shortlist, rerank=true, threads=0, keep=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn code_search<'py>(
+    py: Python<'py>,
+    codes: PathBuf,
+    shards: Vec<PathBuf>,
+    queries: PyReadonlyArray2<'py, f32>,
+    k: usize,
+    shortlist: usize,
+    rerank: bool,
+    threads: usize,
+    keep: Option<PyReadonlyArray1<'py, bool>>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Found2<'py>> {
+    let nq = queries.shape()[0];
+    let q = queries.as_slice().map_err(|_| contiguous("queries"))?;
+    let keep = match &keep {
+        Some(a) => Some(a.as_slice().map_err(|_| contiguous("keep"))?),
+        None => None,
+    };
+    let (file, db) = py
+        .allow_threads(|| Ok((crate::quant::CodesFile::open(&codes)?, Database::open(&shards, None)?)))
+        .map_err(to_py)?;
+    let opts = crate::quant::CodeSearch {
+        k,
+        shortlist,
+        rerank,
+        threads,
+        keep,
+    };
+    let control = Control::default();
+    let found = run_watched(py, &control, progress.as_ref(), || {
+        crate::quant::search(&file, &db, q, nq, &opts, &control)
+    })?;
+    let mut scores = vec![f32::NEG_INFINITY; nq * k];
+    let mut indices = vec![-1i64; nq * k];
+    for (qi, hits) in found.hits.iter().enumerate() {
+        for (j, &(s, r)) in hits.iter().enumerate() {
+            scores[qi * k + j] = s;
+            indices[qi * k + j] = r as i64;
+        }
+    }
+    let stats = PyDict::new(py);
+    stats.set_item("codes", file.header.kind.name())?;
+    stats.set_item("shortlist", shortlist.clamp(k, db.rows))?;
+    stats.set_item("rerank", rerank)?;
+    stats.set_item("scan_seconds", found.scan_seconds)?;
+    stats.set_item("rerank_seconds", found.rerank_seconds)?;
+    Ok((
+        scores.into_pyarray(py).reshape([nq, k])?,
+        indices.into_pyarray(py).reshape([nq, k])?,
+        stats,
+    ))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -349,5 +458,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grouped_average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
+    m.add_function(wrap_pyfunction!(build_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(code_search, m)?)?;
     Ok(())
 }

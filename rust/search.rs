@@ -482,7 +482,7 @@ fn offer(tops: &mut [TopK], floors: &[AtomicU32], tiers: &[Tier], scores: &[f32]
 /// with a branch-free comparison (which compiles to one vector compare) before any work.
 /// `floor`: a score the final k-th score is known to reach (rows below it are skipped).
 #[inline]
-fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>, floor: f32) {
+pub(crate) fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>, floor: f32) {
     const GROUP: usize = 16;
     let mut threshold = top.threshold().max(floor);
     for (g, group) in scores.chunks(GROUP).enumerate() {

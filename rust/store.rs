@@ -269,6 +269,18 @@ impl Database {
         })
     }
 
+    /// The shard holding global row `row`, and the row's index inside it.
+    pub fn locate(&self, row: usize) -> (&Shard, usize) {
+        let s = self.starts.partition_point(|&start| start <= row) - 1;
+        (&self.shards[s], row - self.starts[s])
+    }
+
+    /// The raw bytes of global row `row`, and their type.
+    pub fn row(&self, row: usize) -> (&[u8], DType) {
+        let (shard, r) = self.locate(row);
+        (shard.row_bytes(r, r + 1), shard.dtype)
+    }
+
     pub fn open(paths: &[PathBuf], dim: Option<usize>) -> Result<Database> {
         let shards = paths.iter().map(|p| Shard::open(p, dim)).collect::<Result<Vec<_>>>()?;
         Database::new(shards)

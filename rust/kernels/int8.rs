@@ -211,6 +211,12 @@ impl Tile {
     }
 }
 
+/// Quantizes one row into `codes` with its own scale: returns `(scale, sum of the codes)`, or
+/// None when the row holds NaN or Inf. The SQ8 codes of `quant` are this, stored.
+pub fn encode_row(row: &[f32], codes: &mut [i8]) -> Option<(f32, i32)> {
+    quantize(row, codes).map(|s| (s.scale, s.sum))
+}
+
 /// What quantizing one row gives: its scale, the sum of its codes and the squared norms of the
 /// row, its residual and its quantized value (float32 lane sums, added up in f64).
 struct Sums {

@@ -208,26 +208,42 @@ pub fn pack_rows(
     // every lane of every panel is written below, so the buffer needs no clearing between tiles
     out.resize(panels * dim * nr, 0.0);
     let row_bytes = dim * dtype.size();
-    scratch.f32s.resize(nr * dim, 0.0);
-    scratch.f16s.resize(dim, f16::ZERO);
     for p in 0..panels {
         let (r0, n) = (p * nr, nr.min(rows - p * nr));
-        // widen the panel's rows (row-major), then write them transposed, one d at a time,
-        // so that the writes run along the panel instead of striding across it
-        for j in 0..n {
-            let src = &bytes[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes];
-            let dst = &mut scratch.f32s[j * dim..(j + 1) * dim];
-            widen(src, dtype, dst, &mut scratch.f16s);
-            visit(r0 + j, dst);
-        }
         let panel = &mut out[p * dim * nr..(p + 1) * dim * nr];
-        let rows_f32 = &scratch.f32s[..n * dim];
-        for (d, lanes) in panel.chunks_exact_mut(nr).enumerate() {
-            for (j, lane) in lanes[..n].iter_mut().enumerate() {
-                *lane = rows_f32[j * dim + d];
-            }
-            lanes[n..].fill(0.0);
+        let rows_of = (0..n).map(|j| (&bytes[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes], dtype));
+        pack_panel(rows_of, dim, nr, panel, scratch, |j, row| visit(r0 + j, row));
+    }
+}
+
+/// Widens up to `nr` rows (their little-endian bytes and type, from anywhere) into one panel
+/// `[d][nr]`, zero padded; `visit(j, row)` sees the `j`-th widened row.
+pub fn pack_panel<'a>(
+    rows: impl Iterator<Item = (&'a [u8], DType)>,
+    dim: usize,
+    nr: usize,
+    panel: &mut [f32],
+    scratch: &mut RowScratch,
+    mut visit: impl FnMut(usize, &[f32]),
+) {
+    scratch.f32s.resize(nr * dim, 0.0);
+    scratch.f16s.resize(dim, f16::ZERO);
+    // widen the rows (row-major), then write them transposed, one d at a time, so that the
+    // writes run along the panel instead of striding across it
+    let mut n = 0;
+    for (j, (src, dtype)) in rows.enumerate() {
+        assert!(j < nr, "a panel holds at most {nr} rows");
+        let dst = &mut scratch.f32s[j * dim..(j + 1) * dim];
+        widen(src, dtype, dst, &mut scratch.f16s);
+        visit(j, dst);
+        n = j + 1;
+    }
+    let rows_f32 = &scratch.f32s[..n * dim];
+    for (d, lanes) in panel[..dim * nr].chunks_exact_mut(nr).enumerate() {
+        for (j, lane) in lanes[..n].iter_mut().enumerate() {
+            *lane = rows_f32[j * dim + d];
         }
+        lanes[n..].fill(0.0);
     }
 }
 

@@ -1,0 +1,273 @@
+//! Quantized search: compact codes of the database, scanned for a shortlist per query, whose
+//! rows are then rescored exactly from the float16 store.
+//!
+//! - [`file`]: the codes file (versioned header, store fingerprint, validated sections).
+//! - [`sq8`]: one int8 code per dimension and a per-row scale, scanned with the VNNI kernels.
+//! - [`pq`]: product quantization (k-means in [`kmeans`]), 8-bit codes with float lookup tables
+//!   or 4-bit codes scanned by [`fastscan`] with the lookup tables held in SIMD registers.
+//! - [`rerank`]: exact float32 scores of the shortlisted rows, read in row order.
+//!
+//! All queries share one pass over the codes, as in exact search: threads claim chunks of rows
+//! and keep a top list of `shortlist` approximate scores per query.
+
+pub mod fastscan;
+pub mod file;
+pub mod kmeans;
+pub mod pq;
+pub mod rerank;
+pub mod sq8;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{Error, Result};
+use crate::search::{offer_one, resolve_threads, Control};
+use crate::store::Database;
+use crate::topk::{Hit, TopK};
+pub use file::{CodesFile, Header, Kind};
+
+/// Rows a thread claims at once (a multiple of every code layout's block of 32).
+const CHUNK_ROWS: usize = 16384;
+
+/// How a code kind scores a range of rows approximately for every query.
+pub trait Scan: Sync {
+    /// Offers the approximate scores of rows `lo..hi` (`lo` a multiple of 32) to `tops[q]`.
+    fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>);
+}
+
+pub struct CodeSearch<'a> {
+    pub k: usize,
+    /// Candidates kept per query from the codes (at least `k`).
+    pub shortlist: usize,
+    /// Rescore the shortlist exactly (else the approximate scores are returned).
+    pub rerank: bool,
+    pub threads: usize,
+    /// Only rows with `keep[r]` can be returned.
+    pub keep: Option<&'a [bool]>,
+}
+
+/// What a quantized search returns: per query the `k` best `(score, row)`, and timings.
+pub struct Found {
+    pub hits: Vec<Vec<Hit>>,
+    pub scan_seconds: f64,
+    pub rerank_seconds: f64,
+}
+
+/// Searches `nq` float32 queries with the codes of `db`.
+pub fn search(
+    codes: &CodesFile,
+    db: &Database,
+    queries: &[f32],
+    nq: usize,
+    opts: &CodeSearch,
+    control: &Control,
+) -> Result<Found> {
+    let h = &codes.header;
+    if h.dim != db.dim || h.rows != db.rows {
+        return Err(Error::format(
+            &codes.path,
+            format!(
+                "codes of {} rows x {} dims do not belong to this database of {} rows x {} dims",
+                h.rows, h.dim, db.rows, db.dim
+            ),
+        ));
+    }
+    if queries.len() != nq * db.dim || queries.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!(
+            "queries: expected {nq} finite rows of dimension {}",
+            db.dim
+        )));
+    }
+    if opts.k == 0 || opts.k > db.rows {
+        return Err(Error::invalid(format!(
+            "k = {} must be between 1 and the database's {} rows",
+            opts.k, db.rows
+        )));
+    }
+    if let Some(keep) = opts.keep.filter(|k| k.len() != db.rows) {
+        return Err(Error::invalid(format!(
+            "keep: {} flags for a database of {} rows",
+            keep.len(),
+            db.rows
+        )));
+    }
+    let shortlist = opts.shortlist.clamp(opts.k, db.rows);
+    let t0 = std::time::Instant::now();
+    let scanner: Box<dyn Scan> = match h.kind {
+        Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
+        Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
+        Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
+    };
+    let tops = scan_all(&*scanner, db.rows, nq, shortlist, opts, control)?;
+    let scan_seconds = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let hits = if opts.rerank {
+        let lists: Vec<Vec<u64>> = tops
+            .into_iter()
+            .map(|t| t.into_sorted().into_iter().map(|h| h.1).collect())
+            .collect();
+        rerank::rerank(db, queries, &lists, opts.k, opts.threads, control)?
+    } else {
+        tops.into_iter()
+            .map(|t| {
+                let mut v = t.into_sorted();
+                v.truncate(opts.k);
+                v
+            })
+            .collect()
+    };
+    Ok(Found {
+        hits,
+        scan_seconds,
+        rerank_seconds: t1.elapsed().as_secs_f64(),
+    })
+}
+
+/// One pass over all rows: threads claim chunks and keep their own top lists, merged at the end.
+fn scan_all(
+    scanner: &dyn Scan,
+    rows: usize,
+    nq: usize,
+    keep_n: usize,
+    opts: &CodeSearch,
+    control: &Control,
+) -> Result<Vec<TopK>> {
+    let chunks = rows.div_ceil(CHUNK_ROWS);
+    let next = AtomicUsize::new(0);
+    let threads = resolve_threads(opts.threads).min(chunks);
+    let parts: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(keep_n)).collect();
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks {
+                            return Ok(tops);
+                        }
+                        if control.cancel.load(Ordering::Relaxed) {
+                            return Err(Error::Cancelled);
+                        }
+                        let (lo, hi) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
+                        scanner.scan(lo, hi, &mut tops, opts.keep);
+                        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a scan thread panicked")))
+            })
+            .collect()
+    });
+    let mut merged: Option<Vec<TopK>> = None;
+    for part in parts {
+        let part = part?;
+        merged = Some(match merged {
+            None => part,
+            Some(mut acc) => {
+                for (a, p) in acc.iter_mut().zip(part) {
+                    a.absorb(p);
+                }
+                acc
+            }
+        });
+    }
+    Ok(merged.unwrap_or_default())
+}
+
+/// Offers one query's approximate scores of consecutive rows from `first`.
+#[inline]
+pub(crate) fn offer(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>) {
+    offer_one(top, scores, first, keep, f32::NEG_INFINITY);
+}
+
+/// Float32 rows `lo..hi` of the database, row-major (for training and encoding).
+pub(crate) fn widen_rows(db: &Database, rows: impl Iterator<Item = usize>, out: &mut Vec<f32>) {
+    use half::f16;
+    out.clear();
+    for r in rows {
+        let (bytes, dtype) = db.row(r);
+        match dtype {
+            crate::store::DType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            crate::store::DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+        }
+    }
+}
+
+/// Runs `work(lo, hi)` over `0..rows` in chunks of `CHUNK_ROWS` on `threads` threads,
+/// counting progress and honouring cancellation (for building codes).
+pub(crate) fn for_chunks(
+    rows: usize,
+    threads: usize,
+    control: &Control,
+    work: impl Fn(usize, usize) -> Result<()> + Sync,
+) -> Result<()> {
+    let chunks = rows.div_ceil(CHUNK_ROWS);
+    let next = AtomicUsize::new(0);
+    let threads = resolve_threads(threads).min(chunks.max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= chunks {
+                        return Ok(());
+                    }
+                    if control.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                    let (lo, hi) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
+                    work(lo, hi)?;
+                    control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::invalid("internal error: a build thread panicked")))
+        })
+    })
+}
+
+/// Builds the codes of `kind` for every row of `db` into `path`.
+pub fn build(
+    db: &Database,
+    kind: Kind,
+    path: &std::path::Path,
+    fingerprint: &str,
+    opts: &pq::Training,
+    control: &Control,
+) -> Result<()> {
+    if fingerprint.len() > 128 {
+        return Err(Error::invalid("fingerprint: at most 128 bytes"));
+    }
+    let header = Header {
+        kind,
+        dim: db.dim,
+        rows: db.rows,
+        fingerprint: fingerprint.to_string(),
+    };
+    match kind {
+        Kind::Sq8 => sq8::build(db, &header, path, opts.threads, control),
+        Kind::Pq { m, .. } => {
+            if !db.dim.is_multiple_of(m) {
+                return Err(Error::invalid(format!(
+                    "pq{m}: the dimension {} is not a multiple of {m} subquantizers",
+                    db.dim
+                )));
+            }
+            pq::build(db, &header, path, opts, control)
+        }
+    }
+}
