@@ -17,6 +17,7 @@ COMMANDS = {
     "export": "export",
     "info": "info",
     "search": "search",
+    "index": "index",
     "evaluate": "evaluate",
     "models": "models",
     "extract": "extract",

@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["exact", "float32"], default="exact",
                    help="exact: fastest exact path (int8 first pass where the CPU has VNNI); float32: plain (same results)")
     p.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto", help="kernel path")
+    p.add_argument("--codes", metavar="KIND|PATH",
+                   help="search with quantized codes (see `ilias index`): a shortlist rescored exactly")
+    p.add_argument("--shortlist", type=int, metavar="N", help="with --codes: candidates per query (default: 2k sq8, 10k pq)")
+    p.add_argument("--no-rerank", action="store_true", help="with --codes: return the approximate scores")
+    p.add_argument("--measure-recall", type=int, nargs="?", const=100, metavar="N",
+                   help="check recall@k against exact search on N sampled queries (default 100) and print it")
     p.add_argument("--format", choices=["npz", "json", "pickle"], help="output format (default: from the suffix)")
     p.set_defaults(run=run)
 
@@ -68,7 +74,9 @@ def run(args) -> int:
     out = Path(args.out)
     fmt = args.format or {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(out.suffix.lower(), "npz")
     common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)
-    if args.tier:
+    if args.codes:
+        found, outputs = _search_codes(args, queries, db, out), {"": out}
+    elif args.tier:
         if args.mini:
             raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
         tiers = [parse_tier(t, db) for t in args.tier]
@@ -88,4 +96,23 @@ def run(args) -> int:
             results.save(path)
         rows = results.info.get("tier_rows", sum(p.count for p in results.database))
         print(f"{path}: {len(results):,} queries x {rows:,} rows, k={args.k}, {results.info['seconds']:.1f}s")
+    if args.measure_recall:
+        from ..index import measure_recall
+
+        results = found[next(iter(found))]
+        keep = parse_tier(f"mini={args.mini}", db).keep if args.mini else None
+        r = measure_recall(results, queries, db, sample=args.measure_recall, threads=args.threads, keep=keep)
+        print(f"recall@{r['k']} against exact search on {r['queries']} queries: {r['recall']:.4f} "
+              f"(lowest {r['min']:.4f}; exact search of the sample took {r['exact_seconds']:.1f}s)")
     return 0
+
+
+def _search_codes(args, queries, db, out) -> dict:
+    from ..index import search_codes
+
+    if args.tier:
+        raise ValueError("--codes: tiers are answered by exact search only; use --mini for mini-ILIAS")
+    keep = parse_tier(f"mini={args.mini}", db).keep if args.mini else None
+    results = search_codes(queries, db, args.codes, args.k, shortlist=args.shortlist, rerank=not args.no_rerank,
+                           keep=keep, threads=args.threads, progress=True)
+    return {"": results}
