@@ -46,6 +46,15 @@ class RunConfig:
     batch_size: int = 32
     workers: int = 4
     threads: int = 0
+    prefixes: tuple[int, ...] = (10**6, 10**7)  # tiers: positives plus the first N distractors
+
+
+def tier_name(distractors: int) -> str:
+    """"+1M" for positives plus the first 1,000,000 distractors (k, M, B)."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if distractors >= size and distractors % (size // 1000 or 1) == 0:
+            return f"+{distractors / size:g}{unit}"
+    return f"+{distractors:,}"
 
 
 def _complete(path: Path) -> bool:
@@ -86,9 +95,11 @@ def _write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=1))
 
 
-def run(cfg: RunConfig, spec=None, say=print) -> dict:
+def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     """Runs (or finishes) the benchmark described by `cfg`; `spec` overrides the registry entry
-    of `cfg.model` (a ModelSpec, e.g. a small model for tests). Returns the run record."""
+    of `cfg.model` (a ModelSpec, e.g. a small model for tests). `features(stores_dir)`, when
+    given, replaces the extraction step (the demo's numpy model): it makes sure that the stores
+    are there and returns what it did. Returns the run record."""
     from .evaluate import evaluate, load_ground_truth, read_id_list
     from .report import build_report, write_html, write_json, write_markdown
     from .search import Tier, mini_ilias_keep, search_tiers
@@ -113,13 +124,16 @@ def run(cfg: RunConfig, spec=None, say=print) -> dict:
         return result
 
     stores = out / "stores"
-    step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say))
+    if features is not None:
+        step("features", lambda: features(stores))
+    else:
+        step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say))
     gt = load_ground_truth(data)
     queries = [Store.open(stores / k) for k in ("image_queries", "text_queries") if (stores / k).exists()]
     db = [Store.open(stores / "positives")] + ([Store.open(stores / "distractors")] if (stores / "distractors").exists() else [])
     n_pos, total = db[0].count, sum(s.count for s in db)
 
-    tiers = [Tier(name, n_pos + n, setting="") for name, n in (("+1M", 10**6), ("+10M", 10**7)) if n_pos + n < total]
+    tiers = [Tier(tier_name(n), n_pos + n, setting="") for n in cfg.prefixes if n_pos + n < total]
     if cfg.distractors == "full" and len(db) > 1 and mini_list.exists():
         tiers.append(Tier("mini", None, mini_ilias_keep(db, read_id_list(mini_list)), setting="mini"))
     tiers.append(Tier("all", setting="mini" if cfg.distractors == "mini" else None))
@@ -164,9 +178,9 @@ def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> l
     folders and the distractor tars (only the members shown), for the report's thumbnails."""
     import tarfile
 
-    from .extract import tar_sources
-
-    tar_paths = {Path(s.path).name: s.path for s in tar_sources(tars)} if tars else {}
+    # the tars as `ilias.extract.tar_sources` lists them, without importing it (it needs torch)
+    listed = [p for t in map(Path, tars or []) for p in (sorted(t.glob("*.tar")) if t.is_dir() else [t])]
+    tar_paths = {p.name: p for p in listed}
     opened: dict = {}
 
     def image(item_id: str):
@@ -177,10 +191,15 @@ def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> l
             return None
         try:
             tar = opened.setdefault(name, tarfile.open(tar_paths[name], "r:"))
-            f = tar.extractfile(f"{key}.jpg")
-            return f.read() if f else None
-        except (KeyError, OSError, tarfile.TarError):
+        except (OSError, tarfile.TarError):
             return None
+        for ext in ("jpg", "png", "jpeg", "webp"):  # the sample's image member, as webdataset names it
+            try:
+                f = tar.extractfile(f"{key}.{ext}")
+            except (KeyError, OSError, tarfile.TarError):
+                continue
+            return f.read() if f else None
+        return None
 
     positives = set(gt.positives)
     rows, seen = [], set()
