@@ -22,10 +22,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the pipeline on built-in demo data", description=__doc__)
     p.add_argument("--out", type=Path, default=None, help=f"work folder (default {_default_dir()})")
     p.add_argument("--distractors", type=int, default=1_000_000, help="distractor store rows (default 1,000,000)")
-    p.add_argument("--distractor-images", type=int, default=6000,
-                   help="distractor images rendered into the tars (default 6,000)")
-    p.add_argument("--instances", type=int, default=1000,
-                   help="object instances (default 1,000; queries and positives scale with them)")
+    p.add_argument(
+        "--distractor-images", type=int, default=6000, help="distractor images rendered into the tars (default 6,000)"
+    )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1000,
+        help="object instances (default 1,000; queries and positives scale with them)",
+    )
     p.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
     p.set_defaults(run=run)
 
@@ -38,13 +43,20 @@ def run(args) -> int:
     if not 1 <= n <= 1000:
         raise ValueError(f"--instances: 1 to 1000, got {n}")
     # the real ratios: 1,232 image queries and 4,715 positives for 1,000 instances
-    config = DemoConfig(instances=n, image_queries=n * 1232 // 1000, positives=n * 4715 // 1000,
-                        distractor_images=args.distractor_images, distractors=args.distractors)
+    config = DemoConfig(
+        instances=n,
+        image_queries=n * 1232 // 1000,
+        positives=n * 4715 // 1000,
+        distractor_images=args.distractor_images,
+        distractors=args.distractors,
+    )
     out = args.out or _default_dir()
     record = run_demo(out, config, threads=args.threads)
     print()
-    print(f"ILIAS-shaped demo ({n:,} generated instances, model {record['config']['model']}), "
-          f"mAP@1k in percent, in {record['seconds']:.0f}s")
+    print(
+        f"ILIAS-shaped demo ({n:,} generated instances, model {record['config']['model']}), "
+        f"mAP@1k in percent, in {record['seconds']:.0f}s"
+    )
     print(f"{'database':<10}{'rows':>12}{'image-to-image':>16}{'text-to-image':>15}")
     for name, r in record["results"].items():
         print(f"{name:<10}{r['rows']:>12,}{r.get('i2i', float('nan')):>16.2f}{r.get('t2i', float('nan')):>15.2f}")

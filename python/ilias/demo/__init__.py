@@ -53,7 +53,9 @@ class DemoConfig:
         if self.distractor_images < 1000:
             raise ValueError(f"distractor_images: at least 1000 (they teach the model), got {self.distractor_images}")
         if self.distractors < self.distractor_images:
-            raise ValueError(f"distractors: at least the {self.distractor_images} distractor images, got {self.distractors}")
+            raise ValueError(
+                f"distractors: at least the {self.distractor_images} distractor images, got {self.distractors}"
+            )
 
 
 def _stamp_matches(path: Path, want: dict) -> bool:
@@ -117,8 +119,9 @@ def _features_step(data: Path, config: DemoConfig, progress: bool):
     return step
 
 
-def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, progress: bool = True,
-        say=print) -> dict:
+def run(
+    root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, progress: bool = True, say=print
+) -> dict:
     """Builds (once) and runs the demo; returns the pipeline's run record plus `seconds`."""
     from ..pipeline import RunConfig
     from ..pipeline import run as run_pipeline
@@ -126,8 +129,14 @@ def run(root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, p
     root = Path(root)
     t0 = time.monotonic()
     data = build(root, config, progress)
-    cfg = RunConfig(model=MODEL_NAME, data=str(data), out=str(root), tars=[str(data / "distractors")],
-                    threads=threads, prefixes=tuple(n for n in PREFIX_TIERS if n < config.distractors))
+    cfg = RunConfig(
+        model=MODEL_NAME,
+        data=str(data),
+        out=str(root),
+        tars=[str(data / "distractors")],
+        threads=threads,
+        prefixes=tuple(n for n in PREFIX_TIERS if n < config.distractors),
+    )
     record = run_pipeline(cfg, say=say, features=_features_step(data, config, progress))
     record["seconds"] = time.monotonic() - t0
     return record

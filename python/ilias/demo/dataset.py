@@ -8,7 +8,7 @@
     <data>/distractors/distractors_iiiii.tar   webdataset shards: <key>.png + <key>.json per sample
 
 Images are PNG, not JPEG: the core install has no JPEG codec (see png.py). Scale is the area of
-the object's box over the image's, clutter the scene's clutter value (about four times the number
+the object's box over the image's, clutter the scene's clutter value (about six times the number
 of other objects drawn), both drawn so that the real group boundaries split them about evenly.
 The mini-ILIAS list is written later, with the distractor store (it names sampled rows too).
 """
@@ -27,10 +27,48 @@ import numpy as np
 from .._io import atomic_write
 from . import draw, png
 
-ADJECTIVES = ["bold", "brisk", "calm", "dapper", "eager", "fuzzy", "gentle", "humble", "jolly", "keen",
-              "lucky", "mellow", "nimble", "plucky", "quirky", "rustic", "snappy", "tidy", "witty", "zippy"]
-NOUNS = ["bimp", "dorble", "fizzwick", "glimmer", "hobnob", "jibber", "kerfuffle", "lollop", "mumble",
-         "noodle", "pompom", "quibble", "rumpus", "snickle", "tootle", "wobble", "yodel", "zootlenibble"]
+ADJECTIVES = [
+    "bold",
+    "brisk",
+    "calm",
+    "dapper",
+    "eager",
+    "fuzzy",
+    "gentle",
+    "humble",
+    "jolly",
+    "keen",
+    "lucky",
+    "mellow",
+    "nimble",
+    "plucky",
+    "quirky",
+    "rustic",
+    "snappy",
+    "tidy",
+    "witty",
+    "zippy",
+]
+NOUNS = [
+    "bimp",
+    "dorble",
+    "fizzwick",
+    "glimmer",
+    "hobnob",
+    "jibber",
+    "kerfuffle",
+    "lollop",
+    "mumble",
+    "noodle",
+    "pompom",
+    "quibble",
+    "rumpus",
+    "snickle",
+    "tootle",
+    "wobble",
+    "yodel",
+    "zootlenibble",
+]
 QUERY_SIDE = 96  # image queries: square
 SCENE_SIZE = (96, 128)  # positives and distractors: landscape or portrait
 PER_TAR = 1000
@@ -69,8 +107,15 @@ def _scene_size(rng: np.random.Generator) -> tuple[int, int]:
 def _instances(n: int, rng: np.random.Generator) -> list[draw.Instance]:
     """n objects with distinct words (shape, colours, pattern): each text query names one object."""
     combos = [(s, c, "plain", c) for s in draw.SHAPES for c in draw.COLOURS]
-    combos += [(s, c, p, pc) for s in draw.SHAPES for c in draw.COLOURS for p in draw.PATTERNS if p != "plain"
-               for pc in draw.COLOURS if pc != c]
+    combos += [
+        (s, c, p, pc)
+        for s in draw.SHAPES
+        for c in draw.COLOURS
+        for p in draw.PATTERNS
+        if p != "plain"
+        for pc in draw.COLOURS
+        if pc != c
+    ]
     if n > len(combos):
         raise ValueError(f"at most {len(combos)} instances, got {n}")
     picked = rng.choice(len(combos), n, replace=False)
@@ -130,9 +175,9 @@ def distractor_image(rng: np.random.Generator) -> np.ndarray:
     h, w = _scene_size(rng)
     kind = rng.random()
     scale, clutter = scale_and_clutter(rng)
-    if kind < 0.2:
+    if kind < 0.1:
         image, _ = draw.scene_view(rng, draw.random_instance(rng), h, w, scale, clutter)
-    elif kind < 0.3:
+    elif kind < 0.15:
         image, _ = draw.query_view(rng, draw.random_instance(rng), QUERY_SIDE)
     else:
         image, _ = draw.scene_view(rng, None, h, w, scale, clutter)

@@ -31,7 +31,7 @@ import numpy as np
 from . import draw
 
 NAME = "demo-handcrafted"
-DIM = 256
+DIM = 512
 _HUES, _GREYS = 12, 4
 _BINS = 2 * _HUES + _GREYS
 _OFFSETS = (2, 4)  # correlogram distances, pixels
@@ -106,7 +106,11 @@ def describe_raw(images: np.ndarray) -> np.ndarray:
     n, h, w, _ = images.shape
 
     bins, weights, hard = _colour_table()
-    colour = ((images[..., 0] >> 3).astype(np.int32) << 10) | ((images[..., 1] >> 3).astype(np.int32) << 5) | (images[..., 2] >> 3)
+    colour = (
+        ((images[..., 0] >> 3).astype(np.int32) << 10)
+        | ((images[..., 1] >> 3).astype(np.int32) << 5)
+        | (images[..., 2] >> 3)
+    )
     labels = hard[colour]
     cells = _cells(n, h, w, 2)[..., None]
     quads = _binned(cells, bins[colour], weights[colour], n * 4, _BINS).reshape(n, 4, _BINS)
@@ -132,8 +136,9 @@ def describe_raw(images: np.ndarray) -> np.ndarray:
     o_lo = np.floor(o).astype(np.int64) % 8
     o_frac = o - np.floor(o)
     cells = _cells(n, h, w, 4)
-    fine = (_binned(cells, o_lo, mag * (1 - o_frac), n * 16, 8)
-            + _binned(cells, (o_lo + 1) % 8, mag * o_frac, n * 16, 8)).reshape(n, 4, 4, 8)
+    fine = (
+        _binned(cells, o_lo, mag * (1 - o_frac), n * 16, 8) + _binned(cells, (o_lo + 1) % 8, mag * o_frac, n * 16, 8)
+    ).reshape(n, 4, 4, 8)
     quads = fine.reshape(n, 2, 2, 2, 2, 8).sum(axis=(2, 4)).reshape(n, 4, 8)
     hog = np.concatenate([fine.sum(axis=(1, 2))[:, None], quads, fine.reshape(n, 16, 8)], axis=1) + 1e-3
 
@@ -151,8 +156,18 @@ def parse_description(text: str) -> tuple[str, str, str, str]:
     """(shape, colour, pattern, pattern colour) named in `text`; the first colour is the body's,
     a colour after "with" is the pattern's. Unknown words are ignored."""
     words = [w.strip(".,;:!?\"'()").lower() for w in text.split()]
-    words = [{"gray": "grey", "circle": "disc", "stripe": "stripes", "dot": "dots", "check": "checks",
-              "ring": "ring", "zigzag": "zigzags"}.get(w, w) for w in words]
+    words = [
+        {
+            "gray": "grey",
+            "circle": "disc",
+            "stripe": "stripes",
+            "dot": "dots",
+            "check": "checks",
+            "ring": "ring",
+            "zigzag": "zigzags",
+        }.get(w, w)
+        for w in words
+    ]
     after_with = words.index("with") if "with" in words else len(words)
     shape = next((w for w in words if w in draw.SHAPES), "disc")
     pattern = next((w for w in words[after_with:] if w in draw.PATTERNS), "plain")
@@ -184,8 +199,8 @@ class DemoModel:
 
     @classmethod
     def fit(cls, raw: np.ndarray, dim: int = DIM) -> "DemoModel":
-        if len(raw) < 2 * dim:
-            raise ValueError(f"whitening needs at least {2 * dim} distractor images, got {len(raw)}")
+        if len(raw) <= dim:
+            raise ValueError(f"whitening to {dim} dimensions needs more than {dim} distractor images, got {len(raw)}")
         raw = raw.astype(np.float64)
         mean = raw.mean(0)
         values, vectors = np.linalg.eigh(np.cov(raw - mean, rowvar=False))

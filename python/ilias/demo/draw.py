@@ -37,8 +37,8 @@ PALETTE = {
 COLOURS = list(PALETTE)
 SHAPES = ["disc", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon"]
 PATTERNS = ["plain", "stripes", "checks", "dots", "rings", "zigzags"]
-# a scene of clutter value c (the ground truth's measure) shows about c / 4 other objects
-CLUTTER_PER_OBJECT = 4
+# a scene of clutter value c (the ground truth's measure) shows about c / 6 other objects
+CLUTTER_PER_OBJECT = 6
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,15 @@ def random_instance(rng: np.random.Generator, combo: tuple[str, str, str, str] |
         shape, colour, pattern, pattern_colour = combo
     jitter = lambda name: tuple(np.clip(np.array(PALETTE[name]) + rng.normal(0, 0.06, 3), 0, 1).tolist())
     return Instance(
-        str(shape), str(colour), str(pattern), str(pattern_colour), jitter(colour), jitter(pattern_colour),
-        float(rng.uniform(2.0, 5.0)), float(rng.uniform(0, np.pi)), float(np.exp(rng.uniform(-0.3, 0.3))),
+        str(shape),
+        str(colour),
+        str(pattern),
+        str(pattern_colour),
+        jitter(colour),
+        jitter(pattern_colour),
+        float(rng.uniform(2.0, 5.0)),
+        float(rng.uniform(0, np.pi)),
+        float(np.exp(rng.uniform(-0.3, 0.3))),
     )
 
 
@@ -125,8 +132,9 @@ def _pattern_mask(inst: Instance, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown pattern {p!r}")
 
 
-def draw_object(canvas: np.ndarray, inst: Instance, cx: float, cy: float, size: float, rotation: float,
-                gain: float = 1.0) -> tuple[int, int, int, int] | None:
+def draw_object(
+    canvas: np.ndarray, inst: Instance, cx: float, cy: float, size: float, rotation: float, gain: float = 1.0
+) -> tuple[int, int, int, int] | None:
     """Draws `inst` centred at (cx, cy), `size` pixels from centre to edge along its height.
     Returns the tight box (x, y, w, h) of the pixels drawn, None if none fell inside the canvas."""
     h_img, w_img = canvas.shape[:2]
@@ -163,7 +171,7 @@ def clean_background(rng: np.random.Generator, height: int, width: int) -> np.nd
 
 
 def busy_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A scene's backdrop: a muted gradient between two random colours, with some grain."""
+    """A scene's backdrop: a muted gradient between two random colours."""
     grey = rng.uniform(0.3, 0.8)
     a = grey + 0.35 * (rng.uniform(0, 1, 3) - 0.5)
     b = grey + 0.35 * (rng.uniform(0, 1, 3) - 0.5)
@@ -171,14 +179,14 @@ def busy_background(rng: np.random.Generator, height: int, width: int) -> np.nda
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     t = (xs * np.cos(angle) + ys * np.sin(angle)) / max(height, width)
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-    img = a + (b - a) * t[..., None] + rng.normal(0, 0.02, (height, width, 3))
+    img = a + (b - a) * t[..., None]
     return np.clip(img, 0, 1).astype(np.float32)
 
 
 def clutter_object(rng: np.random.Generator) -> Instance:
     """Everyday stuff: mostly plain, often dull objects, sometimes as patterned as an instance."""
     inst = random_instance(rng)
-    if rng.random() < 0.6:
+    if rng.random() < 0.8:
         inst = replace(inst, pattern="plain")
     dull = rng.uniform(0, 0.6)
     mute = lambda rgb: tuple((1 - dull) * np.asarray(rgb) + dull * float(np.mean(rgb)))
@@ -190,8 +198,15 @@ def add_clutter(rng: np.random.Generator, canvas: np.ndarray, count: int, max_si
     h, w = canvas.shape[:2]
     for _ in range(count):
         size = max_size * rng.uniform(0.2, 1.0) ** 1.5
-        draw_object(canvas, clutter_object(rng), rng.uniform(0, w), rng.uniform(0, h), max(size, 1.5),
-                    rng.uniform(0, 2 * np.pi), rng.uniform(0.7, 1.2))
+        draw_object(
+            canvas,
+            clutter_object(rng),
+            rng.uniform(0, w),
+            rng.uniform(0, h),
+            max(size, 1.5),
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(0.7, 1.2),
+        )
 
 
 def query_view(rng: np.random.Generator, inst: Instance, side: int) -> tuple[np.ndarray, tuple]:
@@ -199,13 +214,21 @@ def query_view(rng: np.random.Generator, inst: Instance, side: int) -> tuple[np.
     img = clean_background(rng, side, side)
     size = side * rng.uniform(0.28, 0.38)
     jitter = side * 0.06
-    box = draw_object(img, inst, side / 2 + rng.uniform(-jitter, jitter), side / 2 + rng.uniform(-jitter, jitter),
-                      size, rng.uniform(-0.5, 0.5), rng.uniform(0.85, 1.15))
+    box = draw_object(
+        img,
+        inst,
+        side / 2 + rng.uniform(-jitter, jitter),
+        side / 2 + rng.uniform(-jitter, jitter),
+        size,
+        rng.uniform(-0.5, 0.5),
+        rng.uniform(0.85, 1.15),
+    )
     return to_uint8(img), box
 
 
-def scene_view(rng: np.random.Generator, inst: Instance | None, height: int, width: int, scale: float,
-               clutter: int) -> tuple[np.ndarray, tuple | None]:
+def scene_view(
+    rng: np.random.Generator, inst: Instance | None, height: int, width: int, scale: float, clutter: int
+) -> tuple[np.ndarray, tuple | None]:
     """A cluttered scene: `clutter` other objects around, the object (if any) covering about
     `scale` of the image with its box, and a few objects drawn over it (occlusion)."""
     img = busy_background(rng, height, width)

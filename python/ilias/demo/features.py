@@ -110,8 +110,13 @@ def extract(data: Path, stores: Path, distractors: int, seed: int, progress=None
     model = DemoModel.fit(raw_d)
     stores.mkdir(parents=True, exist_ok=True)
     model.save(stores / "model.npz")
-    prov = {"model": NAME, "transform": "none (handcrafted descriptor, any size)", "resolution": None,
-            "whitening": "PCA whitening learned on the distractor images of the tars", "complete": True}
+    prov = {
+        "model": NAME,
+        "transform": "none (handcrafted descriptor, any size)",
+        "resolution": None,
+        "whitening": "PCA whitening learned on the distractor images of the tars",
+        "complete": True,
+    }
 
     def write(name, vectors, row_ids, dtype="float16"):
         with StoreWriter(stores / name, DIM, dtype=dtype, normalized=True, provenance=prov, resume=False) as w:
@@ -128,13 +133,17 @@ def extract(data: Path, stores: Path, distractors: int, seed: int, progress=None
     extra = max(0, distractors - len(tar_ids))
     keys = sampled_keys(extra)
     rng = np.random.default_rng([seed, 2])
-    sampled_prov = {**prov, "sampled": f"{extra} rows after the first {len(tar_ids)}: smoothed bootstrap of their features"}
-    with StoreWriter(stores / "distractors", DIM, shard_rows=250_000, normalized=True, provenance=sampled_prov,
-                     resume=False) as w:
+    sampled_prov = {
+        **prov,
+        "sampled": f"{extra} rows after the first {len(tar_ids)}: smoothed bootstrap of their features",
+    }
+    with StoreWriter(
+        stores / "distractors", DIM, shard_rows=250_000, normalized=True, provenance=sampled_prov, resume=False
+    ) as w:
         w.append(model.embed(raw_d), tar_ids)
         lo = 0
         for rows in sample_like(real, extra, rng):
-            w.append(rows, [f"{SAMPLED}/{k}" for k in keys[lo:lo + len(rows)]])
+            w.append(rows, [f"{SAMPLED}/{k}" for k in keys[lo : lo + len(rows)]])
             lo += len(rows)
             if progress:
                 progress.update(len(rows))

@@ -33,7 +33,12 @@ def encode(image: np.ndarray, level: int = 6) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=up[1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
     raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _chunk(b"IEND", b"")
+    return (
+        SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -42,8 +47,8 @@ def decode(data: bytes) -> np.ndarray:
         raise ValueError("not a PNG file")
     pos, header, idat = len(SIGNATURE), None, []
     while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
@@ -55,8 +60,10 @@ def decode(data: bytes) -> np.ndarray:
         raise ValueError("truncated PNG file (no header or no image data)")
     w, h, depth, colour, _, _, interlace = header
     if depth != 8 or colour not in _CHANNELS or interlace:
-        raise ValueError(f"unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace}); "
-                         "the demo reads 8-bit grey, RGB and RGBA, not interlaced")
+        raise ValueError(
+            f"unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace}); "
+            "the demo reads 8-bit grey, RGB and RGBA, not interlaced"
+        )
     c = _CHANNELS[colour]
     try:
         raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)

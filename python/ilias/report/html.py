@@ -318,7 +318,8 @@ def _item(image, alt: str, caption: str, kind: str) -> str:
 
 def _thumbnail(image) -> str | None:
     """A ~128 px JPEG as a data URI, so the report stays one small file; None (the id is shown
-    instead) without Pillow or when the file is missing or unreadable: a report is still useful.
+    instead) when the file is missing or unreadable: a report is still useful. Without Pillow,
+    small PNG and JPEG files (the demo's images) go in as they are, the browser scales them.
     `image`: a path, or the encoded bytes (a member of a tar)."""
     if isinstance(image, bytes):
         source = io.BytesIO(image)
@@ -329,7 +330,7 @@ def _thumbnail(image) -> str | None:
     try:
         from PIL import Image
     except ImportError:
-        return None
+        return _as_is(image)
     try:
         with Image.open(source) as im:
             im = im.convert("RGB")
@@ -339,3 +340,19 @@ def _thumbnail(image) -> str | None:
     except (OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_AS_IS_BYTES = 64 << 10
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+
+def _as_is(image) -> str | None:
+    """The file itself as a data URI if it is a PNG or JPEG of at most 64 KiB, else None."""
+    try:
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    except OSError:
+        return None
+    mime = next((m for sig, m in _SIGNATURES.items() if data.startswith(sig)), None)
+    if mime is None or len(data) > _AS_IS_BYTES:
+        return None
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
