@@ -49,8 +49,8 @@ type Found<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<i64>>, Bound<'
 type Found2<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyDict>);
 type Floats<'py> = Bound<'py, numpy::PyArray1<f64>>;
 
-/// Runs `work` without the GIL on a scoped thread; every 100 ms calls `progress(done)` and
-/// checks for signals, setting `control.cancel` when one raises.
+/// Runs `work` without the GIL on a scoped thread; until it ends, every 100 ms calls
+/// `progress(done)` and checks for signals, setting `control.cancel` when one raises.
 fn run_watched<T: Send>(
     py: Python<'_>,
     control: &Control,
@@ -58,10 +58,30 @@ fn run_watched<T: Send>(
     work: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
     let mut pending: Option<PyErr> = None;
+    let done = (std::sync::Mutex::new(false), std::sync::Condvar::new());
     let result = std::thread::scope(|scope| {
-        let handle = scope.spawn(work);
-        while !handle.is_finished() {
-            py.allow_threads(|| std::thread::sleep(Duration::from_millis(100)));
+        let handle = scope.spawn(|| {
+            // flags the end even when `work` panics, so that the wait below always ends
+            struct Flag<'a>(&'a (std::sync::Mutex<bool>, std::sync::Condvar));
+            impl Drop for Flag<'_> {
+                fn drop(&mut self) {
+                    *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    self.0 .1.notify_all();
+                }
+            }
+            let _flag = Flag(&done);
+            work()
+        });
+        // wakes at once when the work ends, else every 100 ms
+        let finished = || {
+            let guard = done.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (guard, _) = done
+                .1
+                .wait_timeout_while(guard, Duration::from_millis(100), |d| !*d)
+                .unwrap_or_else(|e| e.into_inner());
+            *guard
+        };
+        while !py.allow_threads(finished) {
             if pending.is_none() {
                 let polled = py.check_signals().and_then(|_| match progress {
                     Some(cb) => cb.call1((control.done_rows.load(Ordering::Relaxed),)).map(|_| ()),

@@ -14,7 +14,7 @@ use super::{offer, Scan};
 use crate::topk::TopK;
 
 /// Blocks scored per query before moving to the next query (their codes stay in L1/L2).
-const TILE_BLOCKS: usize = 16;
+const TILE_BLOCKS: usize = 32;
 
 pub struct FastScan<'a> {
     codes: &'a [u8],
@@ -87,23 +87,67 @@ impl<'a> FastScan<'a> {
         }
     }
 
-    /// The 16-bit table sums of the 32 rows of one block for one query.
+    /// The 16-bit table sums of the 32 rows of one block for a group of `G` queries (their
+    /// tables `luts`): `out[i]` is written only when one of query `i`'s sums reaches `mins[i]`,
+    /// and bit `i` of the result says so. After the first blocks most blocks hold no candidate
+    /// and cost no more than their sums; the codes are loaded and split once for the group.
     #[inline]
-    fn sums(&self, block: &[u8], lut: &[u8], out: &mut [u16; BLOCK]) {
-        assert!(block.len() == self.m_even * 16 && lut.len() == block.len());
+    fn sums<const G: usize>(&self, block: &[u8], luts: [&[u8]; G], mins: [u16; G], out: &mut [[u16; BLOCK]; G]) -> u32 {
+        assert!(block.len() == self.m_even * 16 && luts.iter().all(|l| l.len() == block.len()));
+        let ptrs = luts.map(|l| l.as_ptr());
         match self.path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: features detected in `Path::detect`, lengths asserted above.
-            Path::Avx512 => unsafe { x86::sums_avx512(block.as_ptr(), lut.as_ptr(), self.m_even / 2, out) },
+            Path::Avx512 => unsafe { x86::sums_avx512(block.as_ptr(), ptrs, self.m_even / 2, mins, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Path::Avx2 => unsafe { x86::sums_avx2(block.as_ptr(), lut.as_ptr(), self.m_even / 2, out) },
-            _ => sums_scalar(block, lut, out),
+            Path::Avx2 => unsafe { x86::sums_avx2(block.as_ptr(), ptrs, self.m_even / 2, mins, out) },
+            _ => (0..G).fold(0, |bits, i| {
+                bits | (sums_scalar(block, luts[i], mins[i], &mut out[i]) as u32) << i
+            }),
+        }
+    }
+
+    /// Scores blocks `blocks` for the queries of `tops` (a group of `G`, from query `q0`).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_group<const G: usize>(
+        &self,
+        blocks: std::ops::Range<usize>,
+        hi: usize,
+        q0: usize,
+        tops: &mut [TopK],
+        keep: Option<&[bool]>,
+    ) {
+        let block_bytes = self.m_even * 16;
+        let luts: [&[u8]; G] = std::array::from_fn(|i| &self.luts[(q0 + i) * block_bytes..(q0 + i + 1) * block_bytes]);
+        let (bias, delta) = (&self.bias[q0..q0 + G], &self.delta[q0..q0 + G]);
+        let mut mins: [u16; G] = std::array::from_fn(|i| min_sum(tops[i].threshold(), bias[i], delta[i]));
+        let mut sums = [[0u16; BLOCK]; G];
+        let mut scores = [0f32; BLOCK];
+        for b in blocks {
+            let reached = self.sums(
+                &self.codes[b * block_bytes..(b + 1) * block_bytes],
+                luts,
+                mins,
+                &mut sums,
+            );
+            if reached == 0 {
+                continue;
+            }
+            let r0 = b * BLOCK;
+            let n = BLOCK.min(hi - r0);
+            for i in (0..G).filter(|i| reached >> i & 1 == 1) {
+                for (s, &v) in scores.iter_mut().zip(&sums[i]) {
+                    *s = bias[i] + delta[i] * v as f32;
+                }
+                offer(&mut tops[i], &scores[..n], r0, keep);
+                mins[i] = min_sum(tops[i].threshold(), bias[i], delta[i]);
+            }
         }
     }
 }
 
-fn sums_scalar(block: &[u8], lut: &[u8], out: &mut [u16; BLOCK]) {
+fn sums_scalar(block: &[u8], lut: &[u8], min: u16, out: &mut [u16; BLOCK]) -> bool {
     out.fill(0);
     for (codes, table) in block.chunks_exact(16).zip(lut.chunks_exact(16)) {
         for (j, &b) in codes.iter().enumerate() {
@@ -111,27 +155,35 @@ fn sums_scalar(block: &[u8], lut: &[u8], out: &mut [u16; BLOCK]) {
             out[j + 16] += table[(b >> 4) as usize] as u16;
         }
     }
+    out.iter().any(|&v| v >= min)
 }
+
+/// The smallest table sum whose score `bias + delta * sum` may reach `threshold` (one step of
+/// slack covers the rounding of the score).
+#[inline]
+fn min_sum(threshold: f32, bias: f32, delta: f32) -> u16 {
+    let steps = ((threshold - bias) / delta).floor() - 1.0;
+    if steps.is_nan() {
+        0
+    } else {
+        steps.clamp(0.0, u16::MAX as f32) as u16
+    }
+}
+
+/// Queries scored together against each block of codes.
+const GROUP: usize = 2;
 
 impl Scan for FastScan<'_> {
     fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>) {
-        let block_bytes = self.m_even * 16;
         let (first, blocks) = (lo / BLOCK, (hi - lo).div_ceil(BLOCK));
-        let mut sums = [0u16; BLOCK];
-        let mut scores = [0f32; BLOCK];
         for tile in (0..blocks).step_by(TILE_BLOCKS) {
-            for (q, top) in tops.iter_mut().enumerate() {
-                let lut = &self.luts[q * block_bytes..(q + 1) * block_bytes];
-                let (bias, delta) = (self.bias[q], self.delta[q]);
-                for b in first + tile..first + (tile + TILE_BLOCKS).min(blocks) {
-                    self.sums(&self.codes[b * block_bytes..(b + 1) * block_bytes], lut, &mut sums);
-                    let r0 = b * BLOCK;
-                    let n = BLOCK.min(hi - r0);
-                    for (s, &v) in scores.iter_mut().zip(&sums) {
-                        *s = bias + delta * v as f32;
-                    }
-                    offer(top, &scores[..n], r0, keep);
-                }
+            let range = first + tile..first + (tile + TILE_BLOCKS).min(blocks);
+            let whole = tops.len() / GROUP * GROUP;
+            for (g, group) in tops[..whole].chunks_mut(GROUP).enumerate() {
+                self.scan_group::<GROUP>(range.clone(), hi, g * GROUP, group, keep);
+            }
+            for (i, top) in tops[whole..].chunks_mut(1).enumerate() {
+                self.scan_group::<1>(range.clone(), hi, whole + i, top, keep);
             }
         }
     }
@@ -141,133 +193,114 @@ impl Scan for FastScan<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Adds the even bytes and the odd bytes of `v` (as 16-bit lanes) to two accumulators.
-    macro_rules! split_add {
-        ($even:expr, $odd:expr, $v:expr, $and:ident, $srli:ident, $add:ident, $mask:expr) => {
-            $even = $add($even, $and($v, $mask));
-            $odd = $add($odd, $srli::<8>($v));
-        };
+    /// Final sums of one query from four 256-bit accumulators: the low-nibble rows as 16-bit
+    /// words (even row + 256 x odd row, wrapping), their odd rows, and the same for the
+    /// high-nibble rows; lane 0 and lane 1 hold partial sums of the same rows. Written to `out`
+    /// in row order only when one reaches `min`.
+    #[inline(always)]
+    unsafe fn finish(acc: [__m256i; 4], min: u16, out: &mut [u16; 32]) -> bool {
+        let t = acc.map(|a| _mm_add_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a)));
+        // even rows: the words minus 256 x the odd rows (exact: every true sum is below 2^16)
+        let (lo_even, hi_even) = (
+            _mm_sub_epi16(t[0], _mm_slli_epi16::<8>(t[1])),
+            _mm_sub_epi16(t[2], _mm_slli_epi16::<8>(t[3])),
+        );
+        let top = _mm_max_epu16(_mm_max_epu16(lo_even, t[1]), _mm_max_epu16(hi_even, t[3]));
+        // lanes where top >= min: max(top, min) == top
+        let reach = _mm_cmpeq_epi16(_mm_max_epu16(top, _mm_set1_epi16(min as i16)), top);
+        if _mm_movemask_epi8(reach) == 0 {
+            return false;
+        }
+        let o = out.as_mut_ptr() as *mut __m128i;
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(lo_even, t[1]));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(lo_even, t[1]));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(hi_even, t[3]));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(hi_even, t[3]));
+        true
     }
 
-    /// Final sums from four 256-bit accumulators (low-nibble rows even/odd, high-nibble rows
-    /// even/odd), each holding in lane 0 and lane 1 partial sums of the same 8 rows.
+    /// One pair of subquantizers (32 bytes of codes, already split into nibbles) for one query.
     #[inline(always)]
-    unsafe fn finish(acc: [__m256i; 4], out: &mut [u16; 32]) {
-        for (h, pair) in acc.chunks(2).enumerate() {
-            for (parity, &a) in pair.iter().enumerate() {
-                let mut v = [0u16; 16];
-                _mm256_storeu_si256(v.as_mut_ptr() as *mut __m256i, a);
-                for e in 0..8 {
-                    out[h * 16 + 2 * e + parity] = v[e].wrapping_add(v[8 + e]);
-                }
+    unsafe fn pair256(lo: __m256i, hi: __m256i, lut: *const u8, acc: &mut [__m256i; 4]) {
+        let l = _mm256_loadu_si256(lut as *const __m256i);
+        let (vlo, vhi) = (_mm256_shuffle_epi8(l, lo), _mm256_shuffle_epi8(l, hi));
+        acc[0] = _mm256_add_epi16(acc[0], vlo);
+        acc[1] = _mm256_add_epi16(acc[1], _mm256_srli_epi16::<8>(vlo));
+        acc[2] = _mm256_add_epi16(acc[2], vhi);
+        acc[3] = _mm256_add_epi16(acc[3], _mm256_srli_epi16::<8>(vhi));
+    }
+
+    #[inline(always)]
+    unsafe fn split256(codes: *const u8) -> (__m256i, __m256i) {
+        let nib = _mm256_set1_epi8(0x0f);
+        let c = _mm256_loadu_si256(codes as *const __m256i);
+        (
+            _mm256_and_si256(c, nib),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(c), nib),
+        )
+    }
+
+    /// # Safety
+    /// AVX2 available; `codes` and every `luts[i]` hold `pairs * 32` bytes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sums_avx2<const G: usize>(
+        codes: *const u8,
+        luts: [*const u8; G],
+        pairs: usize,
+        mins: [u16; G],
+        out: &mut [[u16; 32]; G],
+    ) -> u32 {
+        let mut acc = [[_mm256_setzero_si256(); 4]; G];
+        for p in 0..pairs {
+            let (lo, hi) = split256(codes.add(p * 32));
+            for i in 0..G {
+                pair256(lo, hi, luts[i].add(p * 32), &mut acc[i]);
             }
         }
+        (0..G).fold(0, |bits, i| bits | (finish(acc[i], mins[i], &mut out[i]) as u32) << i)
     }
 
     /// # Safety
-    /// AVX2 available; `codes` and `lut` hold `pairs * 32` bytes.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn sums_avx2(codes: *const u8, lut: *const u8, pairs: usize, out: &mut [u16; 32]) {
-        let nib = _mm256_set1_epi8(0x0f);
-        let low = _mm256_set1_epi16(0x00ff);
-        let mut acc = [_mm256_setzero_si256(); 4];
-        for p in 0..pairs {
-            let c = _mm256_loadu_si256(codes.add(p * 32) as *const __m256i);
-            let l = _mm256_loadu_si256(lut.add(p * 32) as *const __m256i);
-            let vlo = _mm256_shuffle_epi8(l, _mm256_and_si256(c, nib));
-            let vhi = _mm256_shuffle_epi8(l, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nib));
-            split_add!(
-                acc[0],
-                acc[1],
-                vlo,
-                _mm256_and_si256,
-                _mm256_srli_epi16,
-                _mm256_add_epi16,
-                low
-            );
-            split_add!(
-                acc[2],
-                acc[3],
-                vhi,
-                _mm256_and_si256,
-                _mm256_srli_epi16,
-                _mm256_add_epi16,
-                low
-            );
-        }
-        finish(acc, out);
-    }
-
-    /// # Safety
-    /// AVX-512BW and AVX2 available; `codes` and `lut` hold `pairs * 32` bytes.
+    /// AVX-512BW and AVX2 available; `codes` and every `luts[i]` hold `pairs * 32` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx2")]
-    pub unsafe fn sums_avx512(codes: *const u8, lut: *const u8, pairs: usize, out: &mut [u16; 32]) {
+    pub unsafe fn sums_avx512<const G: usize>(
+        codes: *const u8,
+        luts: [*const u8; G],
+        pairs: usize,
+        mins: [u16; G],
+        out: &mut [[u16; 32]; G],
+    ) -> u32 {
         let nib = _mm512_set1_epi8(0x0f);
-        let low = _mm512_set1_epi16(0x00ff);
-        let mut wide = [_mm512_setzero_si512(); 4];
+        let mut wide = [[_mm512_setzero_si512(); 4]; G];
         let quads = pairs / 2;
         for p in 0..quads {
             let c = _mm512_loadu_si512(codes.add(p * 64) as *const _);
-            let l = _mm512_loadu_si512(lut.add(p * 64) as *const _);
-            let vlo = _mm512_shuffle_epi8(l, _mm512_and_si512(c, nib));
-            let vhi = _mm512_shuffle_epi8(l, _mm512_and_si512(_mm512_srli_epi16::<4>(c), nib));
-            split_add!(
-                wide[0],
-                wide[1],
-                vlo,
-                _mm512_and_si512,
-                _mm512_srli_epi16,
-                _mm512_add_epi16,
-                low
+            let (lo, hi) = (
+                _mm512_and_si512(c, nib),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(c), nib),
             );
-            split_add!(
-                wide[2],
-                wide[3],
-                vhi,
-                _mm512_and_si512,
-                _mm512_srli_epi16,
-                _mm512_add_epi16,
-                low
-            );
-        }
-        // fold the two 256-bit halves (subquantizers 4p, 4p+1 and 4p+2, 4p+3) together
-        let mut acc = wide.map(|w| _mm256_add_epi16(_mm512_castsi512_si256(w), _mm512_extracti64x4_epi64::<1>(w)));
-        if pairs % 2 == 1 {
-            let mut tail = [_mm256_setzero_si256(); 4];
-            sums_pair(codes.add(quads * 64), lut.add(quads * 64), &mut tail);
-            for (a, t) in acc.iter_mut().zip(tail) {
-                *a = _mm256_add_epi16(*a, t);
+            for i in 0..G {
+                let l = _mm512_loadu_si512(luts[i].add(p * 64) as *const _);
+                let (vlo, vhi) = (_mm512_shuffle_epi8(l, lo), _mm512_shuffle_epi8(l, hi));
+                let a = &mut wide[i];
+                a[0] = _mm512_add_epi16(a[0], vlo);
+                a[1] = _mm512_add_epi16(a[1], _mm512_srli_epi16::<8>(vlo));
+                a[2] = _mm512_add_epi16(a[2], vhi);
+                a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16::<8>(vhi));
             }
         }
-        finish(acc, out);
-    }
-
-    #[inline(always)]
-    unsafe fn sums_pair(codes: *const u8, lut: *const u8, acc: &mut [__m256i; 4]) {
-        let nib = _mm256_set1_epi8(0x0f);
-        let low = _mm256_set1_epi16(0x00ff);
-        let c = _mm256_loadu_si256(codes as *const __m256i);
-        let l = _mm256_loadu_si256(lut as *const __m256i);
-        let vlo = _mm256_shuffle_epi8(l, _mm256_and_si256(c, nib));
-        let vhi = _mm256_shuffle_epi8(l, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nib));
-        split_add!(
-            acc[0],
-            acc[1],
-            vlo,
-            _mm256_and_si256,
-            _mm256_srli_epi16,
-            _mm256_add_epi16,
-            low
-        );
-        split_add!(
-            acc[2],
-            acc[3],
-            vhi,
-            _mm256_and_si256,
-            _mm256_srli_epi16,
-            _mm256_add_epi16,
-            low
-        );
+        let mut bits = 0;
+        for i in 0..G {
+            // fold the two 256-bit halves (subquantizers 4p, 4p+1 and 4p+2, 4p+3) together
+            let mut acc =
+                wide[i].map(|w| _mm256_add_epi16(_mm512_castsi512_si256(w), _mm512_extracti64x4_epi64::<1>(w)));
+            if pairs % 2 == 1 {
+                let (lo, hi) = split256(codes.add(quads * 64));
+                pair256(lo, hi, luts[i].add(quads * 64), &mut acc);
+            }
+            bits |= (finish(acc, mins[i], &mut out[i]) as u32) << i;
+        }
+        bits
     }
 }
 
@@ -284,9 +317,12 @@ mod tests {
         };
         for m_even in [2usize, 4, 6, 64, 96, 256] {
             let block: Vec<u8> = (0..m_even * 16).map(|_| byte()).collect();
-            let lut: Vec<u8> = (0..m_even * 16).map(|_| byte()).collect();
-            let mut want = [0u16; 32];
-            sums_scalar(&block, &lut, &mut want);
+            let luts: Vec<Vec<u8>> = (0..4).map(|_| (0..m_even * 16).map(|_| byte()).collect()).collect();
+            let mut want = [[0u16; 32]; 4];
+            for i in 0..4 {
+                assert!(sums_scalar(&block, &luts[i], 0, &mut want[i]));
+            }
+            let tops: Vec<u16> = want.iter().map(|w| *w.iter().max().unwrap()).collect();
             for path in [Path::Avx2, Path::Avx512] {
                 if Path::detect() == Path::Scalar || (path == Path::Avx512 && Path::detect() != Path::Avx512) {
                     continue;
@@ -299,9 +335,15 @@ mod tests {
                     m_even,
                     path,
                 };
-                let mut got = [0u16; 32];
-                scan.sums(&block, &lut, &mut got);
-                assert_eq!(got, want, "m = {m_even}");
+                let mut got = [[0u16; 32]; 4];
+                let luts4 = [&luts[0][..], &luts[1][..], &luts[2][..], &luts[3][..]];
+                // queries 1 and 3 reach their maxima, 0 and 2 ask for one more
+                let mins = [tops[0] + 1, tops[1], tops[2] + 1, tops[3]];
+                assert_eq!(scan.sums::<4>(&block, luts4, mins, &mut got), 0b1010, "m = {m_even}");
+                assert_eq!((got[1], got[3]), (want[1], want[3]), "m = {m_even}");
+                let mut one = [[0u16; 32]; 1];
+                assert_eq!(scan.sums::<1>(&block, [luts4[2]], [tops[2]], &mut one), 1);
+                assert_eq!(one[0], want[2]);
             }
         }
     }
