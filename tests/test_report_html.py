@@ -46,7 +46,8 @@ def console_lines(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(root), "--distractors", "20000"]) == 0
+    args = ["--instances", "40", "--distractor-images", "1000", "--distractors", "20000"]
+    assert main(["demo", "--out", str(root), *args]) == 0
     return root
 
 
@@ -56,11 +57,9 @@ def page(demo, tmp_path_factory) -> Path:
     smaller, hence the warning) so that the published-models charts are drawn too."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = build_report(evaluate(demo / "results_full.npz", demo), setting="mini", config={"model": "demo"})
-    tiers = []
-    for name in ("mini", "full"):
-        r = json.loads((demo / f"report_{name}.json").read_text())
-        tiers.append({"name": name, "rows": r["config"]["rows"]} | {t: r["tasks"][t]["map"] for t in ("i2i", "t2i")})
+        report = build_report(evaluate(demo / "results.all.npz", demo / "ILIAS"), setting="mini", config={"model": "demo"})
+    results = json.loads((demo / "run.json").read_text())["results"]
+    tiers = [{"name": name, **results[name]} for name in ("mini", "all")]
     out = tmp_path_factory.mktemp("html")
     return write_html(report, out / "report.html", tiers=tiers, qualitative=qualitative(report, out))
 
@@ -116,7 +115,7 @@ def test_console_check_catches_errors(tmp_path):
 
 
 def test_escapes_text_and_skips_what_is_absent(demo):
-    report = json.loads((demo / "report_full.json").read_text())
+    report = json.loads((demo / "report.all.json").read_text())
     report["config"]["model"] = "<script>alert(1)</script>"
     report["warnings"] = ["a & b <i>"]
     for t in report["tasks"].values():
