@@ -285,7 +285,7 @@ struct Plan<'a> {
 }
 
 /// An f32 as a u32 that orders like it (for the atomic `fetch_max` of shared thresholds).
-fn key(v: f32) -> u32 {
+pub(crate) fn key(v: f32) -> u32 {
     let b = v.to_bits();
     if b >> 31 == 1 {
         !b
@@ -294,7 +294,7 @@ fn key(v: f32) -> u32 {
     }
 }
 
-fn unkey(k: u32) -> f32 {
+pub(crate) fn unkey(k: u32) -> f32 {
     f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
 }
 

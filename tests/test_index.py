@@ -79,7 +79,7 @@ def test_a_full_shortlist_rescored_equals_exact_search(tmp_path_factory, n, d, n
     np.testing.assert_array_equal(got.scores, want_s)
 
 
-def test_sq8_rescored_scores_are_bit_identical_to_exact_search(tmp_path, rng):
+def test_sq8_rescored_scores_equal_exact_search(tmp_path, rng):
     x = clustered(rng, 3000, 96)
     q = clustered(rng, 40, 96).astype(np.float32)
     s = write_store(tmp_path / "db", x, [f"r{i}" for i in range(len(x))], shard_rows=1000)
@@ -87,10 +87,10 @@ def test_sq8_rescored_scores_are_bit_identical_to_exact_search(tmp_path, rng):
     got = search_codes(q, s, "sq8", 50)
     exact = search(q, s, 50, method="float32")
     assert measure_recall(got, q, s, sample=40)["recall"] == 1.0
-    # where both hold a row, the scores agree to the bit
+    # the same float32 dot products, summed in another order: equal up to rounding
     for i in range(len(q)):
         common, a, b = np.intersect1d(got.indices[i], exact.indices[i], return_indices=True)
-        np.testing.assert_array_equal(got.scores[i][a], exact.scores[i][b])
+        np.testing.assert_allclose(got.scores[i][a], exact.scores[i][b], rtol=1e-5, atol=1e-6)
 
 
 def test_sq8_approximate_scores_follow_the_definition(tmp_path, rng):

@@ -247,6 +247,56 @@ pub fn pack_panel<'a>(
     }
 }
 
+/// `q . x` with 32 partial sums (vectorised; for rescoring single rows, where the block
+/// kernels' order would need a transpose per row). Compiled for AVX-512 or AVX2+FMA at run time.
+pub fn dot(q: &[f32], x: &[f32]) -> f32 {
+    assert_eq!(q.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Simd::Avx512.supported() {
+            // SAFETY: the features were just detected.
+            return unsafe { dot_avx512(q, x) };
+        }
+        if Simd::Avx2.supported() {
+            // SAFETY: as above.
+            return unsafe { dot_avx2(q, x) };
+        }
+    }
+    dot_lanes(q, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_avx512(q: &[f32], x: &[f32]) -> f32 {
+    dot_lanes(q, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(q: &[f32], x: &[f32]) -> f32 {
+    dot_lanes(q, x)
+}
+
+#[inline(always)]
+fn dot_lanes(q: &[f32], x: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0f32; L];
+    let split = q.len() / L * L;
+    for (a, b) in q[..split].chunks_exact(L).zip(x[..split].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    let tail: f32 = q[split..].iter().zip(&x[split..]).map(|(a, b)| a * b).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row's little-endian bytes as float32 (into `dst`, its length).
+pub fn widen_row(src: &[u8], dtype: DType, dst: &mut [f32], scratch: &mut RowScratch) {
+    scratch.f16s.resize(dst.len(), f16::ZERO);
+    widen(src, dtype, dst, &mut scratch.f16s);
+}
+
 /// One little-endian row of `dtype` values as float32.
 fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16]) {
     match dtype {

@@ -10,8 +10,7 @@
 
 use super::file::{CodesFile, Kind};
 use super::pq::{tables, BLOCK};
-use super::{offer, Scan};
-use crate::topk::TopK;
+use super::{Candidates, Scan};
 
 /// Blocks scored per query before moving to the next query (their codes stay in L1/L2).
 const TILE_BLOCKS: usize = 32;
@@ -88,11 +87,18 @@ impl<'a> FastScan<'a> {
     }
 
     /// The 16-bit table sums of the 32 rows of one block for a group of `G` queries (their
-    /// tables `luts`): `out[i]` is written only when one of query `i`'s sums reaches `mins[i]`,
-    /// and bit `i` of the result says so. After the first blocks most blocks hold no candidate
-    /// and cost no more than their sums; the codes are loaded and split once for the group.
+    /// tables `luts`). Returns per query the mask of rows whose sum reaches `mins[i]`; `out[i]`
+    /// is written only when that mask is not empty. After the first blocks most blocks hold no
+    /// candidate and cost no more than their sums; the codes are loaded and split once for the
+    /// group.
     #[inline]
-    fn sums<const G: usize>(&self, block: &[u8], luts: [&[u8]; G], mins: [u16; G], out: &mut [[u16; BLOCK]; G]) -> u32 {
+    fn sums<const G: usize>(
+        &self,
+        block: &[u8],
+        luts: [&[u8]; G],
+        mins: [u16; G],
+        out: &mut [[u16; BLOCK]; G],
+    ) -> [u32; G] {
         assert!(block.len() == self.m_even * 16 && luts.iter().all(|l| l.len() == block.len()));
         let ptrs = luts.map(|l| l.as_ptr());
         match self.path {
@@ -102,28 +108,17 @@ impl<'a> FastScan<'a> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Path::Avx2 => unsafe { x86::sums_avx2(block.as_ptr(), ptrs, self.m_even / 2, mins, out) },
-            _ => (0..G).fold(0, |bits, i| {
-                bits | (sums_scalar(block, luts[i], mins[i], &mut out[i]) as u32) << i
-            }),
+            _ => std::array::from_fn(|i| sums_scalar(block, luts[i], mins[i], &mut out[i])),
         }
     }
 
-    /// Scores blocks `blocks` for the queries of `tops` (a group of `G`, from query `q0`).
-    #[allow(clippy::too_many_arguments)]
-    fn scan_group<const G: usize>(
-        &self,
-        blocks: std::ops::Range<usize>,
-        hi: usize,
-        q0: usize,
-        tops: &mut [TopK],
-        keep: Option<&[bool]>,
-    ) {
+    /// Scores `blocks` for the `G` queries from `q0`.
+    fn scan_group<const G: usize>(&self, blocks: std::ops::Range<usize>, hi: usize, q0: usize, found: &mut Candidates) {
         let block_bytes = self.m_even * 16;
         let luts: [&[u8]; G] = std::array::from_fn(|i| &self.luts[(q0 + i) * block_bytes..(q0 + i + 1) * block_bytes]);
         let (bias, delta) = (&self.bias[q0..q0 + G], &self.delta[q0..q0 + G]);
-        let mut mins: [u16; G] = std::array::from_fn(|i| min_sum(tops[i].threshold(), bias[i], delta[i]));
+        let mut mins: [u16; G] = std::array::from_fn(|i| min_sum(found.threshold(q0 + i), bias[i], delta[i]));
         let mut sums = [[0u16; BLOCK]; G];
-        let mut scores = [0f32; BLOCK];
         for b in blocks {
             let reached = self.sums(
                 &self.codes[b * block_bytes..(b + 1) * block_bytes],
@@ -131,23 +126,25 @@ impl<'a> FastScan<'a> {
                 mins,
                 &mut sums,
             );
-            if reached == 0 {
-                continue;
-            }
-            let r0 = b * BLOCK;
-            let n = BLOCK.min(hi - r0);
-            for i in (0..G).filter(|i| reached >> i & 1 == 1) {
-                for (s, &v) in scores.iter_mut().zip(&sums[i]) {
-                    *s = bias[i] + delta[i] * v as f32;
+            for (i, &mask) in reached.iter().enumerate().filter(|(_, &m)| m != 0) {
+                let r0 = b * BLOCK;
+                let mut bits = mask;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    // padding rows of the last block are not rows
+                    if r0 + j < hi {
+                        found.push(q0 + i, bias[i] + delta[i] * sums[i][j] as f32, r0 + j);
+                    }
                 }
-                offer(&mut tops[i], &scores[..n], r0, keep);
-                mins[i] = min_sum(tops[i].threshold(), bias[i], delta[i]);
+                found.publish(q0 + i);
+                mins[i] = min_sum(found.threshold(q0 + i), bias[i], delta[i]);
             }
         }
     }
 }
 
-fn sums_scalar(block: &[u8], lut: &[u8], min: u16, out: &mut [u16; BLOCK]) -> bool {
+fn sums_scalar(block: &[u8], lut: &[u8], min: u16, out: &mut [u16; BLOCK]) -> u32 {
     out.fill(0);
     for (codes, table) in block.chunks_exact(16).zip(lut.chunks_exact(16)) {
         for (j, &b) in codes.iter().enumerate() {
@@ -155,7 +152,9 @@ fn sums_scalar(block: &[u8], lut: &[u8], min: u16, out: &mut [u16; BLOCK]) -> bo
             out[j + 16] += table[(b >> 4) as usize] as u16;
         }
     }
-    out.iter().any(|&v| v >= min)
+    out.iter()
+        .enumerate()
+        .fold(0, |m, (j, &v)| m | ((v >= min) as u32) << j)
 }
 
 /// The smallest table sum whose score `bias + delta * sum` may reach `threshold` (one step of
@@ -174,16 +173,16 @@ fn min_sum(threshold: f32, bias: f32, delta: f32) -> u16 {
 const GROUP: usize = 2;
 
 impl Scan for FastScan<'_> {
-    fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>) {
+    fn scan(&self, lo: usize, hi: usize, found: &mut Candidates) {
         let (first, blocks) = (lo / BLOCK, (hi - lo).div_ceil(BLOCK));
         for tile in (0..blocks).step_by(TILE_BLOCKS) {
             let range = first + tile..first + (tile + TILE_BLOCKS).min(blocks);
-            let whole = tops.len() / GROUP * GROUP;
-            for (g, group) in tops[..whole].chunks_mut(GROUP).enumerate() {
-                self.scan_group::<GROUP>(range.clone(), hi, g * GROUP, group, keep);
+            let whole = self.bias.len() / GROUP * GROUP;
+            for q0 in (0..whole).step_by(GROUP) {
+                self.scan_group::<GROUP>(range.clone(), hi, q0, found);
             }
-            for (i, top) in tops[whole..].chunks_mut(1).enumerate() {
-                self.scan_group::<1>(range.clone(), hi, whole + i, top, keep);
+            for q0 in whole..self.bias.len() {
+                self.scan_group::<1>(range.clone(), hi, q0, found);
             }
         }
     }
@@ -198,25 +197,32 @@ mod x86 {
     /// high-nibble rows; lane 0 and lane 1 hold partial sums of the same rows. Written to `out`
     /// in row order only when one reaches `min`.
     #[inline(always)]
-    unsafe fn finish(acc: [__m256i; 4], min: u16, out: &mut [u16; 32]) -> bool {
+    unsafe fn finish(acc: [__m256i; 4], min: u16, out: &mut [u16; 32]) -> u32 {
         let t = acc.map(|a| _mm_add_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a)));
         // even rows: the words minus 256 x the odd rows (exact: every true sum is below 2^16)
-        let (lo_even, hi_even) = (
-            _mm_sub_epi16(t[0], _mm_slli_epi16::<8>(t[1])),
-            _mm_sub_epi16(t[2], _mm_slli_epi16::<8>(t[3])),
-        );
+        let lo_even = _mm_sub_epi16(t[0], _mm_slli_epi16::<8>(t[1]));
+        let hi_even = _mm_sub_epi16(t[2], _mm_slli_epi16::<8>(t[3]));
         let top = _mm_max_epu16(_mm_max_epu16(lo_even, t[1]), _mm_max_epu16(hi_even, t[3]));
-        // lanes where top >= min: max(top, min) == top
-        let reach = _mm_cmpeq_epi16(_mm_max_epu16(top, _mm_set1_epi16(min as i16)), top);
-        if _mm_movemask_epi8(reach) == 0 {
-            return false;
+        // lanes where v >= min: max(v, min) == v
+        let floor = _mm_set1_epi16(min as i16);
+        let reach = |v: __m128i| _mm_cmpeq_epi16(_mm_max_epu16(v, floor), v);
+        if _mm_movemask_epi8(reach(top)) == 0 {
+            return 0;
         }
+        let rows = [
+            _mm_unpacklo_epi16(lo_even, t[1]),
+            _mm_unpackhi_epi16(lo_even, t[1]),
+            _mm_unpacklo_epi16(hi_even, t[3]),
+            _mm_unpackhi_epi16(hi_even, t[3]),
+        ];
         let o = out.as_mut_ptr() as *mut __m128i;
-        _mm_storeu_si128(o, _mm_unpacklo_epi16(lo_even, t[1]));
-        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(lo_even, t[1]));
-        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(hi_even, t[3]));
-        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(hi_even, t[3]));
-        true
+        for (i, &r) in rows.iter().enumerate() {
+            _mm_storeu_si128(o.add(i), r);
+        }
+        // one bit per row: the 16-bit compare results narrowed to bytes
+        let low = _mm_movemask_epi8(_mm_packs_epi16(reach(rows[0]), reach(rows[1]))) as u32;
+        let high = _mm_movemask_epi8(_mm_packs_epi16(reach(rows[2]), reach(rows[3]))) as u32;
+        low | high << 16
     }
 
     /// One pair of subquantizers (32 bytes of codes, already split into nibbles) for one query.
@@ -249,7 +255,7 @@ mod x86 {
         pairs: usize,
         mins: [u16; G],
         out: &mut [[u16; 32]; G],
-    ) -> u32 {
+    ) -> [u32; G] {
         let mut acc = [[_mm256_setzero_si256(); 4]; G];
         for p in 0..pairs {
             let (lo, hi) = split256(codes.add(p * 32));
@@ -257,7 +263,7 @@ mod x86 {
                 pair256(lo, hi, luts[i].add(p * 32), &mut acc[i]);
             }
         }
-        (0..G).fold(0, |bits, i| bits | (finish(acc[i], mins[i], &mut out[i]) as u32) << i)
+        std::array::from_fn(|i| finish(acc[i], mins[i], &mut out[i]))
     }
 
     /// # Safety
@@ -269,7 +275,7 @@ mod x86 {
         pairs: usize,
         mins: [u16; G],
         out: &mut [[u16; 32]; G],
-    ) -> u32 {
+    ) -> [u32; G] {
         let nib = _mm512_set1_epi8(0x0f);
         let mut wide = [[_mm512_setzero_si512(); 4]; G];
         let quads = pairs / 2;
@@ -289,7 +295,7 @@ mod x86 {
                 a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16::<8>(vhi));
             }
         }
-        let mut bits = 0;
+        let mut masks = [0; G];
         for i in 0..G {
             // fold the two 256-bit halves (subquantizers 4p, 4p+1 and 4p+2, 4p+3) together
             let mut acc =
@@ -298,9 +304,9 @@ mod x86 {
                 let (lo, hi) = split256(codes.add(quads * 64));
                 pair256(lo, hi, luts[i].add(quads * 64), &mut acc);
             }
-            bits |= (finish(acc, mins[i], &mut out[i]) as u32) << i;
+            masks[i] = finish(acc, mins[i], &mut out[i]);
         }
-        bits
+        masks
     }
 }
 
@@ -320,7 +326,7 @@ mod tests {
             let luts: Vec<Vec<u8>> = (0..4).map(|_| (0..m_even * 16).map(|_| byte()).collect()).collect();
             let mut want = [[0u16; 32]; 4];
             for i in 0..4 {
-                assert!(sums_scalar(&block, &luts[i], 0, &mut want[i]));
+                assert_eq!(sums_scalar(&block, &luts[i], 0, &mut want[i]), u32::MAX);
             }
             let tops: Vec<u16> = want.iter().map(|w| *w.iter().max().unwrap()).collect();
             for path in [Path::Avx2, Path::Avx512] {
@@ -339,10 +345,12 @@ mod tests {
                 let luts4 = [&luts[0][..], &luts[1][..], &luts[2][..], &luts[3][..]];
                 // queries 1 and 3 reach their maxima, 0 and 2 ask for one more
                 let mins = [tops[0] + 1, tops[1], tops[2] + 1, tops[3]];
-                assert_eq!(scan.sums::<4>(&block, luts4, mins, &mut got), 0b1010, "m = {m_even}");
+                let masks = scan.sums::<4>(&block, luts4, mins, &mut got);
+                let at_max = |i: usize| (0..32).fold(0u32, |m, j| m | ((want[i][j] == tops[i]) as u32) << j);
+                assert_eq!(masks, [0, at_max(1), 0, at_max(3)], "m = {m_even}");
                 assert_eq!((got[1], got[3]), (want[1], want[3]), "m = {m_even}");
                 let mut one = [[0u16; 32]; 1];
-                assert_eq!(scan.sums::<1>(&block, [luts4[2]], [tops[2]], &mut one), 1);
+                assert_eq!(scan.sums::<1>(&block, [luts4[2]], [0], &mut one), [u32::MAX]);
                 assert_eq!(one[0], want[2]);
             }
         }

@@ -17,10 +17,10 @@ pub mod pq;
 pub mod rerank;
 pub mod sq8;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::search::{offer_one, resolve_threads, Control};
+use crate::search::{key, offer_one, resolve_threads, unkey, Control};
 use crate::store::Database;
 use crate::topk::{Hit, TopK};
 pub use file::{CodesFile, Header, Kind};
@@ -30,8 +30,48 @@ const CHUNK_ROWS: usize = 16384;
 
 /// How a code kind scores a range of rows approximately for every query.
 pub trait Scan: Sync {
-    /// Offers the approximate scores of rows `lo..hi` (`lo` a multiple of 32) to `tops[q]`.
-    fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>);
+    /// Offers the approximate scores of rows `lo..hi` (`lo` a multiple of 32) to `found`.
+    fn scan(&self, lo: usize, hi: usize, found: &mut Candidates);
+}
+
+/// One thread's candidates: a top list per query, whose thresholds are shared with the other
+/// threads (a row below any thread's k-th score cannot be in the final shortlist).
+pub struct Candidates<'a> {
+    pub tops: Vec<TopK>,
+    floors: &'a [AtomicU32],
+    keep: Option<&'a [bool]>,
+}
+
+impl Candidates<'_> {
+    /// The score a row must reach to enter query `q`'s list.
+    #[inline]
+    pub fn threshold(&self, q: usize) -> f32 {
+        self.tops[q]
+            .threshold()
+            .max(unkey(self.floors[q].load(Ordering::Relaxed)))
+    }
+
+    /// Offers query `q`'s scores of consecutive rows from `first`.
+    #[inline]
+    pub fn offer(&mut self, q: usize, scores: &[f32], first: usize) {
+        let floor = unkey(self.floors[q].load(Ordering::Relaxed));
+        offer_one(&mut self.tops[q], scores, first, self.keep, floor);
+        self.publish(q);
+    }
+
+    /// Offers one row's score to query `q` (call `publish` after a batch).
+    #[inline]
+    pub fn push(&mut self, q: usize, score: f32, row: usize) {
+        if score >= self.threshold(q) && self.keep.is_none_or(|k| k[row]) {
+            self.tops[q].push(score, row as u64);
+        }
+    }
+
+    /// Shares query `q`'s threshold with the other threads.
+    #[inline]
+    pub fn publish(&self, q: usize) {
+        self.floors[q].fetch_max(key(self.tops[q].threshold()), Ordering::Relaxed);
+    }
 }
 
 pub struct CodeSearch<'a> {
@@ -134,21 +174,26 @@ fn scan_all(
     let chunks = rows.div_ceil(CHUNK_ROWS);
     let next = AtomicUsize::new(0);
     let threads = resolve_threads(opts.threads).min(chunks);
+    let floors: Vec<AtomicU32> = (0..nq).map(|_| AtomicU32::new(key(f32::NEG_INFINITY))).collect();
     let parts: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(keep_n)).collect();
+                    let mut found = Candidates {
+                        tops: (0..nq).map(|_| TopK::new(keep_n)).collect(),
+                        floors: &floors,
+                        keep: opts.keep,
+                    };
                     loop {
                         let c = next.fetch_add(1, Ordering::Relaxed);
                         if c >= chunks {
-                            return Ok(tops);
+                            return Ok(found.tops);
                         }
                         if control.cancel.load(Ordering::Relaxed) {
                             return Err(Error::Cancelled);
                         }
                         let (lo, hi) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
-                        scanner.scan(lo, hi, &mut tops, opts.keep);
+                        scanner.scan(lo, hi, &mut found);
                         control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
                     }
                 })
@@ -176,12 +221,6 @@ fn scan_all(
         });
     }
     Ok(merged.unwrap_or_default())
-}
-
-/// Offers one query's approximate scores of consecutive rows from `first`.
-#[inline]
-pub(crate) fn offer(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>) {
-    offer_one(top, scores, first, keep, f32::NEG_INFINITY);
 }
 
 /// Float32 rows `lo..hi` of the database, row-major (for training and encoding).

@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::file::{CodesFile, CodesWriter, Header, Kind};
 use super::kmeans::{kmeans, nearest, squared_norms, Rng};
-use super::{for_chunks, offer, widen_rows, Scan};
+use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::{Error, Result};
 use crate::search::{resolve_threads, Control};
 use crate::store::Database;
-use crate::topk::TopK;
 
 /// How codebooks are trained.
 #[derive(Clone, Copy, Debug)]
@@ -177,18 +176,22 @@ impl<'a> PqScan<'a> {
 }
 
 impl Scan for PqScan<'_> {
-    fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>) {
+    fn scan(&self, lo: usize, hi: usize, found: &mut Candidates) {
         let m = self.m;
         let mut scores = [0f32; TILE];
         for t0 in (lo..hi).step_by(TILE) {
             let t1 = (t0 + TILE).min(hi);
             let codes = &self.codes[t0 * m..t1 * m];
-            for (q, top) in tops.iter_mut().enumerate() {
-                let table = &self.tables[q * m * 256..(q + 1) * m * 256];
-                for (s, code) in scores.iter_mut().zip(codes.chunks_exact(m)) {
-                    *s = code.iter().enumerate().map(|(g, &c)| table[g * 256 + c as usize]).sum();
+            let n = t1 - t0;
+            for (q, table) in self.tables.chunks_exact(m * 256).enumerate() {
+                // subquantizer by subquantizer: the rows' sums are independent chains
+                scores[..n].fill(0.0);
+                for (g, t) in table.chunks_exact(256).enumerate() {
+                    for (s, code) in scores[..n].iter_mut().zip(codes.chunks_exact(m)) {
+                        *s += t[code[g] as usize];
+                    }
                 }
-                offer(top, &scores[..t1 - t0], t0, keep);
+                found.offer(q, &scores[..n], t0);
             }
         }
     }

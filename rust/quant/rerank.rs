@@ -1,6 +1,7 @@
-//! Exact rescoring of shortlists: the float32 scores of each query's candidate rows, computed
-//! by the exact search's own kernels (same operations, same order), so that a returned score is
-//! bit-identical to the one exact search gives the same row.
+//! Exact rescoring of shortlists: the float32 dot products of each query with its candidate
+//! rows, read from the store (float16 widened exactly). Each score is one vectorised dot
+//! product, so it equals exact search's score of the same row up to float32 rounding (the two
+//! sum in different orders), not always to the bit.
 //!
 //! Reads are batched and sorted: the union of all shortlisted rows is announced to the kernel
 //! in row order (runs of nearby rows merged) before any is read, and each query reads its rows
@@ -9,15 +10,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::kernels::{pack_panel, pack_queries, RowScratch, Simd};
+use crate::kernels::{dot, widen_row, RowScratch};
 use crate::search::{resolve_threads, Control};
 use crate::store::Database;
 use crate::topk::{Hit, TopK};
 
 /// Rows closer than this are announced as one run.
 const GAP: usize = 64;
-/// Panels packed at once for one query (the kernels score four (query, panel) jobs together).
-const BATCH: usize = 4;
 
 /// Rescored lists of some queries: (query, its best hits).
 type Ranked = Vec<(usize, Vec<Hit>)>;
@@ -32,55 +31,37 @@ pub fn rerank(
     control: &Control,
 ) -> Result<Vec<Vec<Hit>>> {
     let (dim, nq) = (db.dim, lists.len());
-    let simd = Simd::detect();
-    let (mr, nr) = (simd.mr(), simd.nr());
     prefetch(db, lists);
-    let packed = pack_queries(queries, nq, dim, mr);
-    let blocks = nq.div_ceil(mr);
     let next = AtomicUsize::new(0);
-    let threads = resolve_threads(threads).min(blocks.max(1));
+    let threads = resolve_threads(threads).min(nq.max(1));
     let parts: Vec<Result<Ranked>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut done = Vec::new();
                     let mut scratch = RowScratch::default();
-                    let mut panels = vec![0f32; BATCH * dim * nr];
-                    let mut out = vec![0f32; BATCH * nr];
+                    let mut row = vec![0f32; dim];
                     loop {
-                        let b = next.fetch_add(1, Ordering::Relaxed);
-                        if b >= blocks {
+                        let q = next.fetch_add(1, Ordering::Relaxed);
+                        if q >= nq {
                             return Ok(done);
                         }
                         if control.cancel.load(Ordering::Relaxed) {
                             return Err(Error::Cancelled);
                         }
-                        let a = &packed[b * dim * mr..(b + 1) * dim * mr];
-                        for (q, list) in lists.iter().enumerate().take(((b + 1) * mr).min(nq)).skip(b * mr) {
-                            let mut rows = list.clone();
-                            rows.sort_unstable();
-                            let mut top = TopK::new(k);
-                            for batch in rows.chunks(BATCH * nr) {
-                                let groups: Vec<&[u64]> = batch.chunks(nr).collect();
-                                for (g, group) in groups.iter().enumerate() {
-                                    let it = group.iter().map(|&r| db.row(r as usize));
-                                    pack_panel(it, dim, nr, &mut panels[g * dim * nr..], &mut scratch, |_, _| {});
-                                }
-                                let jobs: Vec<(usize, &[f32])> = (0..groups.len())
-                                    .map(|g| (q - b * mr, &panels[g * dim * nr..(g + 1) * dim * nr]))
-                                    .collect();
-                                simd.columns(a, &jobs, dim, &mut out);
-                                for (g, group) in groups.iter().enumerate() {
-                                    for (j, &r) in group.iter().enumerate() {
-                                        let s = out[g * nr + j];
-                                        if s >= top.threshold() {
-                                            top.push(s, r);
-                                        }
-                                    }
-                                }
+                        let query = &queries[q * dim..(q + 1) * dim];
+                        let mut rows = lists[q].clone();
+                        rows.sort_unstable();
+                        let mut top = TopK::new(k);
+                        for r in rows {
+                            let (bytes, dtype) = db.row(r as usize);
+                            widen_row(bytes, dtype, &mut row, &mut scratch);
+                            let s = dot(query, &row);
+                            if s >= top.threshold() {
+                                top.push(s, r);
                             }
-                            done.push((q, top.into_sorted()));
                         }
+                        done.push((q, top.into_sorted()));
                     }
                 })
             })

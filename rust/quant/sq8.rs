@@ -8,13 +8,12 @@
 use std::path::Path;
 
 use super::file::{CodesFile, CodesWriter, Header};
-use super::{for_chunks, offer, widen_rows, Scan};
+use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::Result;
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::Simd;
 use crate::search::Control;
 use crate::store::Database;
-use crate::topk::TopK;
 
 /// The int8 block layout of the codes: 8 queries x 32 rows, whatever kernel runs it.
 const LAYOUT: Simd = Simd::Avx512;
@@ -93,14 +92,14 @@ impl<'a> Sq8Scan<'a> {
 }
 
 impl Scan for Sq8Scan<'_> {
-    fn scan(&self, lo: usize, hi: usize, tops: &mut [TopK], keep: Option<&[bool]>) {
+    fn scan(&self, lo: usize, hi: usize, found: &mut Candidates) {
         let steps = int8::d4(self.dim);
         let (panel_bytes, qblock_bytes) = (steps * NR * 4, steps * MR * 4);
         let mut raw = [0i32; MR * NR];
         let mut scores = [0f32; NR];
         let (first_panel, panels) = (lo / NR, (hi - lo).div_ceil(NR));
         for tile in (0..panels).step_by(TILE_PANELS) {
-            for (qb, block_tops) in tops.chunks_mut(MR).enumerate() {
+            for qb in 0..self.nq.div_ceil(MR) {
                 let qcodes = &self.queries.codes[qb * qblock_bytes..(qb + 1) * qblock_bytes];
                 for p in first_panel + tile..first_panel + (tile + TILE_PANELS).min(panels) {
                     let pcodes = &self.codes[p * panel_bytes..(p + 1) * panel_bytes];
@@ -108,17 +107,16 @@ impl Scan for Sq8Scan<'_> {
                     self.kernel.block(LAYOUT, qcodes, pcodes, steps, &mut raw, NR);
                     let r0 = p * NR;
                     let n = NR.min(hi - r0);
-                    for (i, top) in block_tops.iter_mut().enumerate() {
-                        let t = self.queries.scale[qb * MR + i];
+                    for q in qb * MR..((qb + 1) * MR).min(self.nq) {
+                        let (i, t) = (q - qb * MR, self.queries.scale[q]);
                         for j in 0..n {
                             scores[j] = (raw[i * NR + j] - self.offset[r0 + j]) as f32 * (t * self.scale[r0 + j]);
                         }
-                        offer(top, &scores[..n], r0, keep);
+                        found.offer(q, &scores[..n], r0);
                     }
                 }
             }
         }
-        debug_assert!(tops.len() == self.nq);
     }
 }
 
