@@ -1,17 +1,18 @@
 """The demo's "model": a handcrafted global image descriptor in numpy, and a text tower in its space.
 
-No network, no training, no torch. The image descriptor concatenates three classic parts:
+No network, no torch, no labels. The raw descriptor (RAW_DIM = 1,092 values) joins three classic parts:
 - colour histograms: each pixel softly assigned to 28 colour bins (12 hues x dark/bright for
-  coloured pixels, 4 grey levels for the others, so a lighting change moves little), pooled over
-  the whole image and its 2x2 quadrants;
+  coloured pixels, 4 grey levels for the others, so a lighting change moves little; pixels are
+  looked up in a table of 15-bit colours), pooled over the whole image and its 2x2 quadrants;
 - a colour correlogram (Huang et al., 1997): how often colour bin a lies 2 or 4 pixels right of or
-  below colour bin b. It sees "red next to blue" wherever the object is, which is what survives
-  clutter and small scales;
+  below colour bin b (same-colour pairs weigh 0.1: flat areas would drown the rest). It sees "red
+  next to blue" wherever the object is, which is what survives clutter and small scales;
 - gradient orientation histograms (8 unsigned orientations, HOG-like) over 1x1, 2x2 and 4x4 cells:
   the pattern's direction and the outline.
-Each part is square-rooted (Hellinger kernel) and L2-normalised, the parts are weighted and joined,
-then a fixed orthonormal random projection (seeded, so the same in every run) maps the 714 values
-to DIM dimensions, and the result is centred by a fixed offset and L2-normalised.
+Each part is square-rooted (Hellinger kernel) and L2-normalised, and the parts are weighted and
+joined. The only learned step is PCA whitening to DIM dimensions, fitted without labels on the
+distractor images (DemoModel.fit), as global descriptors usually are; the output is L2-normalised.
+Of the three parts the correlogram carries most of the retrieval, the gradients the least.
 
 The text tower reads the words of a description (colour, shape and pattern names, see draw.py),
 draws the object those words describe (palette colours, a middle pattern frequency, upright, on a
