@@ -12,10 +12,20 @@ use std::cmp::Ordering;
 /// A candidate: score and global row index.
 pub type Hit = (f32, u64);
 
-/// Rank order: `Less` means `a` ranks before `b`.
+/// Rank order: `Less` means `a` ranks before `b`. Compared as integers (`sort_key`), which
+/// sorts several times faster than float comparisons.
 #[inline]
 pub fn rank_order(a: &Hit, b: &Hit) -> Ordering {
-    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(b.1.cmp(&a.1))
+    sort_key(b).cmp(&sort_key(a))
+}
+
+/// An integer key ordered like (score, index) for non-NaN scores, with -0 equal to +0.
+#[inline]
+fn sort_key(h: &Hit) -> (u32, u64) {
+    // adding +0 turns -0 into +0 and changes nothing else
+    let bits = (h.0 + 0.0).to_bits();
+    let key = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
+    (key, h.1)
 }
 
 pub struct TopK {
@@ -55,6 +65,12 @@ impl TopK {
             // after the selection the k-th ranked hit sits at k-1: the lowest score kept
             self.threshold = self.hits[self.k - 1].0;
         }
+    }
+
+    /// The best `k` hits, in no particular order.
+    pub fn into_best(mut self) -> Vec<Hit> {
+        self.compact();
+        self.hits
     }
 
     /// The best `k` hits in rank order.
@@ -97,12 +113,22 @@ mod tests {
             for &(s, i) in &hits[..split] { if s >= a.threshold() { a.push(s, i); } }
             for &(s, i) in &hits[split..] { if s >= b.threshold() { b.push(s, i); } }
             b.absorb(a);
+            let mut best = TopK::new(k);
+            for &(s, i) in &hits { if s >= best.threshold() { best.push(s, i); } }
+            let mut best = best.into_best();
+            best.sort_by(rank_order);
+            prop_assert_eq!(best, reference(&hits, k));
             prop_assert_eq!(b.into_sorted(), reference(&hits, k));
         }
     }
 
     #[test]
     fn ties_put_the_larger_index_first_and_nan_is_dropped() {
+        let mut z = TopK::new(3);
+        for (s, i) in [(-0.0, 5), (0.0, 2), (-1.0, 9), (0.0, 7)] {
+            z.push(s, i);
+        }
+        assert_eq!(z.into_sorted(), vec![(0.0, 7), (-0.0, 5), (0.0, 2)]);
         let mut t = TopK::new(3);
         for (s, i) in [(1.0, 0), (2.0, 1), (1.0, 2), (f32::NAN, 3), (1.0, 4)] {
             if s >= t.threshold() {

@@ -149,9 +149,13 @@ pub fn search(
     } else {
         tops.into_iter()
             .map(|t| {
-                let mut v = t.into_sorted();
-                v.truncate(opts.k);
-                v
+                let mut best = TopK::new(opts.k);
+                for (s, r) in t.into_best() {
+                    if s >= best.threshold() {
+                        best.push(s, r);
+                    }
+                }
+                best.into_sorted()
             })
             .collect()
     };

@@ -3,9 +3,10 @@
 //! product, so it equals exact search's score of the same row up to float32 rounding (the two
 //! sum in different orders), not always to the bit.
 //!
-//! Reads are batched and sorted: the union of all shortlisted rows is announced to the kernel
-//! in row order (runs of nearby rows merged) before any is read, and each query reads its rows
-//! in increasing order. With a database on disk this turns random reads into sorted ones.
+//! The work goes in row order, not query order: the (row, query) pairs of all shortlists are
+//! bucketed by blocks of rows, and each row is read and widened once for every query that
+//! listed it (a row sits in ~10-20 shortlists). Rows are read once, in increasing order, and
+//! announced to the kernel beforehand; the queries stay in cache.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,9 +18,10 @@ use crate::topk::{Hit, TopK};
 
 /// Rows closer than this are announced as one run.
 const GAP: usize = 64;
-
-/// Rescored lists of some queries: (query, its best hits).
-type Ranked = Vec<(usize, Vec<Hit>)>;
+/// Rows per bucket (their float16 data stays in cache while the bucket's pairs are scored).
+const BUCKET_ROWS: usize = 1024;
+/// Buckets a thread claims at once.
+const CLAIM: usize = 16;
 
 /// The `k` best of each query's `lists[q]` rows by exact score, in rank order.
 pub fn rerank(
@@ -32,36 +34,61 @@ pub fn rerank(
 ) -> Result<Vec<Vec<Hit>>> {
     let (dim, nq) = (db.dim, lists.len());
     prefetch(db, lists);
+    // pairs bucketed by row block (a counting sort): `(row << 32) | query`
+    let buckets = db.rows.div_ceil(BUCKET_ROWS);
+    let mut starts = vec![0usize; buckets + 1];
+    for &r in lists.iter().flatten() {
+        starts[r as usize / BUCKET_ROWS + 1] += 1;
+    }
+    for b in 0..buckets {
+        starts[b + 1] += starts[b];
+    }
+    let mut fill = starts.clone();
+    let mut pairs = vec![0u64; starts[buckets]];
+    for (q, list) in lists.iter().enumerate() {
+        for &r in list {
+            let b = r as usize / BUCKET_ROWS;
+            pairs[fill[b]] = r << 32 | q as u64;
+            fill[b] += 1;
+        }
+    }
     let next = AtomicUsize::new(0);
-    let threads = resolve_threads(threads).min(nq.max(1));
-    let parts: Vec<Result<Ranked>> = std::thread::scope(|scope| {
+    let claims = buckets.div_ceil(CLAIM);
+    let threads = resolve_threads(threads).min(claims.max(1));
+    let parts: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut done = Vec::new();
+                    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
                     let mut scratch = RowScratch::default();
                     let mut row = vec![0f32; dim];
+                    let mut mine = Vec::new();
                     loop {
-                        let q = next.fetch_add(1, Ordering::Relaxed);
-                        if q >= nq {
-                            return Ok(done);
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= claims {
+                            return Ok(tops);
                         }
                         if control.cancel.load(Ordering::Relaxed) {
                             return Err(Error::Cancelled);
                         }
-                        let query = &queries[q * dim..(q + 1) * dim];
-                        let mut rows = lists[q].clone();
-                        rows.sort_unstable();
-                        let mut top = TopK::new(k);
-                        for r in rows {
-                            let (bytes, dtype) = db.row(r as usize);
-                            widen_row(bytes, dtype, &mut row, &mut scratch);
-                            let s = dot(query, &row);
-                            if s >= top.threshold() {
-                                top.push(s, r);
+                        for b in c * CLAIM..((c + 1) * CLAIM).min(buckets) {
+                            mine.clear();
+                            mine.extend_from_slice(&pairs[starts[b]..starts[b + 1]]);
+                            mine.sort_unstable();
+                            let mut last = u64::MAX;
+                            for &pair in &mine {
+                                let (r, q) = (pair >> 32, (pair & 0xffff_ffff) as usize);
+                                if r != last {
+                                    let (bytes, dtype) = db.row(r as usize);
+                                    widen_row(bytes, dtype, &mut row, &mut scratch);
+                                    last = r;
+                                }
+                                let s = dot(&queries[q * dim..(q + 1) * dim], &row);
+                                if s >= tops[q].threshold() {
+                                    tops[q].push(s, r);
+                                }
                             }
                         }
-                        done.push((q, top.into_sorted()));
                     }
                 })
             })
@@ -74,13 +101,20 @@ pub fn rerank(
             })
             .collect()
     });
-    let mut hits = vec![Vec::new(); nq];
+    let mut merged: Option<Vec<TopK>> = None;
     for part in parts {
-        for (q, h) in part? {
-            hits[q] = h;
-        }
+        let part = part?;
+        merged = Some(match merged {
+            None => part,
+            Some(mut acc) => {
+                for (a, p) in acc.iter_mut().zip(part) {
+                    a.absorb(p);
+                }
+                acc
+            }
+        });
     }
-    Ok(hits)
+    Ok(merged.unwrap_or_default().into_iter().map(TopK::into_sorted).collect())
 }
 
 /// Announces every shortlisted row to the kernel, in row order, as runs of nearby rows.
