@@ -247,54 +247,25 @@ pub fn pack_panel<'a>(
     }
 }
 
-/// `q . x` with 32 partial sums (vectorised; for rescoring single rows, where the block
-/// kernels' order would need a transpose per row). Compiled for AVX-512 or AVX2+FMA at run time.
-pub fn dot(q: &[f32], x: &[f32]) -> f32 {
-    assert_eq!(q.len(), x.len());
-    #[cfg(target_arch = "x86_64")]
-    {
+/// `q . x` for one row `x` given as its little-endian bytes of `dtype`, the float16 values
+/// widened on the fly (for rescoring single rows, where the block kernels would need a
+/// transpose per row). Vectorised with partial sums; AVX-512 or AVX2+F16C+FMA at run time.
+pub fn dot_row(q: &[f32], x: &[u8], dtype: DType) -> f32 {
+    assert_eq!(x.len(), q.len() * dtype.size());
+    #[cfg(all(target_arch = "x86_64", target_endian = "little"))]
+    if dtype == DType::F16 && is_x86_feature_detected!("f16c") {
         if Simd::Avx512.supported() {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_avx512(q, x) };
+            // SAFETY: features just detected; `x` holds `q.len()` float16 values (asserted).
+            return unsafe { x86::dot_f16_avx512(q.as_ptr(), x.as_ptr(), q.len()) };
         }
         if Simd::Avx2.supported() {
             // SAFETY: as above.
-            return unsafe { dot_avx2(q, x) };
+            return unsafe { x86::dot_f16_avx2(q.as_ptr(), x.as_ptr(), q.len()) };
         }
     }
-    dot_lanes(q, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_avx512(q: &[f32], x: &[f32]) -> f32 {
-    dot_lanes(q, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(q: &[f32], x: &[f32]) -> f32 {
-    dot_lanes(q, x)
-}
-
-#[inline(always)]
-fn dot_lanes(q: &[f32], x: &[f32]) -> f32 {
-    const L: usize = 32;
-    let mut acc = [0f32; L];
-    let split = q.len() / L * L;
-    for (a, b) in q[..split].chunks_exact(L).zip(x[..split].chunks_exact(L)) {
-        for l in 0..L {
-            acc[l] = a[l].mul_add(b[l], acc[l]);
-        }
-    }
-    let tail: f32 = q[split..].iter().zip(&x[split..]).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// One row's little-endian bytes as float32 (into `dst`, its length).
-pub fn widen_row(src: &[u8], dtype: DType, dst: &mut [f32], scratch: &mut RowScratch) {
-    scratch.f16s.resize(dst.len(), f16::ZERO);
-    widen(src, dtype, dst, &mut scratch.f16s);
+    let mut row = vec![0f32; q.len()];
+    widen(x, dtype, &mut row, &mut vec![f16::ZERO; q.len()]);
+    q.iter().zip(&row).map(|(a, b)| a * b).sum()
 }
 
 /// One little-endian row of `dtype` values as float32.

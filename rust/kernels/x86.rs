@@ -112,3 +112,56 @@ pub unsafe fn columns4_avx512(a: [*const f32; 4], b: [*const f32; 4], dim: usize
         _mm512_storeu_ps(out.add(j * 32 + 16), c[1]);
     }
 }
+
+/// `q . x` for `dim` float32 `q` and float16 `x` (raw little-endian bytes), 64 partial sums.
+///
+/// # Safety
+/// AVX-512F available; `q` holds `dim` floats and `x` `2 * dim` bytes.
+#[target_feature(enable = "avx512f,f16c")]
+pub unsafe fn dot_f16_avx512(q: *const f32, x: *const u8, dim: usize) -> f32 {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut d = 0;
+    while d + 64 <= dim {
+        for (h, a) in acc.iter_mut().enumerate() {
+            let xs = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(2 * (d + 16 * h)) as *const __m256i));
+            *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(d + 16 * h)), xs, *a);
+        }
+        d += 64;
+    }
+    while d + 16 <= dim {
+        let xs = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(2 * d) as *const __m256i));
+        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(d)), xs, acc[0]);
+        d += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum) + dot_f16_tail(q, x, d, dim)
+}
+
+/// As `dot_f16_avx512` with 8-wide vectors.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `q` holds `dim` floats and `x` `2 * dim` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_avx2(q: *const f32, x: *const u8, dim: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut d = 0;
+    while d + 32 <= dim {
+        for (h, a) in acc.iter_mut().enumerate() {
+            let xs = _mm256_cvtph_ps(_mm_loadu_si128(x.add(2 * (d + 8 * h)) as *const __m128i));
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(d + 8 * h)), xs, *a);
+        }
+        d += 32;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    lanes.iter().sum::<f32>() + dot_f16_tail(q, x, d, dim)
+}
+
+/// The dimensions `from..dim` of the float16 dot product, one at a time.
+#[inline(always)]
+unsafe fn dot_f16_tail(q: *const f32, x: *const u8, from: usize, dim: usize) -> f32 {
+    (from..dim)
+        .map(|d| *q.add(d) * half::f16::from_bits(u16::from_le_bytes([*x.add(2 * d), *x.add(2 * d + 1)])).to_f32())
+        .sum()
+}

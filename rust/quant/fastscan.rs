@@ -13,7 +13,7 @@ use super::pq::{tables, BLOCK};
 use super::{Candidates, Scan};
 
 /// Blocks scored per query before moving to the next query (their codes stay in L1/L2).
-const TILE_BLOCKS: usize = 32;
+const TILE_BLOCKS: usize = 320;
 
 pub struct FastScan<'a> {
     codes: &'a [u8],

@@ -67,10 +67,14 @@ impl Candidates<'_> {
         }
     }
 
-    /// Shares query `q`'s threshold with the other threads.
+    /// Shares query `q`'s threshold with the other threads (a plain load first: the shared
+    /// value only needs a write, an atomic read-modify-write, when this thread's rose above it).
     #[inline]
     pub fn publish(&self, q: usize) {
-        self.floors[q].fetch_max(key(self.tops[q].threshold()), Ordering::Relaxed);
+        let mine = key(self.tops[q].threshold());
+        if mine > self.floors[q].load(Ordering::Relaxed) {
+            self.floors[q].fetch_max(mine, Ordering::Relaxed);
+        }
     }
 }
 

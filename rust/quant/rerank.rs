@@ -3,21 +3,19 @@
 //! product, so it equals exact search's score of the same row up to float32 rounding (the two
 //! sum in different orders), not always to the bit.
 //!
-//! The work goes in row order, not query order: the (row, query) pairs of all shortlists are
-//! bucketed by blocks of rows, and each row is read and widened once for every query that
-//! listed it (a row sits in ~10-20 shortlists). Rows are read once, in increasing order, and
-//! announced to the kernel beforehand; the queries stay in cache.
+//! The work goes by blocks of rows, not by query: the (query, row) pairs of all shortlists are
+//! bucketed by blocks of 1,024 rows, whose float16 data stays in cache while every query that
+//! listed some of them scores them (queries in turn, each loaded once per block). Rows are thus
+//! read from memory or disk once, in increasing order, and announced to the kernel beforehand.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::kernels::{dot, widen_row, RowScratch};
+use crate::kernels::dot_row;
 use crate::search::{resolve_threads, Control};
 use crate::store::Database;
 use crate::topk::{Hit, TopK};
 
-/// Rows closer than this are announced as one run.
-const GAP: usize = 64;
 /// Rows per bucket (their float16 data stays in cache while the bucket's pairs are scored).
 const BUCKET_ROWS: usize = 1024;
 /// Buckets a thread claims at once.
@@ -33,8 +31,8 @@ pub fn rerank(
     control: &Control,
 ) -> Result<Vec<Vec<Hit>>> {
     let (dim, nq) = (db.dim, lists.len());
-    prefetch(db, lists);
-    // pairs bucketed by row block (a counting sort): `(row << 32) | query`
+    // pairs bucketed by row block (a counting sort): `(query << 40) | row`; filled query by
+    // query, so each bucket lists its pairs in query order already
     let buckets = db.rows.div_ceil(BUCKET_ROWS);
     let mut starts = vec![0usize; buckets + 1];
     for &r in lists.iter().flatten() {
@@ -48,10 +46,11 @@ pub fn rerank(
     for (q, list) in lists.iter().enumerate() {
         for &r in list {
             let b = r as usize / BUCKET_ROWS;
-            pairs[fill[b]] = r << 32 | q as u64;
+            pairs[fill[b]] = (q as u64) << 40 | r;
             fill[b] += 1;
         }
     }
+    prefetch(db, &pairs, &starts);
     let next = AtomicUsize::new(0);
     let claims = buckets.div_ceil(CLAIM);
     let threads = resolve_threads(threads).min(claims.max(1));
@@ -60,9 +59,6 @@ pub fn rerank(
             .map(|_| {
                 scope.spawn(|| {
                     let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-                    let mut scratch = RowScratch::default();
-                    let mut row = vec![0f32; dim];
-                    let mut mine = Vec::new();
                     loop {
                         let c = next.fetch_add(1, Ordering::Relaxed);
                         if c >= claims {
@@ -72,18 +68,10 @@ pub fn rerank(
                             return Err(Error::Cancelled);
                         }
                         for b in c * CLAIM..((c + 1) * CLAIM).min(buckets) {
-                            mine.clear();
-                            mine.extend_from_slice(&pairs[starts[b]..starts[b + 1]]);
-                            mine.sort_unstable();
-                            let mut last = u64::MAX;
-                            for &pair in &mine {
-                                let (r, q) = (pair >> 32, (pair & 0xffff_ffff) as usize);
-                                if r != last {
-                                    let (bytes, dtype) = db.row(r as usize);
-                                    widen_row(bytes, dtype, &mut row, &mut scratch);
-                                    last = r;
-                                }
-                                let s = dot(&queries[q * dim..(q + 1) * dim], &row);
+                            for &pair in &pairs[starts[b]..starts[b + 1]] {
+                                let (q, r) = ((pair >> 40) as usize, pair & ((1 << 40) - 1));
+                                let (bytes, dtype) = db.row(r as usize);
+                                let s = dot_row(&queries[q * dim..(q + 1) * dim], bytes, dtype);
                                 if s >= tops[q].threshold() {
                                     tops[q].push(s, r);
                                 }
@@ -117,20 +105,18 @@ pub fn rerank(
     Ok(merged.unwrap_or_default().into_iter().map(TopK::into_sorted).collect())
 }
 
-/// Announces every shortlisted row to the kernel, in row order, as runs of nearby rows.
-fn prefetch(db: &Database, lists: &[Vec<u64>]) {
-    let mut rows: Vec<usize> = lists.iter().flatten().map(|&r| r as usize).collect();
-    rows.sort_unstable();
-    rows.dedup();
-    let mut i = 0;
-    while i < rows.len() {
-        let (shard, start) = db.locate(rows[i]);
-        let shard_end = rows[i] - start + shard.rows;
-        let mut j = i + 1;
-        while j < rows.len() && rows[j] < shard_end && rows[j] - rows[j - 1] <= GAP {
-            j += 1;
+/// Announces the rows of every bucket (from its lowest listed row to its highest) to the
+/// kernel, in row order, before any is read.
+fn prefetch(db: &Database, pairs: &[u64], starts: &[usize]) {
+    for bucket in starts.windows(2).map(|w| &pairs[w[0]..w[1]]) {
+        let rows = bucket.iter().map(|&p| (p & ((1 << 40) - 1)) as usize);
+        let (lo, hi) = rows.fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r + 1)));
+        let mut r = lo;
+        while r < hi {
+            let (shard, local) = db.locate(r);
+            let n = (shard.rows - local).min(hi - r);
+            shard.prefetch(local, local + n);
+            r += n;
         }
-        shard.prefetch(start, start + rows[j - 1] - rows[i] + 1);
-        i = j;
     }
 }
