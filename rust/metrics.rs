@@ -247,6 +247,9 @@ fn ranked_ap(items: impl Iterator<Item = (f64, bool)>, n_pos: u64, k: usize) -> 
 /// Positive ids -> their index, for labelling returned lists by id.
 pub struct PositiveIndex {
     map: std::collections::HashMap<String, i32, std::hash::BuildHasherDefault<FxHasher>>,
+    /// Every positive has the form `<instance>/pos/...`: an id without it is no positive, and
+    /// needs no hashing (most retrieved ids are distractors).
+    all_shaped: bool,
 }
 
 /// A fast non-cryptographic hasher (the multiply-rotate scheme of rustc's FxHash): the keys are
@@ -279,13 +282,17 @@ pub const NOT_POSITIVE: i32 = -1;
 
 impl PositiveIndex {
     pub fn new(positives: Vec<String>) -> PositiveIndex {
+        let all_shaped = positives.iter().all(|p| shaped(p));
         let map = positives.into_iter().enumerate().map(|(i, p)| (p, i as i32)).collect();
-        PositiveIndex { map }
+        PositiveIndex { map, all_shaped }
     }
 
     /// The index of `id` among the positives, or [`NOT_POSITIVE`].
     #[inline]
     pub fn code(&self, id: &str) -> i32 {
+        if self.all_shaped && !shaped(id) {
+            return NOT_POSITIVE;
+        }
         self.map.get(id).copied().unwrap_or(NOT_POSITIVE)
     }
 
@@ -293,8 +300,124 @@ impl PositiveIndex {
     /// of these: results of another dataset or version.
     #[inline]
     pub fn foreign(&self, id: &str, code: i32) -> bool {
-        code == NOT_POSITIVE && id.contains("/pos/")
+        code == NOT_POSITIVE && shaped(id)
     }
+}
+
+/// Whether `id` has the form of an ILIAS positive: `<instance>/pos/...`.
+#[inline]
+fn shaped(id: &str) -> bool {
+    id.split_once('/').is_some_and(|(_, rest)| rest.starts_with("pos/"))
+}
+
+/// What an item of a ranked list is, besides a positive's index: not a positive, or no item.
+pub const EMPTY: i32 = -2;
+
+/// Labels of ranked lists in the official pickle layout, where each item is an index into one
+/// table of database ids (`ranks`, `width` items per list, -1 for no item).
+pub struct RankLabels {
+    /// Per item: the index of its id among the positives, [`NOT_POSITIVE`] or [`EMPTY`].
+    pub positive: Vec<i32>,
+    /// Ids that have the form of a positive without being one (see [`PositiveIndex::foreign`]).
+    pub foreign: usize,
+    pub first_foreign: Option<String>,
+    /// The first list that holds the same item twice, and how many repeats all lists hold.
+    pub duplicate: Option<(usize, usize)>,
+}
+
+/// Looks up the ids of `table` that `ranks` uses (`None` for unused entries, which are never
+/// read), on `threads` threads, and labels every item of every list.
+pub fn label_ranks(
+    table: &[Option<&str>],
+    ranks: &[i64],
+    width: usize,
+    index: &PositiveIndex,
+    threads: usize,
+) -> Result<RankLabels> {
+    if let Some(&bad) = ranks.iter().find(|&&r| r < -1 || r >= table.len() as i64) {
+        return Err(Error::invalid(format!(
+            "ranks: {bad} points outside the {} database ids",
+            table.len()
+        )));
+    }
+    let threads = crate::search::resolve_threads(threads).max(1);
+    let block = table.len().div_ceil(threads).max(1);
+    let parts = std::thread::scope(|scope| {
+        let workers = table
+            .chunks(block)
+            .map(|ids| {
+                scope.spawn(move || {
+                    let (mut codes, mut foreign, mut first) = (Vec::with_capacity(ids.len()), 0, None);
+                    for id in ids {
+                        let code = match id {
+                            Some(id) => {
+                                let code = index.code(id);
+                                if index.foreign(id, code) {
+                                    foreign += 1;
+                                    first.get_or_insert_with(|| id.to_string());
+                                }
+                                code
+                            }
+                            None => NOT_POSITIVE,
+                        };
+                        codes.push(code);
+                    }
+                    Ok((codes, foreign, first))
+                })
+            })
+            .collect();
+        join_all(workers)
+    })?;
+    let (mut codes, mut foreign, mut first_foreign) = (Vec::with_capacity(table.len()), 0, None);
+    for (c, f, first) in parts {
+        codes.extend(c);
+        foreign += f;
+        first_foreign = first_foreign.or(first);
+    }
+    // labels and repeated items, by blocks of lists; a repeat is an item already stamped with
+    // the current list's number
+    let width = width.max(1);
+    let per = ranks.len().div_ceil(width).div_ceil(threads).max(1) * width;
+    let codes = &codes;
+    let parts = std::thread::scope(|scope| {
+        let workers = ranks
+            .chunks(per)
+            .map(|block| {
+                scope.spawn(move || {
+                    let labels: Vec<i32> = block
+                        .iter()
+                        .map(|&r| if r < 0 { EMPTY } else { codes[r as usize] })
+                        .collect();
+                    let (mut first, mut repeats, mut stamp) = (None, 0, vec![usize::MAX; codes.len()]);
+                    for (row, list) in block.chunks(width).enumerate() {
+                        let mut n = 0;
+                        for &r in list.iter().filter(|&&r| r >= 0) {
+                            n += (stamp[r as usize] == row) as usize;
+                            stamp[r as usize] = row;
+                        }
+                        if n > 0 {
+                            repeats += n;
+                            first.get_or_insert(row);
+                        }
+                    }
+                    Ok((labels, first, repeats))
+                })
+            })
+            .collect();
+        join_all(workers)
+    })?;
+    let (mut positive, mut duplicate, mut repeats) = (Vec::with_capacity(ranks.len()), None, 0);
+    for (b, (labels, first, n)) in parts.into_iter().enumerate() {
+        positive.extend(labels);
+        duplicate = duplicate.or(first.map(|row| b * per / width + row));
+        repeats += n;
+    }
+    Ok(RankLabels {
+        positive,
+        foreign,
+        first_foreign,
+        duplicate: duplicate.map(|row| (row, repeats)),
+    })
 }
 
 #[cfg(test)]

@@ -332,6 +332,63 @@ fn positive_codes<'py>(
     Ok((codes.into_pyarray(py), foreign, first))
 }
 
+/// Labels the ranked lists of an official pickle: `ranks` int64 (n, L) index `db_ids` (an
+/// object array of str or UTF-8 bytes; -1: no item). Only the ids some list uses are read;
+/// they are looked up among `positives` on several threads. Returns `(positive int32 (n, L):
+/// index among the positives, -1 not a positive, -2 no item; foreign count, first foreign id,
+/// first list holding an item twice and the number of repeats, or None)`.
+#[pyfunction]
+#[pyo3(signature = (db_ids, ranks, positives, threads=0))]
+#[allow(clippy::type_complexity)]
+fn label_official<'py>(
+    py: Python<'py>,
+    db_ids: PyReadonlyArray1<'py, PyObject>,
+    ranks: PyReadonlyArray2<'py, i64>,
+    positives: Vec<String>,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyArray2<i32>>, usize, Option<String>, Option<(usize, usize)>)> {
+    let ids = db_ids.as_slice().map_err(|_| contiguous("db_ids"))?;
+    let (rows, width) = (ranks.shape()[0], ranks.shape()[1]);
+    let r = ranks.as_slice().map_err(|_| contiguous("ranks"))?;
+    let mut used = vec![false; ids.len()];
+    for &x in r {
+        if x >= 0 && (x as usize) < ids.len() {
+            used[x as usize] = true;
+        }
+    }
+    // the ids' text is borrowed from the Python objects (kept alive by the array) while the GIL
+    // is held, then hashed without it
+    let mut table: Vec<Option<&str>> = Vec::with_capacity(ids.len());
+    for (obj, &u) in ids.iter().zip(&used) {
+        table.push(if u {
+            let obj = obj.bind(py);
+            Some(if let Ok(s) = obj.downcast::<pyo3::types::PyString>() {
+                s.to_str()?
+            } else if let Ok(b) = obj.downcast::<pyo3::types::PyBytes>() {
+                std::str::from_utf8(b.as_bytes())
+                    .map_err(|_| PyValueError::new_err("db_ids: a bytes id is not UTF-8"))?
+            } else {
+                return Err(PyValueError::new_err(format!(
+                    "db_ids: expected str or bytes ids, got {}",
+                    obj.get_type().name()?
+                )));
+            })
+        } else {
+            None
+        });
+    }
+    let index = crate::metrics::PositiveIndex::new(positives);
+    let labels = py
+        .allow_threads(|| crate::metrics::label_ranks(&table, r, width, &index, threads))
+        .map_err(to_py)?;
+    Ok((
+        labels.positive.into_pyarray(py).reshape([rows, width])?,
+        labels.foreign,
+        labels.first_foreign,
+        labels.duplicate,
+    ))
+}
+
 /// AP@k and oracle per row of `scores` float64 (n, L) with `labels` uint8 (n, L) (0 negative,
 /// 1 positive, 2 not in the list) and `n_positives` int64 (n,) = |G| per row.
 /// Returns `(ap float64 (n,), oracle float64 (n,))`, as fractions.
@@ -475,6 +532,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(positive_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(label_official, m)?)?;
     m.add_function(wrap_pyfunction!(grouped_average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;

@@ -314,3 +314,30 @@ def test_file_errors_name_the_file(tmp_path, small):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="positive_ids.txt"):
         load_ground_truth(tmp_path / "empty")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 40), width=st.integers(1, 12), threads=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
+    as_bytes=st.booleans(),
+)
+def test_pickle_ranks_are_labelled_like_a_dict_lookup(n, width, threads, seed, as_bytes):
+    # the official pickle layout: ranks index one table of ids; -1 is no item; only used ids are read
+    rng = np.random.default_rng(seed)
+    positives = [f"inst{i}/pos/P{i}.jpg" for i in range(6)]
+    table = [*positives, "inst9/pos/unknown.jpg", *(f"{i:05d}.tar/{i}" for i in range(20))]
+    rng.shuffle(table)
+    ranks = rng.integers(-1, len(table), (n, width))
+    ids = np.array([t.encode() if as_bytes else t for t in table], dtype=object)
+    positive, foreign, first, dup = _core.label_official(ids, ranks, positives, threads)
+    index = {p: i for i, p in enumerate(positives)}
+    want = [[-2 if r < 0 else index.get(table[r], -1) for r in row] for row in ranks]
+    np.testing.assert_array_equal(positive, want)
+    used = {table[r] for r in ranks.ravel() if r >= 0}
+    assert foreign == int("inst9/pos/unknown.jpg" in used)
+    assert first == ("inst9/pos/unknown.jpg" if foreign else None)
+    repeats = [sum(c - 1 for c in np.unique(row[row >= 0], return_counts=True)[1]) for row in ranks]
+    if sum(repeats):
+        assert dup == (int(np.flatnonzero(repeats)[0]), int(sum(repeats)))
+    else:
+        assert dup is None

@@ -267,20 +267,19 @@ def _from_official_pickle(d: dict, gt: GroundTruth, source: str) -> RankedLists:
     qids = [str(q) for q in d["query_ids"]]
     if sims.ndim != 2 or sims.shape != ranks.shape or len(qids) != len(sims):
         raise ValueError(f"{source}: sims {sims.shape}, ranks {ranks.shape} and {len(qids)} query ids disagree")
-    db_ids = np.asarray(d["db_ids"])
+    db_ids = np.asarray(d["db_ids"], dtype=object)
+    if db_ids.ndim != 1:
+        raise ValueError(f"{source}: db_ids should be a flat list of ids, got shape {db_ids.shape}")
     if ranks.size and (ranks.max() >= len(db_ids) or ranks.min() < -1):
         raise ValueError(f"{source}: ranks point outside db_ids ({len(db_ids)} ids)")
-    valid = ranks >= 0
-    # db_ids may be the whole database: only the ids that some list uses are looked at
-    used = np.zeros(len(db_ids), dtype=bool)
-    used[ranks[valid]] = True
-    used = np.flatnonzero(used)
-    # duplicates are checked per list (same rank, same positive), not over all db_ids: hashing
-    # every retrieved id once more would double the cost of the whole evaluation
-    code = np.full(len(db_ids), NOT_POSITIVE, dtype=np.int32)
-    code[used] = _positive_codes(db_ids[used], gt, source)
-    positive = np.where(valid, code[np.maximum(ranks, 0)], EMPTY).astype(np.int32)
-    _no_duplicate_items(np.where(valid, ranks, -1), qids, source)
+    # db_ids may be the whole database: only the ids that some list uses are read (in Rust)
+    positive, foreign, first, duplicate = _core.label_official(
+        db_ids, np.ascontiguousarray(ranks, dtype=np.int64), list(gt.positives)
+    )
+    _check_foreign(foreign, first, gt, source)
+    if duplicate:
+        row, repeats = duplicate
+        raise ValueError(f"{source}: query {qids[row]!r} lists the same database item twice ({repeats} repeats in all)")
     return RankedLists(qids, sims.astype(np.float64), positive, sims.shape[1], source)
 
 
@@ -304,12 +303,16 @@ def _positive_codes(ids, gt: GroundTruth, source: str) -> np.ndarray:
     Rust. A core-style id that this ground truth lacks means another ILIAS version or dataset:
     counting it as a negative would be wrong."""
     code, foreign, first = _core.positive_codes(ids, list(gt.positives))
+    _check_foreign(foreign, first, gt, source)
+    return code
+
+
+def _check_foreign(foreign: int, first: str | None, gt: GroundTruth, source: str) -> None:
     if foreign:
         raise ValueError(
             f"{source}: {foreign} returned id(s) look like ILIAS positives but are not in the ground truth "
             f"({gt.source}), e.g. {first!r}: results from another dataset or version?"
         )
-    return code
 
 
 def _no_duplicate_items(items: np.ndarray, qids: list[str], source: str) -> None:

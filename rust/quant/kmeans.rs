@@ -38,26 +38,73 @@ impl Rng {
     }
 }
 
-/// The index of the centroid nearest to `x` (squared L2), given the centroids' squared norms.
-#[inline]
-pub fn nearest(x: &[f32], centroids: &[f32], norms: &[f32]) -> usize {
-    let d = x.len();
-    let mut best = (f32::INFINITY, 0);
-    for (c, (cent, &n2)) in centroids.chunks_exact(d).zip(norms).enumerate() {
-        let dot: f32 = cent.iter().zip(x).map(|(a, b)| a * b).sum();
-        let dist = n2 - 2.0 * dot;
-        if dist < best.0 {
-            best = (dist, c);
-        }
-    }
-    best.1
+/// Centroids laid out for nearest-centroid search: transposed (`[d][k]`, so that one point's
+/// distances to all centroids are computed along contiguous vectors) with their squared norms.
+pub struct Codebook {
+    k: usize,
+    d: usize,
+    transposed: Vec<f32>,
+    norms: Vec<f32>,
 }
 
-pub fn squared_norms(centroids: &[f32], d: usize) -> Vec<f32> {
-    centroids
-        .chunks_exact(d)
-        .map(|c| c.iter().map(|v| v * v).sum())
-        .collect()
+impl Codebook {
+    /// From row-major `k x d` centroids.
+    pub fn new(centroids: &[f32], d: usize) -> Codebook {
+        let k = centroids.len() / d;
+        let mut transposed = vec![0f32; k * d];
+        for (c, row) in centroids.chunks_exact(d).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                transposed[j * k + c] = v;
+            }
+        }
+        let norms = centroids
+            .chunks_exact(d)
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect();
+        Codebook {
+            k,
+            d,
+            transposed,
+            norms,
+        }
+    }
+
+    /// The index of the centroid nearest to `x` (squared L2; ties: the lowest index).
+    /// `dist` is scratch space, reused between calls.
+    #[inline]
+    pub fn nearest(&self, x: &[f32], dist: &mut Vec<f32>) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { self.nearest_avx512(x, dist) };
+        }
+        self.nearest_lanes(x, dist)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn nearest_avx512(&self, x: &[f32], dist: &mut Vec<f32>) -> usize {
+        self.nearest_lanes(x, dist)
+    }
+
+    #[inline(always)]
+    fn nearest_lanes(&self, x: &[f32], dist: &mut Vec<f32>) -> usize {
+        dist.clear();
+        dist.extend_from_slice(&self.norms);
+        for (j, col) in self.transposed.chunks_exact(self.k).enumerate().take(self.d) {
+            let w = -2.0 * x[j];
+            for (acc, &c) in dist.iter_mut().zip(col) {
+                *acc += w * c;
+            }
+        }
+        let mut best = (f32::INFINITY, 0);
+        for (c, &v) in dist.iter().enumerate() {
+            if v < best.0 {
+                best = (v, c);
+            }
+        }
+        best.1
+    }
 }
 
 /// `k` centroids (row-major `k x d`) of the `n x d` points, after `iters` Lloyd iterations from
@@ -81,10 +128,11 @@ pub fn kmeans(points: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -
     let mut assign = vec![0usize; n];
     let mut sums = vec![0f64; k * d];
     let mut counts = vec![0usize; k];
+    let mut dist = Vec::new();
     for _ in 0..iters {
-        let norms = squared_norms(&centroids, d);
+        let book = Codebook::new(&centroids, d);
         for (x, a) in points.chunks_exact(d).zip(assign.iter_mut()) {
-            *a = nearest(x, &centroids, &norms);
+            *a = book.nearest(x, &mut dist);
         }
         sums.fill(0.0);
         counts.fill(0);

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::file::{CodesFile, CodesWriter, Header, Kind};
-use super::kmeans::{kmeans, nearest, squared_norms, Rng};
+use super::kmeans::{kmeans, Codebook, Rng};
 use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::{Error, Result};
 use crate::search::{resolve_threads, Control};
@@ -102,17 +102,17 @@ pub fn build(db: &Database, header: &Header, path: &Path, opts: &Training, contr
         0,
         &centroids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
     )?;
-    let norms: Vec<Vec<f32>> = centroids.chunks(ksub * dsub).map(|c| squared_norms(c, dsub)).collect();
+    let books: Vec<Codebook> = centroids.chunks(ksub * dsub).map(|c| Codebook::new(c, dsub)).collect();
     let m_even = m.next_multiple_of(2);
     for_chunks(db.rows, opts.threads, control, |lo, hi| {
         let mut widened = Vec::new();
         widen_rows(db, lo..hi, &mut widened);
         let mut codes = vec![0u8; (hi - lo) * m];
+        let mut dist = Vec::new();
         for (x, code) in widened.chunks_exact(dim).zip(codes.chunks_exact_mut(m)) {
-            for (g, c) in code.iter_mut().enumerate() {
-                let book = &centroids[g * ksub * dsub..(g + 1) * ksub * dsub];
+            for (g, (c, book)) in code.iter_mut().zip(&books).enumerate() {
                 // NaN or Inf rows get some code; rescoring gives their exact score
-                *c = nearest(&x[g * dsub..(g + 1) * dsub], book, &norms[g]) as u8;
+                *c = book.nearest(&x[g * dsub..(g + 1) * dsub], &mut dist) as u8;
             }
         }
         if bits == 8 {
@@ -154,6 +154,24 @@ pub fn tables(file: &CodesFile, queries: &[f32], nq: usize) -> (Vec<f32>, usize,
     (out, m, ksub)
 }
 
+/// `sum_g table[g][code[g]]` with four independent partial sums (the lookups, not the adds,
+/// should bound the speed).
+#[inline]
+fn table_sum(table: &[f32], code: &[u8]) -> f32 {
+    let mut acc = [0f32; 4];
+    let mut quads = code.chunks_exact(4);
+    for (g4, quad) in (&mut quads).enumerate() {
+        for (l, &c) in quad.iter().enumerate() {
+            acc[l] += table[(g4 * 4 + l) * 256 + c as usize];
+        }
+    }
+    let done = code.len() / 4 * 4;
+    for (g, &c) in quads.remainder().iter().enumerate() {
+        acc[0] += table[(done + g) * 256 + c as usize];
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
 /// Scans 8-bit codes with float tables.
 pub struct PqScan<'a> {
     codes: &'a [u8],
@@ -184,12 +202,8 @@ impl Scan for PqScan<'_> {
             let codes = &self.codes[t0 * m..t1 * m];
             let n = t1 - t0;
             for (q, table) in self.tables.chunks_exact(m * 256).enumerate() {
-                // subquantizer by subquantizer: the rows' sums are independent chains
-                scores[..n].fill(0.0);
-                for (g, t) in table.chunks_exact(256).enumerate() {
-                    for (s, code) in scores[..n].iter_mut().zip(codes.chunks_exact(m)) {
-                        *s += t[code[g] as usize];
-                    }
+                for (s, code) in scores[..n].iter_mut().zip(codes.chunks_exact(m)) {
+                    *s = table_sum(table, code);
                 }
                 found.offer(q, &scores[..n], t0);
             }
