@@ -154,24 +154,6 @@ pub fn tables(file: &CodesFile, queries: &[f32], nq: usize) -> (Vec<f32>, usize,
     (out, m, ksub)
 }
 
-/// `sum_g table[g][code[g]]` with four independent partial sums (the lookups, not the adds,
-/// should bound the speed).
-#[inline]
-fn table_sum(table: &[f32], code: &[u8]) -> f32 {
-    let mut acc = [0f32; 4];
-    let mut quads = code.chunks_exact(4);
-    for (g4, quad) in (&mut quads).enumerate() {
-        for (l, &c) in quad.iter().enumerate() {
-            acc[l] += table[(g4 * 4 + l) * 256 + c as usize];
-        }
-    }
-    let done = code.len() / 4 * 4;
-    for (g, &c) in quads.remainder().iter().enumerate() {
-        acc[0] += table[(done + g) * 256 + c as usize];
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
-}
-
 /// Scans 8-bit codes with float tables.
 pub struct PqScan<'a> {
     codes: &'a [u8],
@@ -202,8 +184,12 @@ impl Scan for PqScan<'_> {
             let codes = &self.codes[t0 * m..t1 * m];
             let n = t1 - t0;
             for (q, table) in self.tables.chunks_exact(m * 256).enumerate() {
-                for (s, code) in scores[..n].iter_mut().zip(codes.chunks_exact(m)) {
-                    *s = table_sum(table, code);
+                // subquantizer by subquantizer: the rows' sums are independent chains
+                scores[..n].fill(0.0);
+                for (g, t) in table.chunks_exact(256).enumerate() {
+                    for (s, code) in scores[..n].iter_mut().zip(codes.chunks_exact(m)) {
+                        *s += t[code[g] as usize];
+                    }
                 }
                 found.offer(q, &scores[..n], t0);
             }
