@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ._io import atomic_write
@@ -47,6 +47,7 @@ class RunConfig:
     workers: int = 4
     threads: int = 0
     prefixes: tuple[int, ...] = (10**6, 10**7)  # tiers: positives plus the first N distractors
+    published: bool = True  # place the results among the published models (False: data that is not ILIAS)
 
 
 def tier_name(distractors: int) -> str:
@@ -137,6 +138,8 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     if cfg.distractors == "full" and len(db) > 1 and mini_list.exists():
         tiers.append(Tier("mini", None, mini_ilias_keep(db, read_id_list(mini_list)), setting="mini"))
     tiers.append(Tier("all", setting="mini" if cfg.distractors == "mini" else None))
+    if not cfg.published:
+        tiers = [replace(t, setting="") for t in tiers]
 
     def search_step():
         paths = {t.name: out / f"results.{t.name}.npz" for t in tiers}
