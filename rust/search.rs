@@ -230,27 +230,19 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             })
             .collect()
     });
-    let mut merged: Option<Vec<TopK>> = None;
     let mut stats = Stats {
         simd: Some(simd),
         int8,
         ..Stats::default()
     };
+    let mut parts = Vec::new();
     for part in partials {
         let (part, part_stats) = part?;
         stats.add(&part_stats);
-        merged = Some(match merged {
-            None => part,
-            Some(mut acc) => {
-                for (a, p) in acc.iter_mut().zip(part) {
-                    a.absorb(p);
-                }
-                acc
-            }
-        });
+        parts.push(part);
     }
     let nt = tiers.len();
-    let merged = merged.unwrap_or_else(|| (0..nq * nt).map(|_| TopK::new(opts.k)).collect());
+    let merged = crate::topk::merge(parts).unwrap_or_else(|| (0..nq * nt).map(|_| TopK::new(opts.k)).collect());
 
     // workers keep [query][tier]; the result is [tier][query]
     let k = opts.k;

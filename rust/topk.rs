@@ -90,6 +90,16 @@ impl TopK {
     }
 }
 
+/// Merges the per-thread partial results of the same lists (None when there are none).
+pub fn merge(parts: impl IntoIterator<Item = Vec<TopK>>) -> Option<Vec<TopK>> {
+    parts.into_iter().reduce(|mut acc, part| {
+        for (a, p) in acc.iter_mut().zip(part) {
+            a.absorb(p);
+        }
+        acc
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,7 +147,7 @@ pub fn search(
     let hits = if opts.rerank {
         let lists: Vec<Vec<u64>> = tops
             .into_iter()
-            .map(|t| t.into_sorted().into_iter().map(|h| h.1).collect())
+            .map(|t| t.into_best().into_iter().map(|h| h.1).collect())
             .collect();
         rerank::rerank(db, queries, &lists, opts.k, opts.threads, control)?
     } else {
@@ -179,56 +179,18 @@ fn scan_all(
     opts: &CodeSearch,
     control: &Control,
 ) -> Result<Vec<TopK>> {
-    let chunks = rows.div_ceil(CHUNK_ROWS);
-    let next = AtomicUsize::new(0);
-    let threads = resolve_threads(opts.threads).min(chunks);
     let floors: Vec<AtomicU32> = (0..nq).map(|_| AtomicU32::new(key(f32::NEG_INFINITY))).collect();
-    let parts: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut found = Candidates {
-                        tops: (0..nq).map(|_| TopK::new(keep_n)).collect(),
-                        floors: &floors,
-                        keep: opts.keep,
-                    };
-                    loop {
-                        let c = next.fetch_add(1, Ordering::Relaxed);
-                        if c >= chunks {
-                            return Ok(found.tops);
-                        }
-                        if control.cancel.load(Ordering::Relaxed) {
-                            return Err(Error::Cancelled);
-                        }
-                        let (lo, hi) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
-                        scanner.scan(lo, hi, &mut found);
-                        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a scan thread panicked")))
-            })
-            .collect()
-    });
-    let mut merged: Option<Vec<TopK>> = None;
-    for part in parts {
-        let part = part?;
-        merged = Some(match merged {
-            None => part,
-            Some(mut acc) => {
-                for (a, p) in acc.iter_mut().zip(part) {
-                    a.absorb(p);
-                }
-                acc
-            }
-        });
-    }
-    Ok(merged.unwrap_or_default())
+    let fresh = || Candidates {
+        tops: (0..nq).map(|_| TopK::new(keep_n)).collect(),
+        floors: &floors,
+        keep: opts.keep,
+    };
+    let parts = claims(rows, CHUNK_ROWS, opts.threads, control, fresh, |found, lo, hi| {
+        scanner.scan(lo, hi, found);
+        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+        Ok(())
+    })?;
+    Ok(crate::topk::merge(parts.into_iter().map(|c| c.tops)).unwrap_or_default())
 }
 
 /// Float32 rows `lo..hi` of the database, row-major (for training and encoding).
@@ -252,39 +214,67 @@ pub(crate) fn widen_rows(db: &Database, rows: impl Iterator<Item = usize>, out: 
     }
 }
 
-/// Runs `work(lo, hi)` over `0..rows` in chunks of `CHUNK_ROWS` on `threads` threads,
-/// counting progress and honouring cancellation (for building codes).
+/// Runs `work(state, lo, hi)` over `0..n` in claims of `claim` on `threads` threads, each with
+/// its own `state` (returned in thread order), stopping promptly on cancellation.
+pub(crate) fn claims<S: Send>(
+    n: usize,
+    claim: usize,
+    threads: usize,
+    control: &Control,
+    state: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize, usize) -> Result<()> + Sync,
+) -> Result<Vec<S>> {
+    let count = n.div_ceil(claim);
+    let next = AtomicUsize::new(0);
+    let threads = resolve_threads(threads).min(count.max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut own = state();
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= count {
+                            return Ok(own);
+                        }
+                        if control.cancel.load(Ordering::Relaxed) {
+                            return Err(Error::Cancelled);
+                        }
+                        work(&mut own, c * claim, ((c + 1) * claim).min(n))?;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a worker thread panicked")))
+            })
+            .collect()
+    })
+}
+
+/// `work(lo, hi)` over all rows in chunks, on `threads` threads, counting progress.
 pub(crate) fn for_chunks(
     rows: usize,
     threads: usize,
     control: &Control,
     work: impl Fn(usize, usize) -> Result<()> + Sync,
 ) -> Result<()> {
-    let chunks = rows.div_ceil(CHUNK_ROWS);
-    let next = AtomicUsize::new(0);
-    let threads = resolve_threads(threads).min(chunks.max(1));
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| loop {
-                    let c = next.fetch_add(1, Ordering::Relaxed);
-                    if c >= chunks {
-                        return Ok(());
-                    }
-                    if control.cancel.load(Ordering::Relaxed) {
-                        return Err(Error::Cancelled);
-                    }
-                    let (lo, hi) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
-                    work(lo, hi)?;
-                    control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(Error::invalid("internal error: a build thread panicked")))
-        })
-    })
+    claims(
+        rows,
+        CHUNK_ROWS,
+        threads,
+        control,
+        || (),
+        |_, lo, hi| {
+            work(lo, hi)?;
+            control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+            Ok(())
+        },
+    )
+    .map(|_| ())
 }
 
 /// Builds the codes of `kind` for every row of `db` into `path`.

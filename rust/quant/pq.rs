@@ -6,13 +6,12 @@
 //! codes are stored in blocks of 32 rows for [`super::fastscan`].
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::file::{CodesFile, CodesWriter, Header, Kind};
 use super::kmeans::{kmeans, Codebook, Rng};
-use super::{for_chunks, widen_rows, Candidates, Scan};
+use super::{claims, for_chunks, widen_rows, Candidates, Scan};
 use crate::error::{Error, Result};
-use crate::search::{resolve_threads, Control};
+use crate::search::Control;
 use crate::store::Database;
 
 /// How codebooks are trained.
@@ -61,40 +60,18 @@ pub fn build(db: &Database, header: &Header, path: &Path, opts: &Training, contr
     let n = rows.len();
 
     // each subquantizer's k-means is independent: threads take them in turn
-    let next = AtomicUsize::new(0);
-    let books: Vec<Vec<(usize, Vec<f32>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..resolve_threads(opts.threads).min(m))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let g = next.fetch_add(1, Ordering::Relaxed);
-                        if g >= m || control.cancel.load(Ordering::Relaxed) {
-                            return done;
-                        }
-                        let sub: Vec<f32> = (0..n)
-                            .flat_map(|r| &points[r * dim + g * dsub..r * dim + (g + 1) * dsub])
-                            .copied()
-                            .collect();
-                        let mut rng = Rng::new(opts.seed ^ (g as u64).wrapping_mul(0x9E37_79B9));
-                        done.push((g, kmeans(&sub, dsub, ksub, opts.iters, &mut rng)));
-                    }
-                })
-            })
+    let books = claims(m, 1, opts.threads, control, Vec::new, |done, g, _| {
+        let sub: Vec<f32> = (0..n)
+            .flat_map(|r| &points[r * dim + g * dsub..r * dim + (g + 1) * dsub])
+            .copied()
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
-    });
-    if control.cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled);
-    }
+        let mut rng = Rng::new(opts.seed ^ (g as u64).wrapping_mul(0x9E37_79B9));
+        done.push((g, kmeans(&sub, dsub, ksub, opts.iters, &mut rng)));
+        Ok(())
+    })?;
     let mut centroids = vec![0f32; m * ksub * dsub];
-    let mut trained = 0;
     for (g, book) in books.into_iter().flatten() {
         centroids[g * ksub * dsub..(g + 1) * ksub * dsub].copy_from_slice(&book);
-        trained += 1;
-    }
-    if trained != m {
-        return Err(Error::invalid("internal error: a training thread panicked"));
     }
     let writer = CodesWriter::create(path, header)?;
     writer.write(

@@ -8,11 +8,10 @@
 //! listed some of them scores them (queries in turn, each loaded once per block). Rows are thus
 //! read from memory or disk once, in increasing order, and announced to the kernel beforehand.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use crate::error::{Error, Result};
+use super::claims;
+use crate::error::Result;
 use crate::kernels::dot_row;
-use crate::search::{resolve_threads, Control};
+use crate::search::Control;
 use crate::store::Database;
 use crate::topk::{Hit, TopK};
 
@@ -51,58 +50,23 @@ pub fn rerank(
         }
     }
     prefetch(db, &pairs, &starts);
-    let next = AtomicUsize::new(0);
-    let claims = buckets.div_ceil(CLAIM);
-    let threads = resolve_threads(threads).min(claims.max(1));
-    let parts: Vec<Result<Vec<TopK>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-                    loop {
-                        let c = next.fetch_add(1, Ordering::Relaxed);
-                        if c >= claims {
-                            return Ok(tops);
-                        }
-                        if control.cancel.load(Ordering::Relaxed) {
-                            return Err(Error::Cancelled);
-                        }
-                        for b in c * CLAIM..((c + 1) * CLAIM).min(buckets) {
-                            for &pair in &pairs[starts[b]..starts[b + 1]] {
-                                let (q, r) = ((pair >> 40) as usize, pair & ((1 << 40) - 1));
-                                let (bytes, dtype) = db.row(r as usize);
-                                let s = dot_row(&queries[q * dim..(q + 1) * dim], bytes, dtype);
-                                if s >= tops[q].threshold() {
-                                    tops[q].push(s, r);
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a rescoring thread panicked")))
-            })
-            .collect()
-    });
-    let mut merged: Option<Vec<TopK>> = None;
-    for part in parts {
-        let part = part?;
-        merged = Some(match merged {
-            None => part,
-            Some(mut acc) => {
-                for (a, p) in acc.iter_mut().zip(part) {
-                    a.absorb(p);
-                }
-                acc
+    let fresh = || -> Vec<TopK> { (0..nq).map(|_| TopK::new(k)).collect() };
+    let parts = claims(buckets, CLAIM, threads, control, fresh, |tops, lo, hi| {
+        for &pair in &pairs[starts[lo]..starts[hi]] {
+            let (q, r) = ((pair >> 40) as usize, pair & ((1 << 40) - 1));
+            let (bytes, dtype) = db.row(r as usize);
+            let s = dot_row(&queries[q * dim..(q + 1) * dim], bytes, dtype);
+            if s >= tops[q].threshold() {
+                tops[q].push(s, r);
             }
-        });
-    }
-    Ok(merged.unwrap_or_default().into_iter().map(TopK::into_sorted).collect())
+        }
+        Ok(())
+    })?;
+    Ok(crate::topk::merge(parts)
+        .unwrap_or_default()
+        .into_iter()
+        .map(TopK::into_sorted)
+        .collect())
 }
 
 /// Announces the rows of every bucket (from its lowest listed row to its highest) to the
