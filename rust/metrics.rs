@@ -132,21 +132,29 @@ pub fn grouped_average_precision(
                     let (lo, hi) = (b * block, ((b + 1) * block).min(rows));
                     let mut scratch = Vec::with_capacity(w);
                     let mut part = vec![0.0; groups * (hi - lo)];
+                    let mut row = Ranked::default();
                     for r in lo..hi {
                         let (labels, pos) = (&lists.labels[r * w..(r + 1) * w], &positive[r * w..(r + 1) * w]);
+                        let scores = &lists.scores[r * w..(r + 1) * w];
+                        // lists in rank order (the normal case) are read once for all groups
+                        let sorted = row.read(scores, labels, pos);
                         for g in 0..groups {
                             let n_pos = lists.n_positives[g * rows + r];
                             if n_pos == 0 {
                                 continue;
                             }
                             let inside = &member[g * n_total..(g + 1) * n_total];
-                            let label = |j: usize| match labels[j] {
-                                POSITIVE if !inside[pos[j] as usize] => SKIP,
-                                l => l,
+                            let ap = if sorted {
+                                row.group_ap(inside, n_pos, k)
+                            } else {
+                                let label = |j: usize| match labels[j] {
+                                    POSITIVE if !inside[pos[j] as usize] => SKIP,
+                                    l => l,
+                                };
+                                one_query(scores, label, n_pos, k, &mut scratch).map(|(ap, _)| ap)
                             };
-                            let (ap, _) = one_query(&lists.scores[r * w..(r + 1) * w], label, n_pos, k, &mut scratch)
-                                .map_err(|m| Error::invalid(format!("row {r}, group {g}: {m}")))?;
-                            part[g * (hi - lo) + r - lo] = ap;
+                            part[g * (hi - lo) + r - lo] =
+                                ap.map_err(|m| Error::invalid(format!("row {r}, group {g}: {m}")))?;
                         }
                     }
                     Ok(part)
@@ -174,6 +182,86 @@ fn join_all<T>(workers: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Re
                 .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
         })
         .collect()
+}
+
+/// One list in rank order, reduced to what AP needs once positives may leave it: the scores
+/// of the listed items (for the runs of ties) and where the positives are.
+#[derive(Default)]
+struct Ranked {
+    scores: Vec<f64>,
+    /// (position among the listed items, index of the positive)
+    positives: Vec<(usize, i32)>,
+}
+
+impl Ranked {
+    /// Reads a list; false when it is not in rank order or holds a bad label or score (the
+    /// general path then handles it, errors included).
+    fn read(&mut self, scores: &[f64], labels: &[u8], positive: &[i32]) -> bool {
+        self.scores.clear();
+        self.positives.clear();
+        let mut prev = f64::INFINITY;
+        for ((&s, &l), &p) in scores.iter().zip(labels).zip(positive) {
+            match l {
+                SKIP => continue,
+                NEGATIVE | POSITIVE if s.is_finite() && s <= prev => {}
+                _ => return false,
+            }
+            if l == POSITIVE {
+                self.positives.push((self.scores.len(), p));
+            }
+            self.scores.push(s);
+            prev = s;
+        }
+        true
+    }
+
+    /// AP@k of the list without the positives outside `inside`: the sum over runs of equal
+    /// scores of (positives in the run) x (precision at the run's end), as `ranked_ap`, visiting
+    /// only the positives. A positive that leaves moves every later item up one place.
+    fn group_ap(&self, inside: &[bool], n_pos: u64, k: usize) -> std::result::Result<f64, String> {
+        let kept = |p: i32| inside[p as usize];
+        let in_list = self.positives.iter().filter(|&&(_, p)| kept(p)).count() as u64;
+        if in_list > n_pos {
+            return Err(format!(
+                "{in_list} positives in the list but only {n_pos} exist (duplicate ids?)"
+            ));
+        }
+        let (mut sum, mut tp, mut left) = (0.0, 0u64, 0usize);
+        let mut i = 0;
+        while i < self.positives.len() {
+            let (at, p) = self.positives[i];
+            if !kept(p) {
+                left += 1;
+                i += 1;
+                continue;
+            }
+            if at - left >= k {
+                break;
+            }
+            let s = self.scores[at];
+            let end = at + self.scores[at..].iter().take_while(|&&v| v == s).count() - 1;
+            // the run's positives: those kept and inside the cut count, the others leave
+            let (mut new_in_run, mut left_in_run) = (0u64, 0usize);
+            while i < self.positives.len() && self.positives[i].0 <= end {
+                let (at, p) = self.positives[i];
+                if kept(p) {
+                    new_in_run += (at - left - left_in_run < k) as u64;
+                } else {
+                    left_in_run += 1;
+                }
+                i += 1;
+            }
+            left += left_in_run;
+            tp += new_in_run;
+            let seen = (end + 1 - left).min(k);
+            sum += new_in_run as f64 * tp as f64 / seen as f64;
+        }
+        Ok(if tp == 0 {
+            0.0
+        } else {
+            sum / (k as u64).min(n_pos) as f64
+        })
+    }
 }
 
 /// AP@k and oracle of one list. `scratch` is reused between calls to avoid an allocation per row.
@@ -313,72 +401,25 @@ fn shaped(id: &str) -> bool {
 /// What an item of a ranked list is, besides a positive's index: not a positive, or no item.
 pub const EMPTY: i32 = -2;
 
-/// Labels of ranked lists in the official pickle layout, where each item is an index into one
-/// table of database ids (`ranks`, `width` items per list, -1 for no item).
-pub struct RankLabels {
-    /// Per item: the index of its id among the positives, [`NOT_POSITIVE`] or [`EMPTY`].
-    pub positive: Vec<i32>,
-    /// Ids that have the form of a positive without being one (see [`PositiveIndex::foreign`]).
-    pub foreign: usize,
-    pub first_foreign: Option<String>,
-    /// The first list that holds the same item twice, and how many repeats all lists hold.
-    pub duplicate: Option<(usize, usize)>,
-}
+/// Per item a code (or [`EMPTY`]); the first list holding an item twice, with the repeats in all.
+pub type RankLabels = (Vec<i32>, Option<(usize, usize)>);
 
-/// Looks up the ids of `table` that `ranks` uses (`None` for unused entries, which are never
-/// read), on `threads` threads, and labels every item of every list.
-pub fn label_ranks(
-    table: &[Option<&str>],
-    ranks: &[i64],
-    width: usize,
-    index: &PositiveIndex,
-    threads: usize,
-) -> Result<RankLabels> {
-    if let Some(&bad) = ranks.iter().find(|&&r| r < -1 || r >= table.len() as i64) {
+/// Labels of ranked lists in the official pickle layout, where each item is an index into one
+/// table of database ids (`ranks`, `width` items per list, -1 for no item), given the code of
+/// every id of the table (see [`PositiveIndex::code`]). Returns per item the code of its id, or
+/// [`EMPTY`], and the first list that holds the same item twice with the number of repeats in
+/// all lists. Lists are labelled on `threads` threads.
+pub fn label_ranks(codes: &[i32], ranks: &[i64], width: usize, threads: usize) -> Result<RankLabels> {
+    if let Some(&bad) = ranks.iter().find(|&&r| r < -1 || r >= codes.len() as i64) {
         return Err(Error::invalid(format!(
             "ranks: {bad} points outside the {} database ids",
-            table.len()
+            codes.len()
         )));
     }
     let threads = crate::search::resolve_threads(threads).max(1);
-    let block = table.len().div_ceil(threads).max(1);
-    let parts = std::thread::scope(|scope| {
-        let workers = table
-            .chunks(block)
-            .map(|ids| {
-                scope.spawn(move || {
-                    let (mut codes, mut foreign, mut first) = (Vec::with_capacity(ids.len()), 0, None);
-                    for id in ids {
-                        let code = match id {
-                            Some(id) => {
-                                let code = index.code(id);
-                                if index.foreign(id, code) {
-                                    foreign += 1;
-                                    first.get_or_insert_with(|| id.to_string());
-                                }
-                                code
-                            }
-                            None => NOT_POSITIVE,
-                        };
-                        codes.push(code);
-                    }
-                    Ok((codes, foreign, first))
-                })
-            })
-            .collect();
-        join_all(workers)
-    })?;
-    let (mut codes, mut foreign, mut first_foreign) = (Vec::with_capacity(table.len()), 0, None);
-    for (c, f, first) in parts {
-        codes.extend(c);
-        foreign += f;
-        first_foreign = first_foreign.or(first);
-    }
-    // labels and repeated items, by blocks of lists; a repeat is an item already stamped with
-    // the current list's number
     let width = width.max(1);
     let per = ranks.len().div_ceil(width).div_ceil(threads).max(1) * width;
-    let codes = &codes;
+    // a repeat is an item already stamped with the current list's number
     let parts = std::thread::scope(|scope| {
         let workers = ranks
             .chunks(per)
@@ -388,12 +429,12 @@ pub fn label_ranks(
                         .iter()
                         .map(|&r| if r < 0 { EMPTY } else { codes[r as usize] })
                         .collect();
-                    let (mut first, mut repeats, mut stamp) = (None, 0, vec![usize::MAX; codes.len()]);
+                    let (mut first, mut repeats, mut stamp) = (None, 0, vec![u32::MAX; codes.len()]);
                     for (row, list) in block.chunks(width).enumerate() {
                         let mut n = 0;
                         for &r in list.iter().filter(|&&r| r >= 0) {
-                            n += (stamp[r as usize] == row) as usize;
-                            stamp[r as usize] = row;
+                            n += (stamp[r as usize] == row as u32) as usize;
+                            stamp[r as usize] = row as u32;
                         }
                         if n > 0 {
                             repeats += n;
@@ -412,12 +453,7 @@ pub fn label_ranks(
         duplicate = duplicate.or(first.map(|row| b * per / width + row));
         repeats += n;
     }
-    Ok(RankLabels {
-        positive,
-        foreign,
-        first_foreign,
-        duplicate: duplicate.map(|row| (row, repeats)),
-    })
+    Ok((positive, duplicate.map(|row| (row, repeats))))
 }
 
 #[cfg(test)]
@@ -551,6 +587,31 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn groups_of_a_ranked_list_agree_with_the_general_path(
+            items in prop::collection::vec((0u8..5, 0u8..3, 0u8..4), 0..60),
+            keep in prop::collection::vec(any::<bool>(), 4),
+            k in 1usize..40,
+        ) {
+            // scores in rank order with many ties; labels 0, 1, 2; each positive one of 4
+            let mut sorted: Vec<(u8, u8, u8)> = items;
+            sorted.sort_by_key(|t| std::cmp::Reverse(t.0));
+            let scores: Vec<f64> = sorted.iter().map(|t| t.0 as f64 / 4.0).collect();
+            let labels: Vec<u8> = sorted.iter().map(|t| t.1).collect();
+            let positive: Vec<i32> = sorted.iter().map(|t| if t.1 == POSITIVE { t.2 as i32 } else { -1 }).collect();
+            let kept = labels.iter().zip(&positive).filter(|&(&l, &p)| l == POSITIVE && keep[p as usize]).count() as u64;
+            let n_pos = kept + 2;
+            let mut row = Ranked::default();
+            prop_assert!(row.read(&scores, &labels, &positive));
+            let fast = row.group_ap(&keep, n_pos, k).unwrap();
+            let label = |j: usize| match labels[j] {
+                POSITIVE if !keep[positive[j] as usize] => SKIP,
+                l => l,
+            };
+            let (general, _) = one_query(&scores, label, n_pos, k, &mut Vec::new()).unwrap();
+            prop_assert!((fast - general).abs() < 1e-12, "{} vs {}", fast, general);
+        }
+
         #[test]
         fn agrees_with_the_naive_definition(
             rows in prop::collection::vec(prop::collection::vec((0u8..6, 0u8..3), 0..40), 1..20),

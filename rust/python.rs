@@ -333,8 +333,8 @@ fn positive_codes<'py>(
 }
 
 /// Labels the ranked lists of an official pickle: `ranks` int64 (n, L) index `db_ids` (an
-/// object array of str or UTF-8 bytes; -1: no item). Only the ids some list uses are read;
-/// they are looked up among `positives` on several threads. Returns `(positive int32 (n, L):
+/// object array of str or UTF-8 bytes; -1: no item). Only the ids some list uses are read, in
+/// one pass; only those shaped like a positive are hashed. Returns `(positive int32 (n, L):
 /// index among the positives, -1 not a positive, -2 no item; foreign count, first foreign id,
 /// first list holding an item twice and the number of repeats, or None)`.
 #[pyfunction]
@@ -356,36 +356,35 @@ fn label_official<'py>(
             used[x as usize] = true;
         }
     }
-    // the ids' text is borrowed from the Python objects (kept alive by the array) while the GIL
-    // is held, then hashed without it
-    let mut table: Vec<Option<&str>> = Vec::with_capacity(ids.len());
-    for (obj, &u) in ids.iter().zip(&used) {
-        table.push(if u {
-            let obj = obj.bind(py);
-            Some(if let Ok(s) = obj.downcast::<pyo3::types::PyString>() {
-                s.to_str()?
-            } else if let Ok(b) = obj.downcast::<pyo3::types::PyBytes>() {
-                std::str::from_utf8(b.as_bytes())
-                    .map_err(|_| PyValueError::new_err("db_ids: a bytes id is not UTF-8"))?
-            } else {
-                return Err(PyValueError::new_err(format!(
-                    "db_ids: expected str or bytes ids, got {}",
-                    obj.get_type().name()?
-                )));
-            })
-        } else {
-            None
-        });
-    }
     let index = crate::metrics::PositiveIndex::new(positives);
-    let labels = py
-        .allow_threads(|| crate::metrics::label_ranks(&table, r, width, &index, threads))
+    let mut codes = vec![crate::metrics::NOT_POSITIVE; ids.len()];
+    let (mut foreign, mut first) = (0usize, None);
+    for ((obj, code), _) in ids.iter().zip(codes.iter_mut()).zip(&used).filter(|(_, &u)| u) {
+        let obj = obj.bind(py);
+        let text = if let Ok(s) = obj.downcast::<pyo3::types::PyString>() {
+            s.to_str()?
+        } else if let Ok(b) = obj.downcast::<pyo3::types::PyBytes>() {
+            std::str::from_utf8(b.as_bytes()).map_err(|_| PyValueError::new_err("db_ids: a bytes id is not UTF-8"))?
+        } else {
+            return Err(PyValueError::new_err(format!(
+                "db_ids: expected str or bytes ids, got {}",
+                obj.get_type().name()?
+            )));
+        };
+        *code = index.code(text);
+        if index.foreign(text, *code) {
+            foreign += 1;
+            first.get_or_insert_with(|| text.to_string());
+        }
+    }
+    let (positive, duplicate) = py
+        .allow_threads(|| crate::metrics::label_ranks(&codes, r, width, threads))
         .map_err(to_py)?;
     Ok((
-        labels.positive.into_pyarray(py).reshape([rows, width])?,
-        labels.foreign,
-        labels.first_foreign,
-        labels.duplicate,
+        positive.into_pyarray(py).reshape([rows, width])?,
+        foreign,
+        first,
+        duplicate,
     ))
 }
 
