@@ -194,7 +194,8 @@ def test_cli_builds_searches_and_measures_recall(tmp_path, rng, capsys):
     q = clustered(rng, 30, 32)
     db = write_store(tmp_path / "db", x, [f"d{i}" for i in range(len(x))])
     write_store(tmp_path / "q", q, [f"q{i}" for i in range(len(q))])
-    assert main(["index", "build", "--db", str(db.path), "--codes", "sq8"]) == 0
+    assert main(["index", "build", str(db.path), "--codes", "sq8"]) == 0
+    assert main(["index", "build", "--codes", "sq8"]) == 1
     assert "sq8 codes" in capsys.readouterr().out
     assert main(["index", "info", str(db.path / "codes" / "sq8.codes")]) == 0
     assert "4,000 rows x 32" in capsys.readouterr().out

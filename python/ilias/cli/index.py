@@ -1,11 +1,11 @@
-"""`ilias index build --db STORE... --codes KIND`: quantized codes for faster repeated search.
+"""`ilias index build STORE... --codes KIND`: quantized codes for faster repeated search.
 
 Kinds: sq8 (int8 per dimension, half the float16 size), pq<M> (M bytes per row), pq<M>x4
 (M/2 bytes per row, 4-bit fast-scan). Search with them: `ilias search --codes KIND ...`; the
 shortlist is rescored exactly from the float16 store, so the scores are exact.
 
-    ilias index build --db distractors/ --codes sq8
-    ilias index build --db distractors/ --codes pq192x4 --sample 65536
+    ilias index build distractors/ --codes sq8
+    ilias index build positives/ distractors/ --codes pq192x4 --sample 65536
     ilias index info distractors/codes/pq192x4.codes
 """
 
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = actions.add_parser("build", help="build codes of a database")
-    b.add_argument("--db", nargs="+", required=True, help="database stores, in the order searched")
+    b.add_argument("stores", nargs="*", metavar="STORE", help="database stores, in the order searched")
+    b.add_argument("--db", nargs="+", default=[], help="the same stores (as `ilias search --db` takes them)")
     b.add_argument("--codes", required=True, metavar="KIND", help="sq8, pq<M> or pq<M>x4 (e.g. pq192x4)")
     b.add_argument("--out", help="codes file (default: codes/KIND.codes in the last store)")
     b.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
@@ -37,8 +38,11 @@ def run_build(args) -> int:
 
     from ..index import build_index
 
+    stores = [*args.stores, *args.db]
+    if not stores:
+        raise ValueError("index build: give the database stores (STORE... or --db STORE...)")
     t0 = time.monotonic()
-    path = build_index(args.db, args.codes, args.out, threads=args.threads, sample=args.sample,
+    path = build_index(stores, args.codes, args.out, threads=args.threads, sample=args.sample,
                        iters=args.iters, seed=args.seed, progress=True)
     print(f"{path}: {args.codes} codes, {path.stat().st_size / 1e6:,.1f} MB, {time.monotonic() - t0:.1f}s")
     return 0
