@@ -375,20 +375,17 @@ impl PositiveIndex {
         PositiveIndex { map, all_shaped }
     }
 
-    /// The index of `id` among the positives, or [`NOT_POSITIVE`].
+    /// The index of `id` among the positives (or [`NOT_POSITIVE`]), and whether `id` is
+    /// foreign: shaped like an ILIAS positive (`<instance>/pos/...`) without being one of these,
+    /// so results of another dataset or version.
     #[inline]
-    pub fn code(&self, id: &str) -> i32 {
-        if self.all_shaped && !shaped(id) {
-            return NOT_POSITIVE;
+    pub fn lookup(&self, id: &str) -> (i32, bool) {
+        let is_shaped = shaped(id);
+        if self.all_shaped && !is_shaped {
+            return (NOT_POSITIVE, false);
         }
-        self.map.get(id).copied().unwrap_or(NOT_POSITIVE)
-    }
-
-    /// Whether `id` has the form of an ILIAS positive (`<instance>/pos/...`) without being one
-    /// of these: results of another dataset or version.
-    #[inline]
-    pub fn foreign(&self, id: &str, code: i32) -> bool {
-        code == NOT_POSITIVE && shaped(id)
+        let code = self.map.get(id).copied().unwrap_or(NOT_POSITIVE);
+        (code, code == NOT_POSITIVE && is_shaped)
     }
 }
 
@@ -406,7 +403,7 @@ pub type RankLabels = (Vec<i32>, Option<(usize, usize)>);
 
 /// Labels of ranked lists in the official pickle layout, where each item is an index into one
 /// table of database ids (`ranks`, `width` items per list, -1 for no item), given the code of
-/// every id of the table (see [`PositiveIndex::code`]). Returns per item the code of its id, or
+/// every id of the table (see [`PositiveIndex::lookup`]). Returns per item the code of its id, or
 /// [`EMPTY`], and the first list that holds the same item twice with the number of repeats in
 /// all lists. Lists are labelled on `threads` threads.
 pub fn label_ranks(codes: &[i32], ranks: &[i64], width: usize, threads: usize) -> Result<RankLabels> {
@@ -511,10 +508,10 @@ mod tests {
     #[test]
     fn positive_index() {
         let ix = PositiveIndex::new(vec!["a/pos/P0.jpg".into(), "b/pos/P1.jpg".into()]);
-        assert_eq!(ix.code("b/pos/P1.jpg"), 1);
-        assert_eq!(ix.code("t.tar/key"), NOT_POSITIVE);
-        assert!(ix.foreign("c/pos/P9.jpg", ix.code("c/pos/P9.jpg")));
-        assert!(!ix.foreign("t.tar/key", NOT_POSITIVE));
+        assert_eq!(ix.lookup("b/pos/P1.jpg").0, 1);
+        assert_eq!(ix.lookup("t.tar/key").0, NOT_POSITIVE);
+        assert!(ix.lookup("c/pos/P9.jpg").1);
+        assert!(!ix.lookup("t.tar/key").1);
     }
 
     #[test]

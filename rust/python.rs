@@ -294,6 +294,20 @@ fn grouped_average_precision<'py>(
     ap.into_pyarray(py).reshape([groups, rows])
 }
 
+/// The text of one id: a `str`, or UTF-8 `bytes` (borrowed, not copied); `what` names the argument.
+fn id_text<'a>(item: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a str> {
+    if let Ok(s) = item.downcast::<pyo3::types::PyString>() {
+        s.to_str()
+    } else if let Ok(b) = item.downcast::<pyo3::types::PyBytes>() {
+        std::str::from_utf8(b.as_bytes()).map_err(|_| PyValueError::new_err(format!("{what}: a bytes id is not UTF-8")))
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{what}: expected str or bytes ids, got {}",
+            item.get_type().name()?
+        )))
+    }
+}
+
 /// The index among `positives` of each id of `ids` (str or UTF-8 bytes, any iterable), or -1.
 /// Returns `(codes int32, foreign count, first foreign id)`: a foreign id has the form of an
 /// ILIAS positive (`<instance>/pos/...`) without being one of `positives`.
@@ -308,22 +322,9 @@ fn positive_codes<'py>(
     let (mut foreign, mut first) = (0usize, None);
     for item in ids.try_iter()? {
         let item = item?;
-        let text: std::borrow::Cow<str> = if let Ok(s) = item.downcast::<pyo3::types::PyString>() {
-            s.to_cow()?
-        } else if let Ok(b) = item.downcast::<pyo3::types::PyBytes>() {
-            std::borrow::Cow::Owned(
-                std::str::from_utf8(b.as_bytes())
-                    .map_err(|_| PyValueError::new_err("ids: a bytes id is not UTF-8"))?
-                    .to_owned(),
-            )
-        } else {
-            return Err(PyValueError::new_err(format!(
-                "ids: expected str or bytes ids, got {}",
-                item.get_type().name()?
-            )));
-        };
-        let code = index.code(&text);
-        if index.foreign(&text, code) {
+        let text = id_text(&item, "ids")?;
+        let (code, is_foreign) = index.lookup(text);
+        if is_foreign {
             foreign += 1;
             first.get_or_insert_with(|| text.to_string());
         }
@@ -360,19 +361,10 @@ fn label_official<'py>(
     let mut codes = vec![crate::metrics::NOT_POSITIVE; ids.len()];
     let (mut foreign, mut first) = (0usize, None);
     for ((obj, code), _) in ids.iter().zip(codes.iter_mut()).zip(&used).filter(|(_, &u)| u) {
-        let obj = obj.bind(py);
-        let text = if let Ok(s) = obj.downcast::<pyo3::types::PyString>() {
-            s.to_str()?
-        } else if let Ok(b) = obj.downcast::<pyo3::types::PyBytes>() {
-            std::str::from_utf8(b.as_bytes()).map_err(|_| PyValueError::new_err("db_ids: a bytes id is not UTF-8"))?
-        } else {
-            return Err(PyValueError::new_err(format!(
-                "db_ids: expected str or bytes ids, got {}",
-                obj.get_type().name()?
-            )));
-        };
-        *code = index.code(text);
-        if index.foreign(text, *code) {
+        let text = id_text(obj.bind(py), "db_ids")?;
+        let (found, is_foreign) = index.lookup(text);
+        *code = found;
+        if is_foreign {
             foreign += 1;
             first.get_or_insert_with(|| text.to_string());
         }

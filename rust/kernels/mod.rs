@@ -269,7 +269,7 @@ pub fn dot_row(q: &[f32], x: &[u8], dtype: DType) -> f32 {
 }
 
 /// One little-endian row of `dtype` values as float32.
-fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16]) {
+pub(crate) fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16]) {
     match dtype {
         DType::F16 => {
             #[cfg(target_endian = "little")]

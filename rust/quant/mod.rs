@@ -193,24 +193,16 @@ fn scan_all(
     Ok(crate::topk::merge(parts.into_iter().map(|c| c.tops)).unwrap_or_default())
 }
 
-/// Float32 rows `lo..hi` of the database, row-major (for training and encoding).
+/// The given rows of the database as float32, row-major (for training and encoding).
 pub(crate) fn widen_rows(db: &Database, rows: impl Iterator<Item = usize>, out: &mut Vec<f32>) {
-    use half::f16;
+    let dim = db.dim;
+    let mut f16s = vec![half::f16::ZERO; dim];
     out.clear();
     for r in rows {
         let (bytes, dtype) = db.row(r);
-        match dtype {
-            crate::store::DType::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
-            crate::store::DType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-        }
+        let at = out.len();
+        out.resize(at + dim, 0.0);
+        crate::kernels::widen(bytes, dtype, &mut out[at..], &mut f16s);
     }
 }
 

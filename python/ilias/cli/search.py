@@ -74,16 +74,18 @@ def run(args) -> int:
     out = Path(args.out)
     fmt = args.format or {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(out.suffix.lower(), "npz")
     common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)
+    if args.tier and args.mini:
+        raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
+    mini = parse_tier(f"mini={args.mini}", db) if args.mini else None
+    keep = mini.keep if mini else None
     if args.codes:
-        found, outputs = _search_codes(args, queries, db, out), {"": out}
+        found, outputs = _search_codes(args, queries, db, keep), {"": out}
     elif args.tier:
-        if args.mini:
-            raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
         tiers = [parse_tier(t, db) for t in args.tier]
         found = search_tiers(queries, db, tiers, **common)
         outputs = {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in found}
     else:
-        tier = parse_tier(f"mini={args.mini}", db) if args.mini else Tier("all")
+        tier = mini or Tier("all")
         found = {"": search_tiers(queries, db, [tier], **common)[tier.name]}
         outputs = {"": out}
     for name, results in found.items():
@@ -100,19 +102,17 @@ def run(args) -> int:
         from ..index import measure_recall
 
         results = found[next(iter(found))]
-        keep = parse_tier(f"mini={args.mini}", db).keep if args.mini else None
         r = measure_recall(results, queries, db, sample=args.measure_recall, threads=args.threads, keep=keep)
         print(f"recall@{r['k']} against exact search on {r['queries']} queries: {r['recall']:.4f} "
               f"(lowest {r['min']:.4f}; exact search of the sample took {r['exact_seconds']:.1f}s)")
     return 0
 
 
-def _search_codes(args, queries, db, out) -> dict:
+def _search_codes(args, queries, db, keep) -> dict:
     from ..index import search_codes
 
     if args.tier:
         raise ValueError("--codes: tiers are answered by exact search only; use --mini for mini-ILIAS")
-    keep = parse_tier(f"mini={args.mini}", db).keep if args.mini else None
     results = search_codes(queries, db, args.codes, args.k, shortlist=args.shortlist, rerank=not args.no_rerank,
                            keep=keep, threads=args.threads, progress=True)
     return {"": results}

@@ -76,12 +76,12 @@ PER_TAR = 1000
 
 @dataclass(frozen=True)
 class Shape:
-    """How big the benchmark is (the real ILIAS: 1000 / 1232 / 4715)."""
+    """How big the benchmark is (the demo's defaults, in `DemoConfig`, are the real ILIAS's)."""
 
-    instances: int = 1000
-    image_queries: int = 1232
-    positives: int = 4715
-    distractor_images: int = 6000  # rendered into the tars
+    instances: int
+    image_queries: int
+    positives: int
+    distractor_images: int  # rendered into the tars
 
 
 def _split(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
