@@ -1,90 +1,99 @@
-//! Micro-benchmark of the search kernels alone (no Python): each float32 SIMD path and the int8
-//! VNNI kernel on one cached query block x database panel, against this machine's measured peak.
+//! Micro-benchmark of the search kernels alone (no Python): each float32 SIMD path (its block
+//! kernel and its single-pair rescoring kernel) and the int8 VNNI kernel, on cached operands,
+//! against this machine's measured peak.
 //!
 //!     cargo bench --bench kernels
 //!
 //! A kernel that falls far below the peak here is the kernel's fault; a search that falls below
-//! the kernel's rate is the driver's (packing, top-k, memory).
+//! the kernel's rate is the driver's (widening, top-k, memory).
 
 use std::time::Instant;
 
 use ilias_core::kernels::int8::{self, Int8Kernel};
 use ilias_core::kernels::peak::{fp32_peak_gflops, int8_peak_gops};
-use ilias_core::kernels::{pack_queries, pack_rows, RowScratch, Simd};
+use ilias_core::kernels::{pack_queries, padded, widen_tile, Simd};
 use ilias_core::store::DType;
 
 const DIM: usize = 768;
+/// Rows per timed tile (the search's tile size).
+const ROWS: usize = 128;
+
+fn values(n: usize, step: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * step) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
 
 fn main() {
     let threads = 1;
+    let dp = padded(DIM);
+    let xf = values(ROWS * DIM, 104729);
+    let x: Vec<u8> = xf.iter().flat_map(|v| v.to_le_bytes()).collect();
     for simd in [Simd::Avx512, Simd::Avx2, Simd::Scalar] {
         if !simd.supported() {
             continue;
         }
         let (mr, nr) = (simd.mr(), simd.nr());
-        let q: Vec<f32> = (0..mr * DIM)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        let x: Vec<u8> = (0..nr * DIM)
-            .flat_map(|i| (((i * 104729) % 1000) as f32 / 1000.0 - 0.5).to_le_bytes())
-            .collect();
-        let a = pack_queries(&q, mr, DIM, mr);
+        let a = pack_queries(&values(mr * DIM, 7919), mr, DIM, mr);
         let mut b = Vec::new();
-        pack_rows(
-            &x,
-            DType::F32,
-            nr,
-            DIM,
-            nr,
-            &mut b,
-            &mut RowScratch::default(),
-            |_, _| {},
-        );
-        let mut out = vec![0f32; mr * nr];
-        let calls = 200_000 / (mr * nr / 8).max(1);
+        widen_tile(&x, DType::F32, DIM, nr, &mut b, &mut Vec::new(), |_, _| {});
+        let mut out = vec![0f32; mr * ROWS];
+        let calls = 2000;
         let t0 = Instant::now();
         for _ in 0..calls {
-            simd.block(std::hint::black_box(&a), &b, DIM, &mut out, nr);
+            for rb in 0..ROWS / nr {
+                simd.block(
+                    std::hint::black_box(&a),
+                    &b[rb * nr * dp..],
+                    dp,
+                    &mut out[rb * nr..],
+                    ROWS,
+                );
+            }
         }
-        let secs = t0.elapsed().as_secs_f64();
-        let gflops = (calls * mr * nr * DIM * 2) as f64 / secs / 1e9;
-        if simd == Simd::Scalar {
-            // no meaningful peak: the compiler vectorises plain loops for the baseline ISA
-            println!("float32 {:>6} block {mr}x{nr}: {gflops:7.1} GFLOP/s", simd.name());
-        } else {
-            let peak = fp32_peak_gflops(simd, threads, 300);
+        let gflops = (calls * mr * ROWS * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        // single pairs, as the int8 pass rescores them: each query against scattered rows
+        let pairs: Vec<(&[f32], &[f32])> = (0..256)
+            .map(|t| (&a[(t % mr) * dp..][..dp], &b[(t * 37 % ROWS) * dp..][..dp]))
+            .collect();
+        let mut scores = vec![0f32; pairs.len()];
+        let t0 = Instant::now();
+        for _ in 0..calls {
+            simd.dots(std::hint::black_box(&pairs), &mut scores);
+        }
+        let pair_gflops = (calls * pairs.len() * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        let peak = fp32_peak_gflops(simd, threads, 300);
+        for (what, rate) in [
+            (format!("block {mr}x{nr}"), gflops),
+            ("single pairs".into(), pair_gflops),
+        ] {
             println!(
-                "float32 {:>6} block {mr}x{nr}: {gflops:7.1} GFLOP/s = {:5.1}% of its 1-thread peak {peak:.0}",
+                "float32 {:>6} {what:>12}: {rate:7.1} GFLOP/s = {:5.1}% of the path's 1-thread FMA peak {peak:.0}",
                 simd.name(),
-                100.0 * gflops / peak
+                100.0 * rate / peak
             );
         }
+    }
 
-        if let Some(kernel) = Int8Kernel::detect(simd) {
-            let qs = int8::quantize_queries(&q, mr, DIM, mr);
-            let mut tile = int8::Tile::default();
-            tile.reset(nr, DIM, nr);
-            let xf: Vec<f32> = x
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            for r in 0..nr {
-                tile.set_row(r, &xf[r * DIM..(r + 1) * DIM], nr, &mut Vec::new());
-            }
-            let mut raw = vec![0i32; mr * nr];
-            let steps = int8::d4(DIM);
-            let calls = calls * 4;
-            let t0 = Instant::now();
-            for _ in 0..calls {
-                kernel.block(simd, std::hint::black_box(&qs.codes), &tile.codes, steps, &mut raw, nr);
-            }
-            let gops = (calls * mr * nr * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
-            let peak = int8_peak_gops(threads, 300).unwrap_or(f64::NAN);
-            println!(
-                "int8 {:>9} block {mr}x{nr}: {gops:7.1} GOP/s   = {:5.1}% of its 1-thread peak {peak:.0}",
-                kernel.name(),
-                100.0 * gops / peak
-            );
+    if let Some(kernel) = Int8Kernel::detect(Simd::detect()) {
+        let (mr, nr) = (int8::MR, int8::NR);
+        let qs = int8::quantize_queries(&values(mr * DIM, 7919), mr, DIM, mr);
+        let mut tile = int8::Tile::default();
+        tile.reset(nr, DIM, nr);
+        for r in 0..nr {
+            tile.set_row(r, &xf[r * DIM..(r + 1) * DIM], nr, &mut Vec::new());
         }
+        let mut raw = vec![0i32; mr * nr];
+        let steps = int8::d4(DIM);
+        let calls = 200_000;
+        let t0 = Instant::now();
+        for _ in 0..calls {
+            kernel.block(std::hint::black_box(&qs.codes), &tile.codes, steps, &mut raw, nr);
+        }
+        let gops = (calls * mr * nr * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        let peak = int8_peak_gops(threads, 300).unwrap_or(f64::NAN);
+        println!(
+            "int8 {:>11} block {mr}x{nr}: {gops:7.1} GOP/s   = {:5.1}% of the 1-thread int8 peak {peak:.0}",
+            kernel.name(),
+            100.0 * gops / peak
+        );
     }
 }

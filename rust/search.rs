@@ -19,22 +19,20 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
-use crate::kernels::{pack_queries, pack_rows, RowScratch, Simd};
+use crate::kernels::{pack_queries, padded, widen_tile, Simd};
 use crate::store::Database;
 use crate::topk::TopK;
 
 /// Rows a thread claims at once (its pages are released together).
 const CHUNK_ROWS: usize = 16384;
-/// The int8 pass pays off while fewer (query, panel) pairs than this need exact rescoring; above
-/// it (small databases, where the k-th score is not yet far in the tail) a thread scores in
-/// float32 and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
-const MAX_RESCORED: f64 = 0.2;
+/// The int8 pass pays off while fewer (query, row) pairs than this need exact rescoring (a
+/// single rescored pair costs about what a block kernel spends on one pair); above it (small
+/// databases, where the k-th score is not yet far in the tail) a thread scores in float32 and
+/// retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
+const MAX_RESCORED: f64 = 0.5;
 const PROBE_EVERY: usize = 64;
-/// From this many queries of a block needing the same panel, the whole block is rescored at
-/// once (it costs about as much as six single jobs run four at a time).
-const BLOCK_RESCORE: usize = 6;
-/// Rows widened and packed together; sized so the packed tile stays in L2 (a multiple of
-/// every path's `nr`).
+/// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
+/// and of every path's `nr`).
 const TILE_ROWS: usize = 128;
 
 /// Shared state between the search and whoever watches it.
@@ -182,7 +180,7 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         Int8Choice::Force(k) => Some(k),
     };
     let packed = pack_queries(queries, nq, dim, simd.mr());
-    let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, simd.mr()));
+    let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, int8::MR));
     let all = [Tier {
         rows: db.rows,
         keep: None,
@@ -299,26 +297,24 @@ fn worker(
     control: &Control,
 ) -> Result<(Vec<TopK>, Stats)> {
     let (dim, nq, simd) = (db.dim, plan.nq, plan.simd);
+    let dp = padded(dim);
     let (mr, nr) = (simd.mr(), simd.nr());
-    let qblocks = nq.div_ceil(mr);
-    let steps = int8::d4(dim);
     let tiers = plan.tiers;
     let nt = tiers.len();
-    // [query][tier], so that a block of queries is one contiguous slice
+    // [query][tier], so that one query's tiers are one contiguous slice
     let mut tops: Vec<TopK> = (0..nq * nt).map(|_| TopK::new(opts.k)).collect();
     let mut stats = Stats::default();
-    let mut tile = Vec::new();
-    let mut codes = int8::Tile::default();
-    let mut scratch = RowScratch::default();
+    let (mut tile, mut f16s) = (Vec::new(), Vec::new());
+    let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
     // scores of one query block against one tile: [mr][TILE_ROWS]
-    let mut tile_scores = vec![0f32; mr * TILE_ROWS];
-    let mut raw = vec![0i32; mr * nr];
-    let mut exact = vec![0f32; mr * nr];
-    let mut needs = vec![false; mr];
+    let mut block_scores = vec![0f32; mr * TILE_ROWS];
+    let mut raw = vec![0i32; int8::MR * int8::NR];
     let mut jobs: Vec<(usize, usize)> = Vec::new();
-    let mut job_scores = vec![0f32; 16 * nr];
-    let mut code_scratch = Vec::new();
-    let (mut rescored_share, mut tiles_done) = (0.0f64, 0usize);
+    let mut job_scores = Vec::new();
+    let (mut rescored_share, mut tiles_done, mut warm) = (0.0f64, 0usize, false);
+    // a forced int8 pass (tests) stays on from the first row; the automatic one waits until
+    // every query has a threshold and steps aside while it does not pay
+    let adaptive = opts.int8 == Int8Choice::Auto;
 
     loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
@@ -335,98 +331,104 @@ fn worker(
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
-            let bytes = shard.row_bytes(t0, t1);
-            // a forced int8 pass (tests) stays on; the automatic one steps aside while it does not pay
-            let adaptive = opts.int8 == Int8Choice::Auto;
-            let use_int8 =
-                plan.int8.is_some() && (!adaptive || rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0);
-            tiles_done += 1;
-            let before = stats;
-            if use_int8 {
-                codes.reset(rows, dim, nr);
+            let first = base + t0;
+            let query_tops = |tops: &[TopK], q: usize| {
+                threshold(
+                    &tops[q * nt..(q + 1) * nt],
+                    &plan.floors[q * nt..(q + 1) * nt],
+                    tiers,
+                    first,
+                )
+            };
+            if adaptive && plan.int8.is_some() && !warm {
+                // until their top-k buffers first fill (the first ~k rows), every score is computed
+                warm = (0..nq).all(|q| query_tops(&tops, q) > f32::NEG_INFINITY);
             }
-            pack_rows(bytes, shard.dtype, rows, dim, nr, &mut tile, &mut scratch, |r, row| {
-                if use_int8 {
-                    codes.set_row(r, row, nr, &mut code_scratch)
+            let int8_pass = match (plan.int8, plan.quantized) {
+                (Some(kernel), Some(qs))
+                    if !adaptive || (warm && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0)) =>
+                {
+                    Some((kernel, qs))
+                }
+                _ => None,
+            };
+            tiles_done += 1;
+            if int8_pass.is_some() {
+                codes.reset(rows, dim, int8::NR);
+            }
+            let bytes = shard.row_bytes(t0, t1);
+            widen_tile(bytes, shard.dtype, dim, nr, &mut tile, &mut f16s, |r, row| {
+                if int8_pass.is_some() {
+                    codes.set_row(r, row, int8::NR, &mut code_scratch)
                 }
             });
-            let panels = rows.div_ceil(nr);
-            // panel `p` of the float32 tile, and how many of its rows are real (not padding)
-            let panel = |p: usize| &tile[p * dim * nr..(p + 1) * dim * nr];
-            let valid = |p: usize| (rows - p * nr).min(nr);
-            for qb in 0..qblocks {
-                let a = &plan.packed[qb * dim * mr..(qb + 1) * dim * mr];
-                let live = mr.min(nq - qb * mr);
-                let block_tops = &mut tops[qb * mr * nt..(qb * mr + live) * nt];
-                let block_floors = &plan.floors[qb * mr * nt..(qb * mr + live) * nt];
-                // the int8 pass needs a threshold for every query of the block: until their
-                // top-k buffers first fill (the first ~2k rows), every score is computed
-                let warm = block_tops
-                    .chunks(nt)
-                    .zip(block_floors.chunks(nt))
-                    .all(|(q, f)| threshold(q, f, tiers, base + t0) > f32::NEG_INFINITY);
-                match (plan.int8, plan.quantized) {
-                    (Some(kernel), Some(qs)) if warm && use_int8 => {
-                        let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
-                        jobs.clear();
-                        for p in 0..panels {
-                            let pcodes = &codes.codes[p * steps * nr * 4..(p + 1) * steps * nr * 4];
-                            kernel.block(simd, qcodes, pcodes, steps, &mut raw, nr);
-                            let mut count = 0;
-                            let first = base + t0 + p * nr;
-                            for (i, (q_tops, q_floors)) in
-                                block_tops.chunks(nt).zip(block_floors.chunks(nt)).enumerate()
-                            {
-                                let row = &raw[i * nr..(i + 1) * nr];
-                                let thr = threshold(q_tops, q_floors, tiers, first);
-                                needs[i] = int8::panel_may_reach(row, &codes, p * nr, qs, qb * mr + i, thr);
-                                count += needs[i] as usize;
-                            }
-                            stats.int8_pairs += live as u64;
-                            stats.rescored_pairs += count as u64;
-                            let (b, n) = (panel(p), valid(p));
-                            if count >= BLOCK_RESCORE {
-                                simd.block(a, b, dim, &mut exact, nr);
-                                for (i, q_tops) in block_tops.chunks_mut(nt).enumerate().filter(|(i, _)| needs[*i]) {
-                                    let q_floors = &block_floors[i * nt..(i + 1) * nt];
-                                    offer(q_tops, q_floors, tiers, &exact[i * nr..i * nr + n], first);
-                                }
-                            } else {
-                                jobs.extend((0..live).filter(|&i| needs[i]).map(|i| (i, p)));
-                            }
-                        }
-                        // the remaining (query, panel) pairs, rescored a few at a time
-                        for group in jobs.chunks(16) {
-                            let panels_of: Vec<(usize, &[f32])> = group.iter().map(|&(i, p)| (i, panel(p))).collect();
-                            simd.columns(a, &panels_of, dim, &mut job_scores[..group.len() * nr]);
-                            for (j, &(i, p)) in group.iter().enumerate() {
-                                let scores = &job_scores[j * nr..j * nr + valid(p)];
-                                let (q_tops, q_floors) = (
-                                    &mut block_tops[i * nt..(i + 1) * nt],
-                                    &block_floors[i * nt..(i + 1) * nt],
-                                );
-                                offer(q_tops, q_floors, tiers, scores, base + t0 + p * nr);
-                            }
-                        }
+            let row = |r: usize| &tile[r * dp..(r + 1) * dp];
+            let offer_to = |tops: &mut [TopK], q: usize, scores: &[f32], first: usize| {
+                let q_tops = &mut tops[q * nt..(q + 1) * nt];
+                offer(q_tops, &plan.floors[q * nt..(q + 1) * nt], tiers, scores, first)
+            };
+            let Some((kernel, qs)) = int8_pass else {
+                for qb in 0..nq.div_ceil(mr) {
+                    let a = &plan.packed[qb * mr * dp..(qb + 1) * mr * dp];
+                    for rb in 0..rows.div_ceil(nr) {
+                        let b = &tile[rb * nr * dp..(rb + 1) * nr * dp];
+                        simd.block(a, b, dp, &mut block_scores[rb * nr..], TILE_ROWS);
                     }
-                    _ => {
-                        for p in 0..panels {
-                            simd.block(a, panel(p), dim, &mut tile_scores[p * nr..], TILE_ROWS);
-                        }
-                        stats.float_pairs += (live * panels) as u64;
-                        for (i, (q_tops, q_floors)) in
-                            block_tops.chunks_mut(nt).zip(block_floors.chunks(nt)).enumerate()
-                        {
-                            let scores = &tile_scores[i * TILE_ROWS..i * TILE_ROWS + rows];
-                            offer(q_tops, q_floors, tiers, scores, base + t0);
+                    let live = mr.min(nq - qb * mr);
+                    stats.float_pairs += (live * rows) as u64;
+                    for i in 0..live {
+                        offer_to(
+                            &mut tops,
+                            qb * mr + i,
+                            &block_scores[i * TILE_ROWS..i * TILE_ROWS + rows],
+                            first,
+                        );
+                    }
+                }
+                t0 = t1;
+                continue;
+            };
+            // the int8 pass: approximate scores of whole panels, then exact scores of the rows
+            // whose bound may still reach their query's threshold, for one query block at a time
+            let steps = int8::d4(dim);
+            let panels = rows.div_ceil(int8::NR);
+            let (before, pairs) = (stats.rescored_pairs, (nq * rows) as u64);
+            for qb in 0..nq.div_ceil(int8::MR) {
+                let qcodes = &qs.codes[qb * steps * int8::MR * 4..(qb + 1) * steps * int8::MR * 4];
+                jobs.clear();
+                for p in 0..panels {
+                    let pcodes = &codes.codes[p * steps * int8::NR * 4..(p + 1) * steps * int8::NR * 4];
+                    kernel.block(qcodes, pcodes, steps, &mut raw, int8::NR);
+                    let valid = (rows - p * int8::NR).min(int8::NR);
+                    let real = if valid == int8::NR {
+                        u32::MAX
+                    } else {
+                        (1u32 << valid) - 1
+                    };
+                    for q in qb * int8::MR..((qb + 1) * int8::MR).min(nq) {
+                        let i = q - qb * int8::MR;
+                        let thr = query_tops(&tops, q);
+                        let raw_q = &raw[i * int8::NR..(i + 1) * int8::NR];
+                        let mut mask = int8::rows_may_reach(raw_q, &codes, p * int8::NR, qs, q, thr) & real;
+                        while mask != 0 {
+                            jobs.push((q, p * int8::NR + mask.trailing_zeros() as usize));
+                            mask &= mask - 1;
                         }
                     }
                 }
+                stats.rescored_pairs += jobs.len() as u64;
+                let pairs: Vec<(&[f32], &[f32])> = jobs
+                    .iter()
+                    .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], row(r)))
+                    .collect();
+                job_scores.resize(jobs.len(), 0.0);
+                simd.dots(&pairs, &mut job_scores);
+                for (&(q, r), s) in jobs.iter().zip(&job_scores) {
+                    offer_to(&mut tops, q, std::slice::from_ref(s), first + r);
+                }
             }
-            let tried = stats.int8_pairs - before.int8_pairs;
-            if tried > 0 {
-                rescored_share = (stats.rescored_pairs - before.rescored_pairs) as f64 / tried as f64;
-            }
+            stats.int8_pairs += pairs;
+            rescored_share = (stats.rescored_pairs - before) as f64 / pairs as f64;
             t0 = t1;
         }
         shard.release(lo, hi);

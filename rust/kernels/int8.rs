@@ -14,10 +14,16 @@
 //! row is rescored exactly with the float32 kernels, so results are identical to the float32 path.
 //!
 //! Codes use VNNI's unsigned x signed product: query codes are stored `u + 128` (in 1..=255) and
-//! `128 * sum(c)` is subtracted afterwards. Layouts follow the float32 kernels: query codes
-//! `[block][d/4][mr][4]`, row codes `[panel][d/4][nr][4]`, so one 32-bit broadcast carries 4 dims.
+//! `128 * sum(c)` is subtracted afterwards. Query codes are laid out `[block][d/4][MR][4]`, row
+//! codes `[panel][d/4][NR][4]`, so one 32-bit broadcast carries 4 dims. Integer sums are exact,
+//! so these blocks need not match the float32 kernels' order.
 
 use super::Simd;
+
+/// Queries per int8 block.
+pub const MR: usize = 8;
+/// Rows per int8 panel (and per bit mask of `rows_may_reach`).
+pub const NR: usize = 32;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 const ROUNDER: f32 = 12_582_912.0;
@@ -52,16 +58,16 @@ impl Int8Kernel {
     }
 
     /// `out[i * ldo + j] = sum_t a[t][i] . b[t][j]` (4 bytes each, `a` unsigned, `b` signed) over
-    /// `d4` steps, for the `mr x nr` block of the float32 path `simd`.
+    /// `d4` steps, for the `MR x NR` block.
     #[inline]
-    pub fn block(self, simd: Simd, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
-        let (mr, nr) = (simd.mr(), simd.nr());
+    pub fn block(self, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
+        let (mr, nr) = (MR, NR);
         assert!(a.len() >= d4 * mr * 4 && b.len() >= d4 * nr * 4 && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => {
                 assert!(
-                    mr == 8 && nr == 32 && Int8Kernel::detect(simd) == Some(self),
+                    Int8Kernel::detect(Simd::Avx512) == Some(self),
                     "VNNI needs AVX-512 VNNI"
                 );
                 // SAFETY: lengths, block sizes and CPU features checked just above.
@@ -309,27 +315,27 @@ fn round_up(v: f64) -> f32 {
     }
 }
 
-/// Whether any row of a panel may reach `threshold` for query `qi`: `raw` holds the panel's
-/// unsigned-by-signed products for this query, the other slices its rows' terms.
+/// Which of the `NR` rows of a panel may reach `threshold` for query `qi` (bit `j` for row
+/// `first + j`): `raw` holds the panel's unsigned-by-signed products for this query, `tile` its
+/// rows' terms. A NaN bound (a zero query against an infinite one) counts as a yes.
 #[inline]
-pub fn panel_may_reach(raw: &[i32], tile: &Tile, first: usize, queries: &Queries, qi: usize, threshold: f32) -> bool {
-    let (t, nq, nf) = (queries.scale[qi], queries.norm[qi], queries.resid[qi]);
-    let n = raw.len();
-    let (scale, offset, e, h) = (
-        &tile.scale[first..first + n],
-        &tile.offset[first..first + n],
-        &tile.e[first..first + n],
-        &tile.h[first..first + n],
-    );
-    let mut any = false;
-    for j in 0..n {
+pub fn rows_may_reach(raw: &[i32], tile: &Tile, first: usize, queries: &Queries, qi: usize, threshold: f32) -> u32 {
+    let (raw, t) = (&raw[..NR], queries.scale[qi]);
+    let (nq, nf) = (queries.norm[qi], queries.resid[qi]);
+    let terms = |v: &[f32]| -> [f32; NR] { v[first..first + NR].try_into().expect("a whole panel") };
+    let (scale, e, h) = (terms(&tile.scale), terms(&tile.e), terms(&tile.h));
+    let offset: &[i32; NR] = tile.offset[first..first + NR].try_into().expect("a whole panel");
+    // upper bounds first (a loop the compiler vectorises), then the mask
+    let mut upper = [0f32; NR];
+    for j in 0..NR {
         let approx = (raw[j] - offset[j]) as f32 * (t * scale[j]);
-        // NaN (a zero query against an infinite bound) compares false: such scores are 0 * x,
-        // which the float32 path would not take either unless they reach the threshold; guard:
-        let v = approx + nq * e[j] + nf * h[j];
-        any |= v >= threshold || v.is_nan();
+        upper[j] = approx + nq * e[j] + nf * h[j];
     }
-    any
+    let mut mask = 0u32;
+    for (j, &v) in upper.iter().enumerate() {
+        mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+    }
+    mask
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -371,8 +377,7 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        let simd = Simd::detect();
-        let (mr, nr) = (simd.mr(), simd.nr());
+        let (mr, nr) = (MR, NR);
         for &dim in &[1usize, 5, 64, 131] {
             let q: Vec<f32> = (0..mr * dim).map(|_| rnd()).collect();
             let x: Vec<f32> = (0..nr * dim).map(|_| rnd() * 3.0).collect();
@@ -384,10 +389,10 @@ mod tests {
             }
             let steps = d4(dim);
             let mut want = vec![0i32; mr * nr];
-            Int8Kernel::Scalar.block(simd, &qs.codes, &tile.codes, steps, &mut want, nr);
-            if let Some(k) = Int8Kernel::detect(simd) {
+            Int8Kernel::Scalar.block(&qs.codes, &tile.codes, steps, &mut want, nr);
+            if let Some(k) = Int8Kernel::detect(Simd::detect()) {
                 let mut got = vec![0i32; mr * nr];
-                k.block(simd, &qs.codes, &tile.codes, steps, &mut got, nr);
+                k.block(&qs.codes, &tile.codes, steps, &mut got, nr);
                 assert_eq!(got, want);
             }
             for i in 0..mr {
@@ -396,9 +401,9 @@ mod tests {
                     let approx = (want[i * nr + j] - tile.offset[j]) as f64 * qs.scale[i] as f64 * tile.scale[j] as f64;
                     let bound = qs.norm[i] as f64 * tile.e[j] as f64 + qs.resid[i] as f64 * tile.h[j] as f64;
                     assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
-                    // the panel test must say yes for a threshold at the exact score
+                    // the row test must say yes for a threshold at the exact score
                     let raw = &want[i * nr..(i + 1) * nr];
-                    assert!(panel_may_reach(raw, &tile, 0, &qs, i, exact as f32));
+                    assert!(rows_may_reach(raw, &tile, 0, &qs, i, exact as f32) >> j & 1 == 1);
                 }
             }
         }

@@ -1,14 +1,18 @@
 //! Dot-product kernels for exact search, with the instruction set chosen at run time.
 //!
-//! Scores are a matrix product `queries x tile^T`. Both operands are packed into panels so that
-//! one micro-kernel call computes an `MR x NR` block of scores from registers: queries are packed
-//! `[d][MR]` (a scalar broadcast per step), database rows `[d][NR]` (a vector load per step),
-//! float16 rows being widened to float32 while packing. Every path accumulates each score in
-//! float32 over `d` in increasing order, one fused or unfused multiply-add at a time, so paths
-//! differ only in rounding of the individual steps (FMA or not), never in what is summed.
+//! Every score is summed in one canonical order, whichever kernel computes it: the dimensions
+//! are split into 16 lanes (lane `l` holds dimensions `l, l + 16, l + 32, ...`, zero padded to
+//! a multiple of 16), each lane accumulates its products in increasing order, one multiply-add
+//! at a time, and the 16 lane sums are added by a fixed tree (`l + 8`, then `l + 4`, `l + 2`,
+//! `l + 1`). A block kernel scoring `MR` queries against `NR` rows and a single-pair kernel
+//! thus give the same bits for the same pair, which lets the int8 first pass of exact search
+//! rescore single rows instead of whole blocks. Rows and queries are row-major float32, padded
+//! to `padded(dim)` values.
 //!
-//! Paths: AVX-512F, AVX2+FMA (with F16C for widening, through the `half` crate), and a portable
-//! scalar one. Shipped builds never assume a target CPU: detection happens at run time.
+//! Paths: AVX-512F (fused multiply-adds), AVX2+FMA (each 16-lane vector as two halves: the same
+//! operations, lane for lane, as AVX-512), and a portable scalar one (unfused: it rounds the
+//! products, so its scores may differ from the others' in the last bits). Shipped builds never
+//! assume a target CPU: detection happens at run time.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -20,6 +24,14 @@ pub mod peak;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+/// Lanes of the canonical summation order.
+pub const LANES: usize = 16;
+
+/// Values per padded row: `dim` rounded up to whole lanes.
+pub fn padded(dim: usize) -> usize {
+    dim.div_ceil(LANES) * LANES
+}
 
 /// An instruction-set path for the float32 kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,41 +86,76 @@ impl Simd {
         }
     }
 
-    /// Queries per micro-kernel block.
+    /// Queries per block.
     pub fn mr(self) -> usize {
         match self {
-            Simd::Avx512 => x86_sizes::AVX512_MR,
-            Simd::Avx2 => x86_sizes::AVX2_MR,
-            Simd::Scalar => scalar::MR,
+            Simd::Avx512 => sizes::AVX512_MR,
+            Simd::Avx2 => sizes::AVX2_MR,
+            Simd::Scalar => sizes::SCALAR_MR,
         }
     }
 
-    /// Database rows per micro-kernel block.
+    /// Database rows per block.
     pub fn nr(self) -> usize {
         match self {
-            Simd::Avx512 => x86_sizes::AVX512_NR,
-            Simd::Avx2 => x86_sizes::AVX2_NR,
-            Simd::Scalar => scalar::NR,
+            Simd::Avx512 => sizes::AVX512_NR,
+            Simd::Avx2 => sizes::AVX2_NR,
+            Simd::Scalar => sizes::SCALAR_NR,
         }
     }
 
-    /// Computes the `mr() x nr()` block `out[i * ldo + j] = sum_d a[d * mr + i] * b[d * nr + j]`.
-    ///
-    /// `a` and `b` hold at least `dim * mr()` and `dim * nr()` values; `ldo >= nr()`.
+    /// The `mr() x nr()` block `out[i * ldo + j] = a_i . b_j` of `mr()` query rows `a` and `nr()`
+    /// database rows `b`, each `dp = padded(dim)` values long, summed in the canonical order.
     #[inline]
-    pub fn block(self, a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
+    pub fn block(self, a: &[f32], b: &[f32], dp: usize, out: &mut [f32], ldo: usize) {
         let (mr, nr) = (self.mr(), self.nr());
-        assert!(a.len() >= dim * mr && b.len() >= dim * nr && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        assert!(dp.is_multiple_of(LANES) && a.len() >= mr * dp && b.len() >= nr * dp);
+        assert!(ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
         self.require();
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the lengths and the CPU features are checked above (feature detection is
             // cached by std: one atomic load).
-            Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
+            Simd::Avx512 => unsafe { x86::block_avx512(a.as_ptr(), b.as_ptr(), dp, out.as_mut_ptr(), ldo) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Simd::Avx2 => unsafe { x86::block_avx2(a.as_ptr(), b.as_ptr(), dim, out.as_mut_ptr(), ldo) },
-            _ => scalar::block(a, b, dim, out, ldo),
+            Simd::Avx2 => unsafe { x86::block_avx2(a.as_ptr(), b.as_ptr(), dp, out.as_mut_ptr(), ldo) },
+            _ => scalar::block(a, b, dp, out, ldo),
+        }
+    }
+
+    /// `out[p] = q_p . x_p` for independent pairs of padded rows, each bit-identical to what
+    /// `block` gives for the same pair. Pairs run several at a time, so that independent
+    /// accumulator chains hide the latency that bounds a single dot product.
+    pub fn dots(self, pairs: &[(&[f32], &[f32])], out: &mut [f32]) {
+        assert!(out.len() >= pairs.len());
+        let dp = pairs.first().map_or(0, |(q, _)| q.len());
+        assert!(dp.is_multiple_of(LANES) && pairs.iter().all(|(q, x)| q.len() == dp && x.len() == dp));
+        self.require();
+        let mut o = 0;
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, Simd::Avx512 | Simd::Avx2) {
+            for group in pairs.chunks(DOTS) {
+                // a short last group repeats its first pair (its extra results are dropped)
+                let q = std::array::from_fn(|j| group.get(j).unwrap_or(&group[0]).0.as_ptr());
+                let x = std::array::from_fn(|j| group.get(j).unwrap_or(&group[0]).1.as_ptr());
+                let mut res = [0f32; DOTS];
+                // SAFETY: every row holds `dp` values (asserted), the CPU features checked above.
+                unsafe {
+                    if self == Simd::Avx512 {
+                        x86::dots_avx512(q, x, dp, &mut res)
+                    } else {
+                        x86::dots_avx2(q, x, dp, &mut res)
+                    }
+                }
+                out[o..o + group.len()].copy_from_slice(&res[..group.len()]);
+                o += group.len();
+            }
+            return;
+        }
+        for (q, x) in pairs {
+            out[o] = scalar::dot(q, x);
+            o += 1;
         }
     }
 
@@ -121,132 +168,68 @@ impl Simd {
             self.name()
         );
     }
-
-    /// Column `i` of `block`: `out[j] = sum_d a[d * mr + i] * b[d * nr + j]`, computed with the
-    /// same operations in the same order as `block`, hence bit-identical to its row `i`.
-    #[inline]
-    pub fn column(self, a: &[f32], i: usize, b: &[f32], dim: usize, out: &mut [f32]) {
-        let (mr, nr) = (self.mr(), self.nr());
-        assert!(i < mr && a.len() >= dim * mr && b.len() >= dim * nr && out.len() >= nr);
-        self.require();
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `block`.
-            Simd::Avx512 => unsafe { x86::column_avx512(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `block`.
-            Simd::Avx2 => unsafe { x86::column_avx2(a.as_ptr().add(i), b.as_ptr(), dim, out.as_mut_ptr()) },
-            _ => scalar::column(a, i, b, dim, out),
-        }
-    }
-
-    /// `column` for several (query `i`, panel) jobs; `out` holds `nr()` values per job. Jobs run
-    /// four at a time where the path allows, so that eight independent accumulator chains hide
-    /// the latency that bounds a single column.
-    pub fn columns(self, a: &[f32], jobs: &[(usize, &[f32])], dim: usize, out: &mut [f32]) {
-        let (mr, nr) = (self.mr(), self.nr());
-        assert!(out.len() >= jobs.len() * nr && a.len() >= dim * mr);
-        let mut rest = jobs;
-        let mut o = 0;
-        #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512 && self.supported() {
-            while rest.len() >= 4 {
-                let (four, tail) = rest.split_at(4);
-                assert!(four.iter().all(|(i, b)| *i < mr && b.len() >= dim * nr));
-                let ai = [four[0].0, four[1].0, four[2].0, four[3].0].map(|i| a[i..].as_ptr());
-                let bs = [four[0].1, four[1].1, four[2].1, four[3].1].map(|b| b.as_ptr());
-                // SAFETY: job indices and panel lengths checked above, CPU features just before.
-                unsafe { x86::columns4_avx512(ai, bs, dim, out[o..o + 4 * nr].as_mut_ptr()) };
-                rest = tail;
-                o += 4 * nr;
-            }
-        }
-        for (i, b) in rest {
-            self.column(a, *i, b, dim, &mut out[o..o + nr]);
-            o += nr;
-        }
-    }
 }
+
+/// Pairs per call of the single-pair kernels.
+const DOTS: usize = 8;
 
 /// Block sizes, visible on every architecture so that `mr`/`nr` stay total functions.
-mod x86_sizes {
-    pub const AVX512_MR: usize = 8;
-    pub const AVX512_NR: usize = 32;
-    pub const AVX2_MR: usize = 6;
-    pub const AVX2_NR: usize = 16;
+mod sizes {
+    /// 24 accumulators, 4 rows and one query in the 32 vector registers.
+    pub const AVX512_MR: usize = 4;
+    pub const AVX512_NR: usize = 4;
+    /// 8 accumulators (two halves each) and the operands in 16 registers.
+    pub const AVX2_MR: usize = 2;
+    pub const AVX2_NR: usize = 2;
+    pub const SCALAR_MR: usize = 2;
+    pub const SCALAR_NR: usize = 2;
 }
 
-/// Packs `nq` float32 query rows into blocks of `mr`: block `b` holds `[d][mr]`, zero padded.
+/// The fixed tree that adds the 16 lane sums of the canonical order (portable reference).
+#[inline(always)]
+pub(crate) fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
+    let h8: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|l| h8[l] + h8[l + 4]);
+    let h2: [f32; 2] = std::array::from_fn(|l| h4[l] + h4[l + 2]);
+    h2[0] + h2[1]
+}
+
+/// Packs `nq` float32 query rows into `nq.div_ceil(mr) * mr` padded rows (zero rows at the end).
 pub fn pack_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Vec<f32> {
-    let blocks = nq.div_ceil(mr);
-    let mut out = vec![0f32; blocks * dim * mr];
-    for q in 0..nq {
-        let (b, i) = (q / mr, q % mr);
-        let panel = &mut out[b * dim * mr..(b + 1) * dim * mr];
-        for (d, &v) in queries[q * dim..(q + 1) * dim].iter().enumerate() {
-            panel[d * mr + i] = v;
-        }
+    let dp = padded(dim);
+    let mut out = vec![0f32; nq.div_ceil(mr) * mr * dp];
+    for (q, row) in queries.chunks_exact(dim).take(nq).enumerate() {
+        out[q * dp..q * dp + dim].copy_from_slice(row);
     }
     out
 }
 
-/// Widens and packs `rows` consecutive little-endian rows from `bytes` into panels of `nr`
-/// rows laid out `[d][nr]`, zero padded, reusing `out` and the scratch row buffers. `visit`
-/// sees each widened row (the int8 path quantizes it there, without widening twice).
-#[allow(clippy::too_many_arguments)]
-pub fn pack_rows(
+/// Widens the consecutive little-endian rows in `bytes` into padded float32 rows, plus zero
+/// rows up to a multiple of `nr`, reusing `out`. `visit` sees each widened row (the int8 path
+/// quantizes it there, without widening twice).
+pub fn widen_tile(
     bytes: &[u8],
     dtype: DType,
-    rows: usize,
     dim: usize,
     nr: usize,
     out: &mut Vec<f32>,
-    scratch: &mut RowScratch,
+    f16s: &mut Vec<f16>,
     mut visit: impl FnMut(usize, &[f32]),
 ) {
-    let panels = rows.div_ceil(nr);
-    // every lane of every panel is written below, so the buffer needs no clearing between tiles
-    out.resize(panels * dim * nr, 0.0);
-    let row_bytes = dim * dtype.size();
-    for p in 0..panels {
-        let (r0, n) = (p * nr, nr.min(rows - p * nr));
-        let panel = &mut out[p * dim * nr..(p + 1) * dim * nr];
-        let rows_of = (0..n).map(|j| (&bytes[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes], dtype));
-        pack_panel(rows_of, dim, nr, panel, scratch, |j, row| visit(r0 + j, row));
-    }
-}
-
-/// Widens up to `nr` rows (their little-endian bytes and type, from anywhere) into one panel
-/// `[d][nr]`, zero padded; `visit(j, row)` sees the `j`-th widened row.
-pub fn pack_panel<'a>(
-    rows: impl Iterator<Item = (&'a [u8], DType)>,
-    dim: usize,
-    nr: usize,
-    panel: &mut [f32],
-    scratch: &mut RowScratch,
-    mut visit: impl FnMut(usize, &[f32]),
-) {
-    scratch.f32s.resize(nr * dim, 0.0);
-    scratch.f16s.resize(dim, f16::ZERO);
-    // widen the rows (row-major), then write them transposed, one d at a time, so that the
-    // writes run along the panel instead of striding across it
-    let mut n = 0;
-    for (j, (src, dtype)) in rows.enumerate() {
-        assert!(j < nr, "a panel holds at most {nr} rows");
-        let dst = &mut scratch.f32s[j * dim..(j + 1) * dim];
-        widen(src, dtype, dst, &mut scratch.f16s);
-        visit(j, dst);
-        n = j + 1;
-    }
-    let rows_f32 = &scratch.f32s[..n * dim];
-    for (d, lanes) in panel[..dim * nr].chunks_exact_mut(nr).enumerate() {
-        for (j, lane) in lanes[..n].iter_mut().enumerate() {
-            *lane = rows_f32[j * dim + d];
+    let (dp, row_bytes) = (padded(dim), dim * dtype.size());
+    let rows = bytes.len() / row_bytes;
+    out.resize(rows.div_ceil(nr) * nr * dp, 0.0);
+    f16s.resize(dim, f16::ZERO);
+    for (r, dst) in out.chunks_exact_mut(dp).enumerate() {
+        if r < rows {
+            widen(&bytes[r * row_bytes..(r + 1) * row_bytes], dtype, &mut dst[..dim], f16s);
+            dst[dim..].fill(0.0);
+            visit(r, &dst[..dim]);
+        } else {
+            dst.fill(0.0);
         }
-        lanes[n..].fill(0.0);
     }
 }
-
 /// `q . x` for one row `x` given as its little-endian bytes of `dtype`, the float16 values
 /// widened on the fly (for rescoring single rows, where the block kernels would need a
 /// transpose per row). Vectorised with partial sums; AVX-512 or AVX2+F16C+FMA at run time.
@@ -293,13 +276,6 @@ pub(crate) fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16])
     }
 }
 
-/// Per-thread buffers for `pack_rows`.
-#[derive(Default)]
-pub struct RowScratch {
-    f16s: Vec<f16>,
-    f32s: Vec<f32>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,55 +285,67 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
+    /// The canonical order written out plainly, fused like the vector paths.
+    fn canonical(q: &[f32], x: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        for (c, (qs, xs)) in q.chunks(LANES).zip(x.chunks(LANES)).enumerate() {
+            let _ = c;
+            for l in 0..qs.len() {
+                acc[l] = qs[l].mul_add(xs[l], acc[l]);
+            }
+        }
+        reduce_lanes(&acc)
+    }
+
     #[test]
-    fn every_path_matches_a_plain_dot_product() {
+    fn every_path_follows_the_canonical_order() {
         let mut seed = 7;
         for &dim in &[1usize, 3, 16, 17, 100] {
+            let dp = padded(dim);
             for simd in [Simd::Scalar, Simd::Avx2, Simd::Avx512] {
                 if !simd.supported() {
                     continue;
                 }
                 let (mr, nr) = (simd.mr(), simd.nr());
-                let nq = mr + 1;
-                let rows = nr + 3;
+                let (nq, rows) = (mr + 1, nr + 3);
                 let q: Vec<f32> = (0..nq * dim).map(|_| lcg(&mut seed)).collect();
-                let x: Vec<f32> = (0..rows * dim).map(|_| lcg(&mut seed)).collect();
+                let x: Vec<f32> = (0..rows * dim).map(|_| lcg(&mut seed) * 100.0).collect();
                 let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
                 let a = pack_queries(&q, nq, dim, mr);
                 let mut b = Vec::new();
-                pack_rows(
-                    &xb,
-                    DType::F32,
-                    rows,
-                    dim,
-                    nr,
-                    &mut b,
-                    &mut RowScratch::default(),
-                    |_, _| {},
-                );
+                widen_tile(&xb, DType::F32, dim, nr, &mut b, &mut Vec::new(), |_, _| {});
+                assert_eq!(b.len(), rows.div_ceil(nr) * nr * dp);
                 let mut out = vec![0f32; mr * nr];
                 for qb in 0..nq.div_ceil(mr) {
                     for p in 0..rows.div_ceil(nr) {
-                        simd.block(&a[qb * dim * mr..], &b[p * dim * nr..], dim, &mut out, nr);
+                        simd.block(&a[qb * mr * dp..], &b[p * nr * dp..], dp, &mut out, nr);
                         for i in 0..mr {
                             for j in 0..nr {
                                 let (qi, rj) = (qb * mr + i, p * nr + j);
-                                let want = if qi < nq && rj < rows {
-                                    (0..dim).map(|d| q[qi * dim + d] * x[rj * dim + d]).sum::<f32>()
-                                } else {
-                                    0.0
-                                };
+                                let (qr, xr) = (&a[qi * dp..(qi + 1) * dp], &b[rj * dp..(rj + 1) * dp]);
                                 let got = out[i * nr + j];
-                                assert!(
-                                    (got - want).abs() <= 1e-5 * dim as f32,
-                                    "{simd:?} d={dim} ({qi},{rj}) {got} vs {want}"
-                                );
-                                let mut col = vec![0f32; nr];
-                                simd.column(&a[qb * dim * mr..], i, &b[p * dim * nr..], dim, &mut col);
-                                assert_eq!(col[j].to_bits(), got.to_bits(), "column differs from block");
+                                let exact: f64 = qr.iter().zip(xr).map(|(&u, &v)| u as f64 * v as f64).sum();
+                                assert!((got as f64 - exact).abs() <= 1e-4 * dim as f64, "{simd:?} d={dim}");
+                                if simd != Simd::Scalar {
+                                    assert_eq!(got.to_bits(), canonical(qr, xr).to_bits(), "{simd:?} d={dim}");
+                                }
+                                let mut one = [0f32];
+                                simd.dots(&[(qr, xr)], &mut one);
+                                assert_eq!(one[0].to_bits(), got.to_bits(), "{simd:?}: dots differs from block");
                             }
                         }
                     }
+                }
+                // many pairs at once (full groups and a short one) give the same bits
+                let pairs: Vec<(&[f32], &[f32])> = (0..11)
+                    .map(|t| (&a[(t % nq) * dp..][..dp], &b[(t % rows) * dp..][..dp]))
+                    .collect();
+                let mut many = vec![0f32; pairs.len()];
+                simd.dots(&pairs, &mut many);
+                for (t, (qr, xr)) in pairs.iter().enumerate() {
+                    let mut one = [0f32];
+                    simd.dots(&[(qr, xr)], &mut one);
+                    assert_eq!(many[t].to_bits(), one[0].to_bits());
                 }
             }
         }
@@ -371,22 +359,15 @@ mod tests {
             .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
             .collect();
         let mut out = Vec::new();
-        pack_rows(
-            &bytes,
-            DType::F16,
-            2,
-            3,
-            4,
-            &mut out,
-            &mut RowScratch::default(),
-            |_, _| {},
-        );
-        // row r, dim d lands at d * nr + r
+        widen_tile(&bytes, DType::F16, 3, 4, &mut out, &mut Vec::new(), |_, _| {});
+        let dp = padded(3);
+        assert_eq!(out.len(), 4 * dp);
         for r in 0..2 {
             for d in 0..3 {
-                assert_eq!(out[d * 4 + r], vals[r * 3 + d]);
+                assert_eq!(out[r * dp + d].to_bits(), vals[r * 3 + d].to_bits());
             }
+            assert!(out[r * dp + 3..(r + 1) * dp].iter().all(|&v| v == 0.0));
         }
-        assert_eq!(out[2], 0.0); // padding lane
+        assert!(out[2 * dp..].iter().all(|&v| v == 0.0)); // padding rows
     }
 }

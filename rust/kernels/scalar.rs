@@ -1,32 +1,22 @@
-//! Portable kernel: plain loops, which compilers vectorise for the baseline instruction set.
+//! Portable kernels in the canonical order (unfused multiply-adds), which compilers vectorise
+//! for the baseline instruction set.
 
-pub const MR: usize = 4;
-pub const NR: usize = 8;
+use super::{reduce_lanes, sizes::SCALAR_MR as MR, sizes::SCALAR_NR as NR, LANES};
 
-pub fn block(a: &[f32], b: &[f32], dim: usize, out: &mut [f32], ldo: usize) {
-    let mut acc = [[0f32; NR]; MR];
-    for d in 0..dim {
-        let av = &a[d * MR..d * MR + MR];
-        let bv = &b[d * NR..d * NR + NR];
-        for i in 0..MR {
-            for j in 0..NR {
-                acc[i][j] += av[i] * bv[j];
-            }
-        }
-    }
+pub fn block(a: &[f32], b: &[f32], dp: usize, out: &mut [f32], ldo: usize) {
     for i in 0..MR {
-        out[i * ldo..i * ldo + NR].copy_from_slice(&acc[i]);
+        for j in 0..NR {
+            out[i * ldo + j] = dot(&a[i * dp..(i + 1) * dp], &b[j * dp..(j + 1) * dp]);
+        }
     }
 }
 
-pub fn column(a: &[f32], i: usize, b: &[f32], dim: usize, out: &mut [f32]) {
-    let mut acc = [0f32; NR];
-    for d in 0..dim {
-        let av = a[d * MR + i];
-        let bv = &b[d * NR..d * NR + NR];
-        for j in 0..NR {
-            acc[j] += av * bv[j];
+pub fn dot(q: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (qs, xs) in q.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += qs[l] * xs[l];
         }
     }
-    out[..NR].copy_from_slice(&acc);
+    reduce_lanes(&acc)
 }

@@ -1,115 +1,136 @@
-//! x86-64 kernels: AVX-512F (8 queries x 32 rows, 16 accumulators) and AVX2+FMA
-//! (6 queries x 16 rows, 12 accumulators). Register blocking keeps every accumulator in a
-//! register so each step is two vector loads, MR broadcasts and 2*MR fused multiply-adds.
+//! x86-64 kernels in the canonical order of `super`: AVX-512F (6 queries x 4 rows, 24
+//! accumulators of 16 lanes) and AVX2+FMA (2 x 2, each 16-lane accumulator as two halves). Each
+//! step of 16 dimensions loads the block's rows and queries once and does one fused
+//! multiply-add per (query, row) pair; the lane sums are added by the canonical tree at the end.
 
 use std::arch::x86_64::*;
 
-use super::x86_sizes::{AVX2_MR, AVX2_NR, AVX512_MR, AVX512_NR};
+use super::sizes::{AVX2_MR, AVX2_NR, AVX512_MR, AVX512_NR};
+use super::{DOTS, LANES};
+
+/// The canonical tree over the 16 lanes given as two halves (lanes 0-7, 8-15).
+#[inline(always)]
+unsafe fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
+    let s8 = _mm256_add_ps(lo, hi);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
+#[inline(always)]
+unsafe fn reduce512(v: __m512) -> f32 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    reduce_halves(_mm512_castps512_ps256(v), hi)
+}
 
 /// # Safety
-/// The CPU must support AVX-512F; `a` must hold `dim * 8` values, `b` `dim * 32`, `out` rows of `ldo >= 32` values, 8 of them.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn block_avx512(a: *const f32, b: *const f32, dim: usize, out: *mut f32, ldo: usize) {
+/// The CPU must support AVX-512F; `a` must hold 6 rows of `dp` values, `b` 4, `out` 6 rows of
+/// `ldo >= 4` values; `dp` is a multiple of 16.
+#[target_feature(enable = "avx512f,avx2")]
+pub unsafe fn block_avx512(a: *const f32, b: *const f32, dp: usize, out: *mut f32, ldo: usize) {
     const MR: usize = AVX512_MR;
     const NR: usize = AVX512_NR;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for d in 0..dim {
-        // SAFETY: d < dim, so every offset stays within the lengths the caller guarantees.
-        let b0 = _mm512_loadu_ps(b.add(d * NR));
-        let b1 = _mm512_loadu_ps(b.add(d * NR + 16));
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let mut c = 0;
+    while c < dp {
+        // SAFETY: c < dp, so every offset stays within the lengths the caller guarantees.
+        let x: [__m512; NR] = std::array::from_fn(|j| _mm512_loadu_ps(b.add(j * dp + c)));
         for (i, row) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(d * MR + i));
-            row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            let q = _mm512_loadu_ps(a.add(i * dp + c));
+            for (r, xj) in row.iter_mut().zip(&x) {
+                *r = _mm512_fmadd_ps(q, *xj, *r);
+            }
         }
+        c += LANES;
     }
     for (i, row) in acc.iter().enumerate() {
-        // SAFETY: out holds MR rows of ldo >= NR values.
-        _mm512_storeu_ps(out.add(i * ldo), row[0]);
-        _mm512_storeu_ps(out.add(i * ldo + 16), row[1]);
+        for (j, r) in row.iter().enumerate() {
+            // SAFETY: out holds MR rows of ldo >= NR values.
+            *out.add(i * ldo + j) = reduce512(*r);
+        }
     }
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA; `a` must hold `dim * 6` values, `b` `dim * 16`, `out` rows of `ldo >= 16` values, 6 of them.
+/// The CPU must support AVX2 and FMA; `a` must hold 2 rows of `dp` values, `b` 2, `out` 2 rows
+/// of `ldo >= 2` values; `dp` is a multiple of 16.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn block_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f32, ldo: usize) {
+pub unsafe fn block_avx2(a: *const f32, b: *const f32, dp: usize, out: *mut f32, ldo: usize) {
     const MR: usize = AVX2_MR;
     const NR: usize = AVX2_NR;
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for d in 0..dim {
-        // SAFETY: d < dim, so every offset stays within the lengths the caller guarantees.
-        let b0 = _mm256_loadu_ps(b.add(d * NR));
-        let b1 = _mm256_loadu_ps(b.add(d * NR + 8));
+    let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+    let mut c = 0;
+    while c < dp {
+        // SAFETY: c < dp, within the caller's lengths.
+        let x: [[__m256; 2]; NR] = std::array::from_fn(|j| {
+            [
+                _mm256_loadu_ps(b.add(j * dp + c)),
+                _mm256_loadu_ps(b.add(j * dp + c + 8)),
+            ]
+        });
         for (i, row) in acc.iter_mut().enumerate() {
-            let av = _mm256_set1_ps(*a.add(d * MR + i));
-            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            let q = [
+                _mm256_loadu_ps(a.add(i * dp + c)),
+                _mm256_loadu_ps(a.add(i * dp + c + 8)),
+            ];
+            for (r, xj) in row.iter_mut().zip(&x) {
+                r[0] = _mm256_fmadd_ps(q[0], xj[0], r[0]);
+                r[1] = _mm256_fmadd_ps(q[1], xj[1], r[1]);
+            }
         }
+        c += LANES;
     }
     for (i, row) in acc.iter().enumerate() {
-        // SAFETY: out holds MR rows of ldo >= NR values.
-        _mm256_storeu_ps(out.add(i * ldo), row[0]);
-        _mm256_storeu_ps(out.add(i * ldo + 8), row[1]);
-    }
-}
-
-/// One query (at stride 8 from `a`) against a 32-row panel, as in `block_avx512`.
-///
-/// # Safety
-/// The CPU must support AVX-512F; `a` must hold `dim * 8` values from its start, `b` `dim * 32`,
-/// `out` 32.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn column_avx512(a: *const f32, b: *const f32, dim: usize, out: *mut f32) {
-    let (mut c0, mut c1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    for d in 0..dim {
-        // SAFETY: d < dim, within the caller's lengths.
-        let av = _mm512_set1_ps(*a.add(d * AVX512_MR));
-        c0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(d * AVX512_NR)), c0);
-        c1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(d * AVX512_NR + 16)), c1);
-    }
-    _mm512_storeu_ps(out, c0);
-    _mm512_storeu_ps(out.add(16), c1);
-}
-
-/// One query (at stride 6 from `a`) against a 16-row panel, as in `block_avx2`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `a` must hold `dim * 6` values from its start, `b`
-/// `dim * 16`, `out` 16.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn column_avx2(a: *const f32, b: *const f32, dim: usize, out: *mut f32) {
-    let (mut c0, mut c1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for d in 0..dim {
-        // SAFETY: d < dim, within the caller's lengths.
-        let av = _mm256_set1_ps(*a.add(d * AVX2_MR));
-        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(d * AVX2_NR)), c0);
-        c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(d * AVX2_NR + 8)), c1);
-    }
-    _mm256_storeu_ps(out, c0);
-    _mm256_storeu_ps(out.add(8), c1);
-}
-
-/// Four independent `column_avx512` jobs at once (query pointers at stride 8, 32-row panels);
-/// each job's lanes see exactly the operations of `block_avx512`.
-///
-/// # Safety
-/// The CPU must support AVX-512F; each `a[j]` must hold `dim * 8` values from its start, each
-/// `b[j]` `dim * 32`, `out` 128.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn columns4_avx512(a: [*const f32; 4], b: [*const f32; 4], dim: usize, out: *mut f32) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-    for d in 0..dim {
-        for j in 0..4 {
-            // SAFETY: d < dim, within the caller's lengths.
-            let av = _mm512_set1_ps(*a[j].add(d * AVX512_MR));
-            acc[j][0] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR)), acc[j][0]);
-            acc[j][1] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[j].add(d * AVX512_NR + 16)), acc[j][1]);
+        for (j, r) in row.iter().enumerate() {
+            // SAFETY: out holds MR rows of ldo >= NR values.
+            *out.add(i * ldo + j) = reduce_halves(r[0], r[1]);
         }
     }
-    for (j, c) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.add(j * 32), c[0]);
-        _mm512_storeu_ps(out.add(j * 32 + 16), c[1]);
+}
+
+/// `DOTS` independent pairs `q[p] . x[p]`, lane for lane as in `block_avx512`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; every pointer must hold `dp` values, a multiple of 16.
+#[target_feature(enable = "avx512f,avx2")]
+pub unsafe fn dots_avx512(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usize, out: &mut [f32; DOTS]) {
+    let mut acc = [_mm512_setzero_ps(); DOTS];
+    let mut c = 0;
+    while c < dp {
+        for p in 0..DOTS {
+            // SAFETY: c < dp, within the caller's lengths.
+            acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q[p].add(c)), _mm512_loadu_ps(x[p].add(c)), acc[p]);
+        }
+        c += LANES;
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = reduce512(*a);
+    }
+}
+
+/// As `dots_avx512` with each 16-lane accumulator as two halves, lane for lane as `block_avx2`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every pointer must hold `dp` values, a multiple of 16.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dots_avx2(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usize, out: &mut [f32; DOTS]) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; DOTS];
+    let mut c = 0;
+    while c < dp {
+        for (p, halves) in acc.iter_mut().enumerate() {
+            for (h, a) in halves.iter_mut().enumerate() {
+                // SAFETY: c + 8 h < dp, within the caller's lengths.
+                let (qv, xv) = (
+                    _mm256_loadu_ps(q[p].add(c + 8 * h)),
+                    _mm256_loadu_ps(x[p].add(c + 8 * h)),
+                );
+                *a = _mm256_fmadd_ps(qv, xv, *a);
+            }
+        }
+        c += LANES;
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = reduce_halves(a[0], a[1]);
     }
 }
 

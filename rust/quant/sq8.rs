@@ -10,15 +10,11 @@ use std::path::Path;
 use super::file::{CodesFile, CodesWriter, Header};
 use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::Result;
-use crate::kernels::int8::{self, Int8Kernel};
+use crate::kernels::int8::{self, Int8Kernel, MR, NR};
 use crate::kernels::Simd;
 use crate::search::Control;
 use crate::store::Database;
 
-/// The int8 block layout of the codes: 8 queries x 32 rows, whatever kernel runs it.
-const LAYOUT: Simd = Simd::Avx512;
-const NR: usize = 32;
-const MR: usize = 8;
 /// Rows scored together for all queries while their codes stay in L2.
 const TILE_PANELS: usize = 4;
 
@@ -84,9 +80,7 @@ impl<'a> Sq8Scan<'a> {
             dim,
             queries: int8::quantize_queries(queries, nq, dim, MR),
             nq,
-            kernel: Int8Kernel::detect(LAYOUT)
-                .filter(|_| LAYOUT.supported())
-                .unwrap_or(Int8Kernel::Scalar),
+            kernel: Int8Kernel::detect(Simd::detect()).unwrap_or(Int8Kernel::Scalar),
         }
     }
 }
@@ -104,7 +98,7 @@ impl Scan for Sq8Scan<'_> {
                 for p in first_panel + tile..first_panel + (tile + TILE_PANELS).min(panels) {
                     let pcodes = &self.codes[p * panel_bytes..(p + 1) * panel_bytes];
                     let pcodes = as_i8(pcodes);
-                    self.kernel.block(LAYOUT, qcodes, pcodes, steps, &mut raw, NR);
+                    self.kernel.block(qcodes, pcodes, steps, &mut raw, NR);
                     let r0 = p * NR;
                     let n = NR.min(hi - r0);
                     for q in qb * MR..((qb + 1) * MR).min(self.nq) {
