@@ -409,7 +409,7 @@ fn worker(
                         let i = q - qb * int8::MR;
                         let thr = query_tops(&tops, q);
                         let raw_q = &raw[i * int8::NR..(i + 1) * int8::NR];
-                        let mut mask = int8::rows_may_reach(raw_q, &codes, p * int8::NR, qs, q, thr) & real;
+                        let mut mask = kernel.rows_may_reach(raw_q, &codes, p * int8::NR, qs, q, thr) & real;
                         while mask != 0 {
                             jobs.push((q, p * int8::NR + mask.trailing_zeros() as usize));
                             mask &= mask - 1;

@@ -315,32 +315,99 @@ fn round_up(v: f64) -> f32 {
     }
 }
 
-/// Which of the `NR` rows of a panel may reach `threshold` for query `qi` (bit `j` for row
-/// `first + j`): `raw` holds the panel's unsigned-by-signed products for this query, `tile` its
-/// rows' terms. A NaN bound (a zero query against an infinite one) counts as a yes.
-#[inline]
-pub fn rows_may_reach(raw: &[i32], tile: &Tile, first: usize, queries: &Queries, qi: usize, threshold: f32) -> u32 {
-    let (raw, t) = (&raw[..NR], queries.scale[qi]);
-    let (nq, nf) = (queries.norm[qi], queries.resid[qi]);
-    let terms = |v: &[f32]| -> [f32; NR] { v[first..first + NR].try_into().expect("a whole panel") };
-    let (scale, e, h) = (terms(&tile.scale), terms(&tile.e), terms(&tile.h));
-    let offset: &[i32; NR] = tile.offset[first..first + NR].try_into().expect("a whole panel");
-    // upper bounds first (a loop the compiler vectorises), then the mask
-    let mut upper = [0f32; NR];
-    for j in 0..NR {
-        let approx = (raw[j] - offset[j]) as f32 * (t * scale[j]);
-        upper[j] = approx + nq * e[j] + nf * h[j];
+impl Int8Kernel {
+    /// Which of the `NR` rows of a panel may reach `threshold` for query `qi` (bit `j` for row
+    /// `first + j`): `raw` holds the panel's unsigned-by-signed products for this query, `tile`
+    /// its rows' terms. A NaN bound (a zero query against an infinite one) counts as a yes.
+    #[inline]
+    pub fn rows_may_reach<'a>(
+        self,
+        raw: &'a [i32],
+        tile: &'a Tile,
+        first: usize,
+        queries: &Queries,
+        qi: usize,
+        threshold: f32,
+    ) -> u32 {
+        let whole = |v: &'a [f32]| -> &'a [f32; NR] { v[first..first + NR].try_into().expect("a whole panel") };
+        let terms = Terms {
+            raw: raw[..NR].try_into().expect("a whole panel"),
+            offset: tile.offset[first..first + NR].try_into().expect("a whole panel"),
+            scale: whole(&tile.scale),
+            e: whole(&tile.e),
+            h: whole(&tile.h),
+            query: [queries.scale[qi], queries.norm[qi], queries.resid[qi]],
+        };
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: this kernel is only detected where AVX-512F is available.
+            Int8Kernel::Vnni512 => unsafe { vnni::upper_bounds_reach(&terms, threshold) },
+            _ => {
+                let upper = terms.upper_bounds();
+                let mut mask = 0u32;
+                for (j, &v) in upper.iter().enumerate() {
+                    mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+                }
+                mask
+            }
+        }
     }
-    let mut mask = 0u32;
-    for (j, &v) in upper.iter().enumerate() {
-        mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+}
+
+/// What the bound of one query against one panel needs.
+struct Terms<'a> {
+    raw: &'a [i32; NR],
+    offset: &'a [i32; NR],
+    scale: &'a [f32; NR],
+    e: &'a [f32; NR],
+    h: &'a [f32; NR],
+    /// The query's scale, norm and residual norm.
+    query: [f32; 3],
+}
+
+impl Terms<'_> {
+    /// `t s I + |q| E_x + |f| H_x` per row: each row's highest possible exact score.
+    #[inline(always)]
+    fn upper_bounds(&self) -> [f32; NR] {
+        let [t, nq, nf] = self.query;
+        std::array::from_fn(|j| {
+            let approx = (self.raw[j] - self.offset[j]) as f32 * (t * self.scale[j]);
+            approx + nq * self.e[j] + nf * self.h[j]
+        })
     }
-    mask
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
+
+    use super::{Terms, NR};
+
+    /// `Terms::upper_bounds` compared with `threshold`, 16 rows at a time (the same float
+    /// operations in the same order).
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn upper_bounds_reach(terms: &Terms, threshold: f32) -> u32 {
+        let [t, nq, nf] = terms.query;
+        let mut mask = 0u32;
+        for half in 0..NR / 16 {
+            let at = half * 16;
+            // SAFETY: `at + 16 <= NR`, the length of every array.
+            let raw = _mm512_loadu_si512(terms.raw.as_ptr().add(at) as *const _);
+            let offset = _mm512_loadu_si512(terms.offset.as_ptr().add(at) as *const _);
+            let ts = _mm512_mul_ps(_mm512_set1_ps(t), _mm512_loadu_ps(terms.scale.as_ptr().add(at)));
+            let approx = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(raw, offset)), ts);
+            let e = _mm512_mul_ps(_mm512_set1_ps(nq), _mm512_loadu_ps(terms.e.as_ptr().add(at)));
+            let h = _mm512_mul_ps(_mm512_set1_ps(nf), _mm512_loadu_ps(terms.h.as_ptr().add(at)));
+            let upper = _mm512_add_ps(_mm512_add_ps(approx, e), h);
+            // not-less-than, unordered: true where upper >= threshold or upper is NaN
+            let reach = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, _mm512_set1_ps(threshold));
+            mask |= (reach as u32) << at;
+        }
+        mask
+    }
 
     /// # Safety
     /// AVX-512F and AVX-512 VNNI available; `a` holds `d4 * 8 * 4` bytes, `b` `d4 * 32 * 4`, `out`
@@ -403,7 +470,11 @@ mod tests {
                     assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
                     // the row test must say yes for a threshold at the exact score
                     let raw = &want[i * nr..(i + 1) * nr];
-                    assert!(rows_may_reach(raw, &tile, 0, &qs, i, exact as f32) >> j & 1 == 1);
+                    let scalar = Int8Kernel::Scalar.rows_may_reach(raw, &tile, 0, &qs, i, exact as f32);
+                    assert!(scalar >> j & 1 == 1);
+                    if let Some(k) = Int8Kernel::detect(Simd::detect()) {
+                        assert_eq!(k.rows_may_reach(raw, &tile, 0, &qs, i, exact as f32), scalar);
+                    }
                 }
             }
         }

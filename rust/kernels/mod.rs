@@ -176,7 +176,7 @@ const DOTS: usize = 8;
 /// Block sizes, visible on every architecture so that `mr`/`nr` stay total functions.
 mod sizes {
     /// 24 accumulators, 4 rows and one query in the 32 vector registers.
-    pub const AVX512_MR: usize = 4;
+    pub const AVX512_MR: usize = 6;
     pub const AVX512_NR: usize = 4;
     /// 8 accumulators (two halves each) and the operands in 16 registers.
     pub const AVX2_MR: usize = 2;

@@ -30,24 +30,36 @@ unsafe fn reduce512(v: __m512) -> f32 {
 pub unsafe fn block_avx512(a: *const f32, b: *const f32, dp: usize, out: *mut f32, ldo: usize) {
     const MR: usize = AVX512_MR;
     const NR: usize = AVX512_NR;
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let mut acc = [_mm512_setzero_ps(); MR * NR];
     let mut c = 0;
     while c < dp {
         // SAFETY: c < dp, so every offset stays within the lengths the caller guarantees.
         let x: [__m512; NR] = std::array::from_fn(|j| _mm512_loadu_ps(b.add(j * dp + c)));
-        for (i, row) in acc.iter_mut().enumerate() {
+        for i in 0..MR {
             let q = _mm512_loadu_ps(a.add(i * dp + c));
-            for (r, xj) in row.iter_mut().zip(&x) {
-                *r = _mm512_fmadd_ps(q, *xj, *r);
+            for j in 0..NR {
+                acc[i * NR + j] = _mm512_fmadd_ps(q, x[j], acc[i * NR + j]);
             }
         }
         c += LANES;
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, r) in row.iter().enumerate() {
+    let mut sums = [0f32; MR * NR];
+    reduce512_many(&acc, &mut sums);
+    for i in 0..MR {
+        for j in 0..NR {
             // SAFETY: out holds MR rows of ldo >= NR values.
-            *out.add(i * ldo + j) = reduce512(*r);
+            *out.add(i * ldo + j) = sums[i * NR + j];
         }
+    }
+}
+
+/// `reduce512` of each vector, kept out of line so that the kernel's register allocation sees
+/// only its loop.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn reduce512_many(acc: &[__m512], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = reduce512(*a);
     }
 }
 
@@ -103,9 +115,7 @@ pub unsafe fn dots_avx512(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usiz
         }
         c += LANES;
     }
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = reduce512(*a);
-    }
+    reduce512_many(&acc, out);
 }
 
 /// As `dots_avx512` with each 16-lane accumulator as two halves, lane for lane as `block_avx2`.
