@@ -26,7 +26,11 @@ fn main() {
     let threads = 1;
     let dp = padded(DIM);
     let xf = values(ROWS * DIM, 104729);
-    let x: Vec<u8> = xf.iter().flat_map(|v| v.to_le_bytes()).collect();
+    // the rows as a float16 store holds them
+    let x: Vec<u8> = xf
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+        .collect();
     for simd in [Simd::Avx512, Simd::Avx2, Simd::Scalar] {
         if !simd.supported() {
             continue;
@@ -34,7 +38,7 @@ fn main() {
         let (mr, nr) = (simd.mr(), simd.nr());
         let a = pack_queries(&values(mr * DIM, 7919), mr, DIM, mr);
         let mut b = Vec::new();
-        widen_tile(&x, DType::F32, DIM, nr, &mut b, &mut Vec::new(), |_, _| {});
+        widen_tile(&x, DType::F16, DIM, nr, &mut b, &mut Vec::new());
         let mut out = vec![0f32; mr * ROWS];
         let calls = 2000;
         let t0 = Instant::now();
@@ -50,14 +54,15 @@ fn main() {
             }
         }
         let gflops = (calls * mr * ROWS * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
-        // single pairs, as the int8 pass rescores them: each query against scattered rows
-        let pairs: Vec<(&[f32], &[f32])> = (0..256)
-            .map(|t| (&a[(t % mr) * dp..][..dp], &b[(t * 37 % ROWS) * dp..][..dp]))
+        // single pairs, as the int8 pass rescores them: queries against scattered stored rows
+        let pairs: Vec<(&[f32], &[u8])> = (0..256)
+            .map(|t| (&a[(t % mr) * dp..][..dp], &x[(t * 37 % ROWS) * DIM * 2..][..DIM * 2]))
             .collect();
         let mut scores = vec![0f32; pairs.len()];
         let t0 = Instant::now();
         for _ in 0..calls {
-            simd.dots(std::hint::black_box(&pairs), &mut scores);
+            simd.dots(std::hint::black_box(&pairs), DType::F16, &mut scores);
+            std::hint::black_box(&mut scores);
         }
         let pair_gflops = (calls * pairs.len() * DIM * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9;
         let peak = fp32_peak_gflops(simd, threads, 300);

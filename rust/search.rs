@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
-use crate::kernels::{pack_queries, padded, widen_tile, Simd};
+use crate::kernels::{pack_queries, padded, widen, widen_tile, Simd};
 use crate::store::Database;
 use crate::topk::TopK;
 
@@ -304,7 +304,7 @@ fn worker(
     // [query][tier], so that one query's tiers are one contiguous slice
     let mut tops: Vec<TopK> = (0..nq * nt).map(|_| TopK::new(opts.k)).collect();
     let mut stats = Stats::default();
-    let (mut tile, mut f16s) = (Vec::new(), Vec::new());
+    let (mut tile, mut widened, mut f16s) = (Vec::new(), Vec::new(), Vec::new());
     let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
     // scores of one query block against one tile: [mr][TILE_ROWS]
     let mut block_scores = vec![0f32; mr * TILE_ROWS];
@@ -353,21 +353,14 @@ fn worker(
                 _ => None,
             };
             tiles_done += 1;
-            if int8_pass.is_some() {
-                codes.reset(rows, dim, int8::NR);
-            }
             let bytes = shard.row_bytes(t0, t1);
-            widen_tile(bytes, shard.dtype, dim, nr, &mut tile, &mut f16s, |r, row| {
-                if int8_pass.is_some() {
-                    codes.set_row(r, row, int8::NR, &mut code_scratch)
-                }
-            });
-            let row = |r: usize| &tile[r * dp..(r + 1) * dp];
+            let row_bytes = bytes.len() / rows;
             let offer_to = |tops: &mut [TopK], q: usize, scores: &[f32], first: usize| {
                 let q_tops = &mut tops[q * nt..(q + 1) * nt];
                 offer(q_tops, &plan.floors[q * nt..(q + 1) * nt], tiers, scores, first)
             };
             let Some((kernel, qs)) = int8_pass else {
+                widen_tile(bytes, shard.dtype, dim, nr, &mut tile, &mut f16s);
                 for qb in 0..nq.div_ceil(mr) {
                     let a = &plan.packed[qb * mr * dp..(qb + 1) * mr * dp];
                     for rb in 0..rows.div_ceil(nr) {
@@ -388,6 +381,12 @@ fn worker(
                 t0 = t1;
                 continue;
             };
+            codes.reset(rows, dim, int8::NR);
+            widened.resize(dim, 0.0);
+            for (r, stored) in bytes.chunks_exact(row_bytes).enumerate() {
+                widen(stored, shard.dtype, &mut widened, &mut f16s);
+                codes.set_row(r, &widened, int8::NR, &mut code_scratch);
+            }
             // the int8 pass: approximate scores of whole panels, then exact scores of the rows
             // whose bound may still reach their query's threshold, for one query block at a time
             let steps = int8::d4(dim);
@@ -417,12 +416,13 @@ fn worker(
                     }
                 }
                 stats.rescored_pairs += jobs.len() as u64;
-                let pairs: Vec<(&[f32], &[f32])> = jobs
+                let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
+                let pairs: Vec<(&[f32], &[u8])> = jobs
                     .iter()
                     .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], row(r)))
                     .collect();
                 job_scores.resize(jobs.len(), 0.0);
-                simd.dots(&pairs, &mut job_scores);
+                simd.dots(&pairs, shard.dtype, &mut job_scores);
                 for (&(q, r), s) in jobs.iter().zip(&job_scores) {
                     offer_to(&mut tops, q, std::slice::from_ref(s), first + r);
                 }

@@ -124,38 +124,45 @@ impl Simd {
         }
     }
 
-    /// `out[p] = q_p . x_p` for independent pairs of padded rows, each bit-identical to what
-    /// `block` gives for the same pair. Pairs run several at a time, so that independent
-    /// accumulator chains hide the latency that bounds a single dot product.
-    pub fn dots(self, pairs: &[(&[f32], &[f32])], out: &mut [f32]) {
+    /// `out[p] = q_p . x_p` for independent pairs of a padded query row and a database row as
+    /// stored (`dim` little-endian values of `dtype`, converted exactly as they are loaded),
+    /// each bit-identical to what `block` gives for the same pair once the row is widened.
+    /// Pairs run several at a time, so that independent accumulator chains hide the latency
+    /// that bounds a single dot product; reading the stored row halves what a float16 pair
+    /// pulls through the caches.
+    pub fn dots(self, pairs: &[(&[f32], &[u8])], dtype: DType, out: &mut [f32]) {
         assert!(out.len() >= pairs.len());
-        let dp = pairs.first().map_or(0, |(q, _)| q.len());
-        assert!(dp.is_multiple_of(LANES) && pairs.iter().all(|(q, x)| q.len() == dp && x.len() == dp));
+        let Some(&(q0, x0)) = pairs.first() else {
+            return;
+        };
+        let (dp, dim) = (q0.len(), x0.len() / dtype.size());
+        assert!(dp == padded(dim) && pairs.iter().all(|(q, x)| q.len() == dp && x.len() == x0.len()));
         self.require();
-        let mut o = 0;
-        #[cfg(target_arch = "x86_64")]
-        if matches!(self, Simd::Avx512 | Simd::Avx2) {
-            for group in pairs.chunks(DOTS) {
+        #[cfg(all(target_arch = "x86_64", target_endian = "little"))]
+        if matches!(self, Simd::Avx512 | Simd::Avx2) && (dtype == DType::F32 || is_x86_feature_detected!("f16c")) {
+            for (group, out) in pairs.chunks(DOTS).zip(out.chunks_mut(DOTS)) {
                 // a short last group repeats its first pair (its extra results are dropped)
                 let q = std::array::from_fn(|j| group.get(j).unwrap_or(&group[0]).0.as_ptr());
                 let x = std::array::from_fn(|j| group.get(j).unwrap_or(&group[0]).1.as_ptr());
                 let mut res = [0f32; DOTS];
-                // SAFETY: every row holds `dp` values (asserted), the CPU features checked above.
+                // SAFETY: every query holds `padded(dim)` values and every row `dim` values of
+                // `dtype` (asserted), the CPU features checked above.
                 unsafe {
-                    if self == Simd::Avx512 {
-                        x86::dots_avx512(q, x, dp, &mut res)
-                    } else {
-                        x86::dots_avx2(q, x, dp, &mut res)
+                    match (self, dtype) {
+                        (Simd::Avx512, DType::F16) => x86::dots_avx512::<true>(q, x, dim, &mut res),
+                        (Simd::Avx512, DType::F32) => x86::dots_avx512::<false>(q, x, dim, &mut res),
+                        (_, DType::F16) => x86::dots_avx2::<true>(q, x, dim, &mut res),
+                        (_, DType::F32) => x86::dots_avx2::<false>(q, x, dim, &mut res),
                     }
                 }
-                out[o..o + group.len()].copy_from_slice(&res[..group.len()]);
-                o += group.len();
+                out[..group.len()].copy_from_slice(&res[..group.len()]);
             }
             return;
         }
-        for (q, x) in pairs {
-            out[o] = scalar::dot(q, x);
-            o += 1;
+        let (mut row, mut f16s) = (vec![0f32; dp], vec![f16::ZERO; dim]);
+        for ((q, x), o) in pairs.iter().zip(out) {
+            widen(x, dtype, &mut row[..dim], &mut f16s);
+            *o = scalar::dot(q, &row);
         }
     }
 
@@ -205,17 +212,8 @@ pub fn pack_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Vec<f3
 }
 
 /// Widens the consecutive little-endian rows in `bytes` into padded float32 rows, plus zero
-/// rows up to a multiple of `nr`, reusing `out`. `visit` sees each widened row (the int8 path
-/// quantizes it there, without widening twice).
-pub fn widen_tile(
-    bytes: &[u8],
-    dtype: DType,
-    dim: usize,
-    nr: usize,
-    out: &mut Vec<f32>,
-    f16s: &mut Vec<f16>,
-    mut visit: impl FnMut(usize, &[f32]),
-) {
+/// rows up to a multiple of `nr`, reusing `out`.
+pub fn widen_tile(bytes: &[u8], dtype: DType, dim: usize, nr: usize, out: &mut Vec<f32>, f16s: &mut Vec<f16>) {
     let (dp, row_bytes) = (padded(dim), dim * dtype.size());
     let rows = bytes.len() / row_bytes;
     out.resize(rows.div_ceil(nr) * nr * dp, 0.0);
@@ -224,7 +222,6 @@ pub fn widen_tile(
         if r < rows {
             widen(&bytes[r * row_bytes..(r + 1) * row_bytes], dtype, &mut dst[..dim], f16s);
             dst[dim..].fill(0.0);
-            visit(r, &dst[..dim]);
         } else {
             dst.fill(0.0);
         }
@@ -297,12 +294,26 @@ mod tests {
         reduce_lanes(&acc)
     }
 
+    /// `x` stored as little-endian `dtype` values.
+    fn stored(x: &[f32], dtype: DType) -> Vec<u8> {
+        match dtype {
+            DType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => x
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+        }
+    }
+
     #[test]
     fn every_path_follows_the_canonical_order() {
         let mut seed = 7;
         for &dim in &[1usize, 3, 16, 17, 100] {
             let dp = padded(dim);
-            for simd in [Simd::Scalar, Simd::Avx2, Simd::Avx512] {
+            for (simd, dtype) in [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+                .into_iter()
+                .flat_map(|s| [(s, DType::F32), (s, DType::F16)])
+            {
                 if !simd.supported() {
                     continue;
                 }
@@ -310,10 +321,11 @@ mod tests {
                 let (nq, rows) = (mr + 1, nr + 3);
                 let q: Vec<f32> = (0..nq * dim).map(|_| lcg(&mut seed)).collect();
                 let x: Vec<f32> = (0..rows * dim).map(|_| lcg(&mut seed) * 100.0).collect();
-                let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let xb = stored(&x, dtype);
+                let row_bytes = dim * dtype.size();
                 let a = pack_queries(&q, nq, dim, mr);
                 let mut b = Vec::new();
-                widen_tile(&xb, DType::F32, dim, nr, &mut b, &mut Vec::new(), |_, _| {});
+                widen_tile(&xb, dtype, dim, nr, &mut b, &mut Vec::new());
                 assert_eq!(b.len(), rows.div_ceil(nr) * nr * dp);
                 let mut out = vec![0f32; mr * nr];
                 for qb in 0..nq.div_ceil(mr) {
@@ -329,22 +341,24 @@ mod tests {
                                 if simd != Simd::Scalar {
                                     assert_eq!(got.to_bits(), canonical(qr, xr).to_bits(), "{simd:?} d={dim}");
                                 }
-                                let mut one = [0f32];
-                                simd.dots(&[(qr, xr)], &mut one);
-                                assert_eq!(one[0].to_bits(), got.to_bits(), "{simd:?}: dots differs from block");
+                                if rj < rows {
+                                    let mut one = [0f32];
+                                    simd.dots(&[(qr, &xb[rj * row_bytes..(rj + 1) * row_bytes])], dtype, &mut one);
+                                    assert_eq!(one[0].to_bits(), got.to_bits(), "{simd:?} {dtype:?}: dots differs");
+                                }
                             }
                         }
                     }
                 }
                 // many pairs at once (full groups and a short one) give the same bits
-                let pairs: Vec<(&[f32], &[f32])> = (0..11)
-                    .map(|t| (&a[(t % nq) * dp..][..dp], &b[(t % rows) * dp..][..dp]))
+                let pairs: Vec<(&[f32], &[u8])> = (0..11)
+                    .map(|t| (&a[(t % nq) * dp..][..dp], &xb[(t % rows) * row_bytes..][..row_bytes]))
                     .collect();
                 let mut many = vec![0f32; pairs.len()];
-                simd.dots(&pairs, &mut many);
-                for (t, (qr, xr)) in pairs.iter().enumerate() {
+                simd.dots(&pairs, dtype, &mut many);
+                for (t, pair) in pairs.iter().enumerate() {
                     let mut one = [0f32];
-                    simd.dots(&[(qr, xr)], &mut one);
+                    simd.dots(std::slice::from_ref(pair), dtype, &mut one);
                     assert_eq!(many[t].to_bits(), one[0].to_bits());
                 }
             }
@@ -359,7 +373,7 @@ mod tests {
             .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
             .collect();
         let mut out = Vec::new();
-        widen_tile(&bytes, DType::F16, 3, 4, &mut out, &mut Vec::new(), |_, _| {});
+        widen_tile(&bytes, DType::F16, 3, 4, &mut out, &mut Vec::new());
         let dp = padded(3);
         assert_eq!(out.len(), 4 * dp);
         for r in 0..2 {

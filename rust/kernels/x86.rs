@@ -100,20 +100,36 @@ pub unsafe fn block_avx2(a: *const f32, b: *const f32, dp: usize, out: *mut f32,
     }
 }
 
-/// `DOTS` independent pairs `q[p] . x[p]`, lane for lane as in `block_avx512`.
+/// `DOTS` independent pairs `q[p] . x[p]` of padded queries and rows as stored (`dim` float16
+/// values when `F16`, else float32), lane for lane as in `block_avx512`.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; every pointer must hold `dp` values, a multiple of 16.
-#[target_feature(enable = "avx512f,avx2")]
-pub unsafe fn dots_avx512(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usize, out: &mut [f32; DOTS]) {
+/// The CPU must support AVX-512F (and F16C for `F16`); every `q[p]` must hold `padded(dim)`
+/// values, every `x[p]` `dim` values.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub unsafe fn dots_avx512<const F16: bool>(
+    q: [*const f32; DOTS],
+    x: [*const u8; DOTS],
+    dim: usize,
+    out: &mut [f32; DOTS],
+) {
     let mut acc = [_mm512_setzero_ps(); DOTS];
+    let whole = dim / LANES * LANES;
     let mut c = 0;
-    while c < dp {
+    while c < whole {
         for p in 0..DOTS {
-            // SAFETY: c < dp, within the caller's lengths.
-            acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q[p].add(c)), _mm512_loadu_ps(x[p].add(c)), acc[p]);
+            // SAFETY: c + 16 <= dim, within the caller's lengths.
+            let xv = load16::<F16>(x[p], c);
+            acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q[p].add(c)), xv, acc[p]);
         }
         c += LANES;
+    }
+    if whole < dim {
+        // the last partial step, from the row's tail copied into zeroed space
+        for p in 0..DOTS {
+            let tail = Tail::<F16>::copy(x[p], whole, dim);
+            acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q[p].add(c)), load16::<F16>(tail.ptr(), 0), acc[p]);
+        }
     }
     reduce512_many(&acc, out);
 }
@@ -121,26 +137,85 @@ pub unsafe fn dots_avx512(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usiz
 /// As `dots_avx512` with each 16-lane accumulator as two halves, lane for lane as `block_avx2`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; every pointer must hold `dp` values, a multiple of 16.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dots_avx2(q: [*const f32; DOTS], x: [*const f32; DOTS], dp: usize, out: &mut [f32; DOTS]) {
+/// The CPU must support AVX2 and FMA (and F16C for `F16`); every `q[p]` must hold
+/// `padded(dim)` values, every `x[p]` `dim` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dots_avx2<const F16: bool>(
+    q: [*const f32; DOTS],
+    x: [*const u8; DOTS],
+    dim: usize,
+    out: &mut [f32; DOTS],
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; DOTS];
+    let whole = dim / LANES * LANES;
     let mut c = 0;
-    while c < dp {
-        for (p, halves) in acc.iter_mut().enumerate() {
-            for (h, a) in halves.iter_mut().enumerate() {
-                // SAFETY: c + 8 h < dp, within the caller's lengths.
-                let (qv, xv) = (
-                    _mm256_loadu_ps(q[p].add(c + 8 * h)),
-                    _mm256_loadu_ps(x[p].add(c + 8 * h)),
-                );
-                *a = _mm256_fmadd_ps(qv, xv, *a);
-            }
+    let step = |acc: &mut [[__m256; 2]; DOTS], p: usize, qp: *const f32, xp: *const u8| {
+        for (h, a) in acc[p].iter_mut().enumerate() {
+            // SAFETY: 8 values from `8 h` on, within what the callers pass.
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8 * h)), load8::<F16>(xp, 8 * h), *a);
+        }
+    };
+    while c < whole {
+        for p in 0..DOTS {
+            // SAFETY: c + 16 <= dim, within the caller's lengths.
+            step(&mut acc, p, q[p].add(c), x[p].add(c * elem::<F16>()));
         }
         c += LANES;
     }
+    if whole < dim {
+        for p in 0..DOTS {
+            let tail = Tail::<F16>::copy(x[p], whole, dim);
+            step(&mut acc, p, q[p].add(c), tail.ptr());
+        }
+    }
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = reduce_halves(a[0], a[1]);
+    }
+}
+
+/// Bytes per stored value.
+const fn elem<const F16: bool>() -> usize {
+    if F16 {
+        2
+    } else {
+        4
+    }
+}
+
+/// Values `c..c + 16` of a stored row, as float32.
+#[inline(always)]
+unsafe fn load16<const F16: bool>(x: *const u8, c: usize) -> __m512 {
+    if F16 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(x.add(2 * c) as *const __m256i))
+    } else {
+        _mm512_loadu_ps(x.add(4 * c) as *const f32)
+    }
+}
+
+/// Values `c..c + 8` of a stored row, as float32.
+#[inline(always)]
+unsafe fn load8<const F16: bool>(x: *const u8, c: usize) -> __m256 {
+    if F16 {
+        _mm256_cvtph_ps(_mm_loadu_si128(x.add(2 * c) as *const __m128i))
+    } else {
+        _mm256_loadu_ps(x.add(4 * c) as *const f32)
+    }
+}
+
+/// The last `dim - from` (< 16) stored values of a row, zero padded to 16.
+struct Tail<const F16: bool>([u8; 64]);
+
+impl<const F16: bool> Tail<F16> {
+    #[inline(always)]
+    unsafe fn copy(x: *const u8, from: usize, dim: usize) -> Self {
+        let mut t = [0u8; 64];
+        let e = elem::<F16>();
+        std::ptr::copy_nonoverlapping(x.add(from * e), t.as_mut_ptr(), (dim - from) * e);
+        Tail(t)
+    }
+
+    fn ptr(&self) -> *const u8 {
+        self.0.as_ptr()
     }
 }
 
