@@ -190,19 +190,6 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     } else {
         &opts.tiers[..]
     };
-    let floors: Vec<AtomicU32> = (0..nq * tiers.len())
-        .map(|_| AtomicU32::new(key(f32::NEG_INFINITY)))
-        .collect();
-    let plan = Plan {
-        simd,
-        int8,
-        quantized: quantized.as_ref(),
-        packed: &packed,
-        nq,
-        tiers,
-        floors: &floors,
-    };
-
     // work items: (shard, first row, end row), in database order
     let mut chunks = Vec::new();
     for (s, shard) in db.shards.iter().enumerate() {
@@ -215,10 +202,22 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     }
     let next = AtomicUsize::new(0);
     let threads = resolve_threads(opts.threads).min(chunks.len().max(1));
+    let plan = Plan {
+        simd,
+        int8,
+        quantized: quantized.as_ref(),
+        packed: &packed,
+        nq,
+        tiers,
+        shared: Shared::new(nq * tiers.len(), threads),
+    };
 
     let partials: Vec<Result<(Vec<TopK>, Stats)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(|| worker(db, &plan, opts, &chunks, &next, control)))
+            .map(|me| {
+                let (plan, chunks, next) = (&plan, &chunks, &next);
+                scope.spawn(move || worker(db, plan, opts, me, chunks, next, control))
+            })
             .collect();
         handles
             .into_iter()
@@ -269,9 +268,56 @@ struct Plan<'a> {
     packed: &'a [f32],
     nq: usize,
     tiers: &'a [Tier<'a>],
-    /// Per (query, tier), the highest k-th score any thread has reached (as `key`): no row
-    /// below it can be in the final top k, so every thread prunes with it, not only its own.
-    floors: &'a [AtomicU32],
+    shared: Shared,
+}
+
+/// What the threads tell each other about every (query, tier) list, so that each prunes with
+/// what all have seen, not only with its own top k.
+struct Shared {
+    threads: usize,
+    /// A score the final k-th is known to reach (as `key`): the highest k-th score of any
+    /// thread, or the lowest of the threads' `TopK::share_score`, whichever is higher. No row
+    /// below it can be in the final top k.
+    floors: Vec<AtomicU32>,
+    /// Per list, then thread: that thread's `TopK::share_score` (as `key`).
+    shares: Vec<AtomicU32>,
+}
+
+impl Shared {
+    fn new(lists: usize, threads: usize) -> Shared {
+        let unknown = || AtomicU32::new(key(f32::NEG_INFINITY));
+        Shared {
+            threads,
+            floors: (0..lists).map(|_| unknown()).collect(),
+            shares: (0..lists * threads).map(|_| unknown()).collect(),
+        }
+    }
+
+    /// A top k for one list of thread: it tracks the score that `threads` disjoint parts
+    /// must each reach `k / threads` times.
+    fn top(&self, k: usize) -> TopK {
+        TopK::sharing(k, k.div_ceil(self.threads))
+    }
+
+    #[inline]
+    fn floor(&self, list: usize) -> f32 {
+        unkey(self.floors[list].load(Ordering::Relaxed))
+    }
+
+    /// Shares what thread `me`'s top k of `list` learnt since it had `before` (its threshold
+    /// and share score then).
+    #[inline]
+    fn publish(&self, list: usize, me: usize, top: &TopK, before: (f32, f32)) {
+        if top.threshold() > before.0 {
+            self.floors[list].fetch_max(key(top.threshold()), Ordering::Relaxed);
+        }
+        if top.share_score() > before.1 {
+            let shares = &self.shares[list * self.threads..(list + 1) * self.threads];
+            shares[me].store(key(top.share_score()), Ordering::Relaxed);
+            let lowest = shares.iter().map(|s| s.load(Ordering::Relaxed)).min().unwrap_or(0);
+            self.floors[list].fetch_max(lowest, Ordering::Relaxed);
+        }
+    }
 }
 
 /// An f32 as a u32 that orders like it (for the atomic `fetch_max` of shared thresholds).
@@ -292,6 +338,7 @@ fn worker(
     db: &Database,
     plan: &Plan,
     opts: &SearchOptions,
+    me: usize,
     chunks: &[(usize, usize, usize)],
     next: &AtomicUsize,
     control: &Control,
@@ -302,7 +349,7 @@ fn worker(
     let tiers = plan.tiers;
     let nt = tiers.len();
     // [query][tier], so that one query's tiers are one contiguous slice
-    let mut tops: Vec<TopK> = (0..nq * nt).map(|_| TopK::new(opts.k)).collect();
+    let mut tops: Vec<TopK> = (0..nq * nt).map(|_| plan.shared.top(opts.k)).collect();
     let mut stats = Stats::default();
     let (mut tile, mut widened, mut f16s) = (Vec::new(), Vec::new(), Vec::new());
     let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
@@ -332,14 +379,8 @@ fn worker(
             let t1 = (t0 + TILE_ROWS).min(hi);
             let rows = t1 - t0;
             let first = base + t0;
-            let query_tops = |tops: &[TopK], q: usize| {
-                threshold(
-                    &tops[q * nt..(q + 1) * nt],
-                    &plan.floors[q * nt..(q + 1) * nt],
-                    tiers,
-                    first,
-                )
-            };
+            let query_tops =
+                |tops: &[TopK], q: usize| threshold(&tops[q * nt..(q + 1) * nt], &plan.shared, q, tiers, first);
             if adaptive && plan.int8.is_some() && !warm {
                 // until their top-k buffers first fill (the first ~k rows), every score is computed
                 warm = (0..nq).all(|q| query_tops(&tops, q) > f32::NEG_INFINITY);
@@ -356,8 +397,14 @@ fn worker(
             let bytes = shard.row_bytes(t0, t1);
             let row_bytes = bytes.len() / rows;
             let offer_to = |tops: &mut [TopK], q: usize, scores: &[f32], first: usize| {
-                let q_tops = &mut tops[q * nt..(q + 1) * nt];
-                offer(q_tops, &plan.floors[q * nt..(q + 1) * nt], tiers, scores, first)
+                offer(
+                    &mut tops[q * nt..(q + 1) * nt],
+                    &plan.shared,
+                    (q, me),
+                    tiers,
+                    scores,
+                    first,
+                )
             };
             let Some((kernel, qs)) = int8_pass else {
                 widen_tile(bytes, shard.dtype, dim, nr, &mut tile, &mut f16s);
@@ -437,38 +484,34 @@ fn worker(
     Ok((tops, stats))
 }
 
-/// The lowest threshold among the tiers of one query that still hold rows from `first` on:
-/// a score below it is of no use to any of them. Infinite when no tier holds such rows.
+/// The lowest threshold among the tiers of query `q` (`tops[t]` is its top k in tier `t`) that
+/// still hold rows from `first` on: a score below it is of no use to any of them. Infinite when
+/// no tier holds such rows.
 #[inline]
-fn threshold(tops: &[TopK], floors: &[AtomicU32], tiers: &[Tier], first: usize) -> f32 {
+fn threshold(tops: &[TopK], shared: &Shared, q: usize, tiers: &[Tier], first: usize) -> f32 {
+    let nt = tiers.len();
     tops.iter()
-        .zip(floors)
         .zip(tiers)
-        .filter(|(_, tier)| tier.rows > first)
-        .map(|((top, floor), _)| top.threshold().max(unkey(floor.load(Ordering::Relaxed))))
+        .enumerate()
+        .filter(|(_, (_, tier))| tier.rows > first)
+        .map(|(t, (top, _))| top.threshold().max(shared.floor(q * nt + t)))
         .fold(f32::INFINITY, f32::min)
 }
 
-/// Offers one query's scores for consecutive rows starting at global row `first` to each of its
-/// tiers (`tops[t]` is the query's top-k in tier `t`), and shares any threshold that rose.
+/// Offers query `q`'s scores (found by thread `me`) for consecutive rows starting at global row
+/// `first` to each of its tiers, and shares what its top-k lists learnt.
 #[inline]
-fn offer(tops: &mut [TopK], floors: &[AtomicU32], tiers: &[Tier], scores: &[f32], first: usize) {
-    for ((top, floor), tier) in tops.iter_mut().zip(floors).zip(tiers) {
+fn offer(tops: &mut [TopK], shared: &Shared, (q, me): (usize, usize), tiers: &[Tier], scores: &[f32], first: usize) {
+    let nt = tiers.len();
+    for (t, (top, tier)) in tops.iter_mut().zip(tiers).enumerate() {
         let end = tier.rows.saturating_sub(first).min(scores.len());
         if end == 0 {
             continue;
         }
-        let before = top.threshold();
-        offer_one(
-            top,
-            &scores[..end],
-            first,
-            tier.keep,
-            unkey(floor.load(Ordering::Relaxed)),
-        );
-        if top.threshold() > before {
-            floor.fetch_max(key(top.threshold()), Ordering::Relaxed);
-        }
+        let list = q * nt + t;
+        let before = (top.threshold(), top.share_score());
+        offer_one(top, &scores[..end], first, tier.keep, shared.floor(list));
+        shared.publish(list, me, top, before);
     }
 }
 

@@ -32,6 +32,9 @@ pub struct TopK {
     k: usize,
     hits: Vec<Hit>,
     threshold: f32,
+    /// With `share = m < k`: at least `m` hits score `share_score` or more (see `sharing`).
+    share: usize,
+    share_score: f32,
 }
 
 impl TopK {
@@ -40,7 +43,26 @@ impl TopK {
             k,
             hits: Vec::new(),
             threshold: f32::NEG_INFINITY,
+            share: k,
+            share_score: f32::NEG_INFINITY,
         }
+    }
+
+    /// A top k that also tracks, at each compaction, the `m`-th best score it holds: when `T`
+    /// threads each hold `m >= k / T` hits of disjoint rows at or above their own such score,
+    /// the lowest of those `T` scores is a score the final k-th reaches. Threads share it so
+    /// that each prunes with what all have seen, not only with its own k-th.
+    pub fn sharing(k: usize, m: usize) -> TopK {
+        TopK {
+            share: m.clamp(1, k),
+            ..TopK::new(k)
+        }
+    }
+
+    /// The `m`-th best score of `sharing` (-inf until known).
+    #[inline]
+    pub fn share_score(&self) -> f32 {
+        self.share_score
     }
 
     /// Scores below this cannot enter the top k.
@@ -64,6 +86,10 @@ impl TopK {
             self.hits.truncate(self.k);
             // after the selection the k-th ranked hit sits at k-1: the lowest score kept
             self.threshold = self.hits[self.k - 1].0;
+            if self.share < self.k {
+                self.hits.select_nth_unstable_by(self.share - 1, rank_order);
+                self.share_score = self.hits[self.share - 1].0;
+            }
         }
     }
 
@@ -127,7 +153,17 @@ mod tests {
             for &(s, i) in &hits { if s >= best.threshold() { best.push(s, i); } }
             let mut best = best.into_best();
             best.sort_by(rank_order);
-            prop_assert_eq!(best, reference(&hits, k));
+            prop_assert_eq!(&best, &reference(&hits, k));
+            // the shared score: at least m hits reach it
+            let m = (k / 3).max(1);
+            let mut shared = TopK::sharing(k, m);
+            for (n, &(s, i)) in hits.iter().enumerate() {
+                if s >= shared.threshold() {
+                    shared.push(s, i);
+                }
+                let reach = hits[..=n].iter().filter(|h| h.0 >= shared.share_score()).count();
+                prop_assert!(reach >= m || shared.share_score() == f32::NEG_INFINITY);
+            }
             prop_assert_eq!(b.into_sorted(), reference(&hits, k));
         }
     }
