@@ -441,6 +441,8 @@ fn worker(
             let (before, pairs) = (stats.rescored_pairs, (nq * rows) as u64);
             for qb in 0..nq.div_ceil(int8::MR) {
                 let qcodes = &qs.codes[qb * steps * int8::MR * 4..(qb + 1) * steps * int8::MR * 4];
+                let block_lists = qb * int8::MR * nt..((qb + 1) * int8::MR).min(nq) * nt;
+                tops[block_lists].iter().for_each(TopK::prefetch);
                 jobs.clear();
                 for p in 0..panels {
                     let pcodes = &codes.codes[p * steps * int8::NR * 4..(p + 1) * steps * int8::NR * 4];
