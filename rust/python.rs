@@ -106,7 +106,8 @@ fn run_watched<T: Send>(
 
 /// Exact inner-product search of float32 `queries` (nq x dim, C order) against the shards,
 /// in order. `method`: "exact" (the fastest exact path: int8 first pass where the CPU has VNNI),
-/// "float32" (plain), "int8-scalar" (the int8 pass with the portable kernel, for tests).
+/// "float32" (plain), "int8" / "int8-scalar" (the int8 pass from the first row, with this CPU's
+/// kernel or the portable one: for tests).
 /// `tiers`: the databases answered in the same pass, each `(rows, keep)`: the first `rows` rows,
 /// of which those with `keep` True (all when None); default: one tier, the whole database.
 /// Returns `(scores float32 (tiers, nq, k), indices int64 (tiers, nq, k), stats dict)`.
@@ -128,9 +129,12 @@ fn exact_search<'py>(
         "exact" => Int8Choice::Auto,
         "float32" => Int8Choice::Off,
         "int8-scalar" => Int8Choice::Force(Int8Kernel::Scalar),
+        "int8" => Int8Choice::Force(Int8Kernel::detect(Simd::detect()).ok_or_else(|| {
+            PyValueError::new_err("method: \"int8\" needs AVX-512 VNNI, which this CPU lacks (try int8-scalar)")
+        })?),
         other => {
             return Err(PyValueError::new_err(format!(
-                "method: unknown {other:?} (expected exact, float32 or int8-scalar)"
+                "method: unknown {other:?} (expected exact, float32, int8 or int8-scalar)"
             )))
         }
     };
