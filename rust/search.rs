@@ -5,7 +5,7 @@
 //! query block against it while it is hot in cache. Each thread keeps its own top-k per query
 //! (no locks on the hot path); partial results are merged at the end. After a chunk its pages are
 //! dropped from the resident set, so memory stays bounded whatever the database size:
-//! about `threads * (tiers * Q * 2k * 16 bytes + CHUNK_ROWS * row bytes)` plus the packed queries.
+//! about `threads * (tiers * Q * 1.5k * 16 bytes + CHUNK_ROWS * row bytes)` plus the packed queries.
 //!
 //! Where the CPU has AVX-512 VNNI, an int8 first pass (`kernels::int8`) scores each tile
 //! approximately with a rigorous error bound, and only the 32-row panels that may still reach a
