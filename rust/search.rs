@@ -355,7 +355,6 @@ fn worker(
     let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
     // scores of one query block against one tile: [mr][TILE_ROWS]
     let mut block_scores = vec![0f32; mr * TILE_ROWS];
-    let mut raw = vec![0i32; int8::MR * int8::NR];
     let mut jobs: Vec<(usize, usize)> = Vec::new();
     let mut job_scores = Vec::new();
     let (mut rescored_share, mut tiles_done, mut warm) = (0.0f64, 0usize, false);
@@ -445,19 +444,24 @@ fn worker(
                 tops[block_lists].iter().for_each(TopK::prefetch);
                 jobs.clear();
                 for p in 0..panels {
-                    let pcodes = &codes.codes[p * steps * int8::NR * 4..(p + 1) * steps * int8::NR * 4];
-                    kernel.block(qcodes, pcodes, steps, &mut raw, int8::NR);
+                    let live = qb * int8::MR..((qb + 1) * int8::MR).min(nq);
+                    let thresholds = std::array::from_fn(|i| {
+                        let q = qb * int8::MR + i;
+                        if live.contains(&q) {
+                            query_tops(&tops, q)
+                        } else {
+                            f32::INFINITY
+                        }
+                    });
+                    let masks = kernel.panel_masks(qcodes, qs, qb, &codes, p, &thresholds);
                     let valid = (rows - p * int8::NR).min(int8::NR);
                     let real = if valid == int8::NR {
                         u32::MAX
                     } else {
                         (1u32 << valid) - 1
                     };
-                    for q in qb * int8::MR..((qb + 1) * int8::MR).min(nq) {
-                        let i = q - qb * int8::MR;
-                        let thr = query_tops(&tops, q);
-                        let raw_q = &raw[i * int8::NR..(i + 1) * int8::NR];
-                        let mut mask = kernel.rows_may_reach(raw_q, &codes, p * int8::NR, qs, q, thr) & real;
+                    for (q, mask) in live.zip(masks) {
+                        let mut mask = mask & real;
                         while mask != 0 {
                             jobs.push((q, p * int8::NR + mask.trailing_zeros() as usize));
                             mask &= mask - 1;

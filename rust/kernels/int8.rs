@@ -22,7 +22,7 @@ use super::Simd;
 
 /// Queries per int8 block.
 pub const MR: usize = 8;
-/// Rows per int8 panel (and per bit mask of `rows_may_reach`).
+/// Rows per int8 panel (and per bit mask of `panel_masks`).
 pub const NR: usize = 32;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -320,64 +320,88 @@ fn round_up(v: f64) -> f32 {
 }
 
 impl Int8Kernel {
-    /// Which of the `NR` rows of a panel may reach `threshold` for query `qi` (bit `j` for row
-    /// `first + j`): `raw` holds the panel's unsigned-by-signed products for this query, `tile`
-    /// its rows' terms. A NaN bound (a zero query against an infinite one) counts as a yes.
+    /// For the `MR` queries of block `qb` (codes `a`) against panel `p` of `tile`: which rows
+    /// may reach each query's threshold (bit `j` of `masks[i]` for row `p * NR + j`, query
+    /// `qb * MR + i`). A NaN bound (a zero query against an infinite one) counts as a yes. The
+    /// masks of padding queries (past the last query) mean nothing.
     #[inline]
-    pub fn rows_may_reach<'a>(
+    pub fn panel_masks<'a>(
         self,
-        raw: &'a [i32],
-        tile: &'a Tile,
-        first: usize,
+        a: &[u8],
         queries: &Queries,
-        qi: usize,
-        threshold: f32,
-    ) -> u32 {
+        qb: usize,
+        tile: &'a Tile,
+        p: usize,
+        thresholds: &[f32; MR],
+    ) -> [u32; MR] {
+        let d4 = tile.codes.len() / (tile.scale.len() * 4);
+        let b = &tile.codes[p * d4 * NR * 4..(p + 1) * d4 * NR * 4];
+        let first = p * NR;
         let whole = |v: &'a [f32]| -> &'a [f32; NR] { v[first..first + NR].try_into().expect("a whole panel") };
-        let terms = Terms {
-            raw: raw[..NR].try_into().expect("a whole panel"),
+        let panel = Panel {
             offset: tile.offset[first..first + NR].try_into().expect("a whole panel"),
             scale: whole(&tile.scale),
             e: whole(&tile.e),
             h: whole(&tile.h),
-            query: [queries.scale[qi], queries.norm[qi], queries.resid[qi]],
         };
+        let query: [[f32; 3]; MR] = std::array::from_fn(|i| {
+            let q = (qb * MR + i).min(queries.scale.len() - 1);
+            [queries.scale[q], queries.norm[q], queries.resid[q]]
+        });
+        let mut masks = [0u32; MR];
+        let mut raw = [0i32; MR * NR];
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: this kernel is only detected where AVX-512F is available.
-            Int8Kernel::Vnni512 => unsafe { vnni::upper_bounds_reach(&terms, threshold) },
+            Int8Kernel::Vnni512 => {
+                assert!(a.len() >= d4 * MR * 4 && b.len() >= d4 * NR * 4);
+                assert!(
+                    Int8Kernel::detect(Simd::Avx512) == Some(self),
+                    "VNNI needs AVX-512 VNNI"
+                );
+                // SAFETY: lengths and CPU features checked just above.
+                unsafe {
+                    vnni::panel_masks(a.as_ptr(), b.as_ptr(), d4, &mut raw, &mut masks, |raw, i| {
+                        vnni::upper_bounds_reach(&panel, raw, query[i], thresholds[i])
+                    })
+                };
+            }
             _ => {
-                let upper = terms.upper_bounds();
-                let mut mask = 0u32;
-                for (j, &v) in upper.iter().enumerate() {
-                    mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+                self.block(a, b, d4, &mut raw, NR);
+                for (i, (mask, raw)) in masks.iter_mut().zip(raw.chunks_exact(NR)).enumerate() {
+                    *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds[i]);
                 }
-                mask
             }
         }
+        masks
     }
 }
 
-/// What the bound of one query against one panel needs.
-struct Terms<'a> {
-    raw: &'a [i32; NR],
+/// The terms of one panel's rows in the bound.
+struct Panel<'a> {
     offset: &'a [i32; NR],
     scale: &'a [f32; NR],
     e: &'a [f32; NR],
     h: &'a [f32; NR],
-    /// The query's scale, norm and residual norm.
-    query: [f32; 3],
 }
 
-impl Terms<'_> {
-    /// `t s I + |q| E_x + |f| H_x` per row: each row's highest possible exact score.
+impl Panel<'_> {
+    /// `t s I + |q| E_x + |f| H_x` per row: each row's highest possible exact score for the
+    /// query of products `raw` and terms `[t, |q|, |f|]`.
     #[inline(always)]
-    fn upper_bounds(&self) -> [f32; NR] {
-        let [t, nq, nf] = self.query;
+    fn upper_bounds(&self, raw: &[i32; NR], [t, nq, nf]: [f32; 3]) -> [f32; NR] {
         std::array::from_fn(|j| {
-            let approx = (self.raw[j] - self.offset[j]) as f32 * (t * self.scale[j]);
+            let approx = (raw[j] - self.offset[j]) as f32 * (t * self.scale[j]);
             approx + nq * self.e[j] + nf * self.h[j]
         })
+    }
+
+    /// Which rows' upper bounds reach `threshold` (or are NaN), as a mask.
+    fn reach(&self, raw: &[i32; NR], query: [f32; 3], threshold: f32) -> u32 {
+        let mut mask = 0u32;
+        for (j, &v) in self.upper_bounds(raw, query).iter().enumerate() {
+            mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+        }
+        mask
     }
 }
 
@@ -385,26 +409,47 @@ impl Terms<'_> {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Terms, NR};
+    use super::{Panel, MR, NR};
 
-    /// `Terms::upper_bounds` compared with `threshold`, 16 rows at a time (the same float
+    /// The block of `a` (`MR` queries) and `b` (a panel), then `mask(products of query i, i)`
+    /// for each query: one function, so that the bound tests are compiled for AVX-512 and
+    /// inlined with the products still hot.
+    ///
+    /// # Safety
+    /// As `block`; `mask` may assume AVX-512F.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn panel_masks(
+        a: *const u8,
+        b: *const i8,
+        d4: usize,
+        raw: &mut [i32; MR * NR],
+        masks: &mut [u32; MR],
+        mask: impl Fn(&[i32; NR], usize) -> u32,
+    ) {
+        block(a, b, d4, raw.as_mut_ptr(), NR);
+        for (i, (m, raw)) in masks.iter_mut().zip(raw.chunks_exact(NR)).enumerate() {
+            *m = mask(raw.try_into().expect("NR values"), i);
+        }
+    }
+
+    /// `Panel::upper_bounds` compared with `threshold`, 16 rows at a time (the same float
     /// operations in the same order).
     ///
     /// # Safety
     /// AVX-512F available.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn upper_bounds_reach(terms: &Terms, threshold: f32) -> u32 {
-        let [t, nq, nf] = terms.query;
+    pub unsafe fn upper_bounds_reach(panel: &Panel, raw: &[i32; NR], [t, nq, nf]: [f32; 3], threshold: f32) -> u32 {
         let mut mask = 0u32;
         for half in 0..NR / 16 {
             let at = half * 16;
             // SAFETY: `at + 16 <= NR`, the length of every array.
-            let raw = _mm512_loadu_si512(terms.raw.as_ptr().add(at) as *const _);
-            let offset = _mm512_loadu_si512(terms.offset.as_ptr().add(at) as *const _);
-            let ts = _mm512_mul_ps(_mm512_set1_ps(t), _mm512_loadu_ps(terms.scale.as_ptr().add(at)));
+            let raw = _mm512_loadu_si512(raw.as_ptr().add(at) as *const _);
+            let offset = _mm512_loadu_si512(panel.offset.as_ptr().add(at) as *const _);
+            let ts = _mm512_mul_ps(_mm512_set1_ps(t), _mm512_loadu_ps(panel.scale.as_ptr().add(at)));
             let approx = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(raw, offset)), ts);
-            let e = _mm512_mul_ps(_mm512_set1_ps(nq), _mm512_loadu_ps(terms.e.as_ptr().add(at)));
-            let h = _mm512_mul_ps(_mm512_set1_ps(nf), _mm512_loadu_ps(terms.h.as_ptr().add(at)));
+            let e = _mm512_mul_ps(_mm512_set1_ps(nq), _mm512_loadu_ps(panel.e.as_ptr().add(at)));
+            let h = _mm512_mul_ps(_mm512_set1_ps(nf), _mm512_loadu_ps(panel.h.as_ptr().add(at)));
             let upper = _mm512_add_ps(_mm512_add_ps(approx, e), h);
             // not-less-than, unordered: true where upper >= threshold or upper is NaN
             let reach = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, _mm512_set1_ps(threshold));
@@ -416,6 +461,7 @@ mod vnni {
     /// # Safety
     /// AVX-512F and AVX-512 VNNI available; `a` holds `d4 * 8 * 4` bytes, `b` `d4 * 32 * 4`, `out`
     /// 8 rows of `ldo >= 32` values.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn block(a: *const u8, b: *const i8, d4: usize, out: *mut i32, ldo: usize) {
         let mut acc = [[_mm512_setzero_si512(); 2]; 8];
@@ -472,12 +518,15 @@ mod tests {
                     let approx = (want[i * nr + j] - tile.offset[j]) as f64 * qs.scale[i] as f64 * tile.scale[j] as f64;
                     let bound = qs.norm[i] as f64 * tile.e[j] as f64 + qs.resid[i] as f64 * tile.h[j] as f64;
                     assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
-                    // the row test must say yes for a threshold at the exact score
-                    let raw = &want[i * nr..(i + 1) * nr];
-                    let scalar = Int8Kernel::Scalar.rows_may_reach(raw, &tile, 0, &qs, i, exact as f32);
-                    assert!(scalar >> j & 1 == 1);
+                    // the row test must say yes for a threshold at the exact score (query i's,
+                    // the others' at +-inf), whichever kernel runs it
+                    let mut thresholds = [f32::NEG_INFINITY; MR];
+                    thresholds[i] = exact as f32;
+                    thresholds[(i + 1) % MR] = f32::INFINITY;
+                    let scalar = Int8Kernel::Scalar.panel_masks(&qs.codes, &qs, 0, &tile, 0, &thresholds);
+                    assert!(scalar[i] >> j & 1 == 1 && scalar[(i + 3) % MR] == u32::MAX);
                     if let Some(k) = Int8Kernel::detect(Simd::detect()) {
-                        assert_eq!(k.rows_may_reach(raw, &tile, 0, &qs, i, exact as f32), scalar);
+                        assert_eq!(k.panel_masks(&qs.codes, &qs, 0, &tile, 0, &thresholds), scalar);
                     }
                 }
             }
