@@ -1,17 +1,22 @@
 //! Exact inner-product search of many queries against a database of memory-mapped shards.
 //!
 //! One pass over the database serves all queries: threads claim chunks of rows in increasing
-//! order from a shared counter, widen each tile of a chunk to float32 panels once, and run every
-//! query block against it while it is hot in cache. Each thread keeps its own top-k per query
-//! (no locks on the hot path); partial results are merged at the end. After a chunk its pages are
-//! dropped from the resident set, so memory stays bounded whatever the database size:
-//! about `threads * (tiers * Q * 1.5k * 16 bytes + CHUNK_ROWS * row bytes)` plus the packed queries.
+//! order from a shared counter and run every query block against each tile of a chunk while it
+//! is hot in cache. Each thread keeps its own top-k per query (no locks on the hot path) and
+//! tells the others what it learnt through a few atomics (`Shared`); partial results are merged
+//! at the end. After a chunk its pages are dropped from the resident set, so memory stays
+//! bounded whatever the database size: about
+//! `threads * (tiers * Q * 1.5k * 16 bytes + CHUNK_ROWS * row bytes)` plus the packed queries.
 //!
 //! Where the CPU has AVX-512 VNNI, an int8 first pass (`kernels::int8`) scores each tile
-//! approximately with a rigorous error bound, and only the 32-row panels that may still reach a
-//! query's k-th exact score are scored in float32, by the same kernel: results stay identical.
-//! Several tiers (prefixes and subsets of the database) can be answered by the same pass.
+//! approximately with a rigorous per-pair error bound, and only the (query, row) pairs whose
+//! bound may still reach the query's k-th exact score are scored in float32, one pair at a time
+//! from the stored row. Every float32 kernel sums in the same canonical order (`kernels`), so a
+//! pair scored alone has the same bits as in a block: results are identical to the plain path.
+//! Until each query has a k-th score (the first ~k rows), and while most pairs would need
+//! rescoring anyway, a thread scores whole blocks in float32 instead.
 //!
+//! Several tiers (prefixes and subsets of the database) can be answered by the same pass.
 //! The caller observes progress through `Control::done_rows` and stops the work by setting
 //! `Control::cancel`; workers look at it after every tile (a few milliseconds of work).
 
@@ -23,13 +28,14 @@ use crate::kernels::{pack_queries, padded, widen, widen_tile, Simd};
 use crate::store::Database;
 use crate::topk::TopK;
 
-/// Rows a thread claims at once (its pages are released together).
+/// Rows a thread claims at once (its pages are released together), at most and at least.
 const CHUNK_ROWS: usize = 16384;
-/// The int8 pass pays off while fewer (query, row) pairs than this need exact rescoring (a
-/// single rescored pair costs about what a block kernel spends on one pair); above it (small
-/// databases, where the k-th score is not yet far in the tail) a thread scores in float32 and
-/// retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
-const MAX_RESCORED: f64 = 0.5;
+const MIN_CHUNK_ROWS: usize = 1024;
+/// The int8 pass pays off while fewer (query, row) pairs than this need exact rescoring (one
+/// rescored pair costs about four times what the float32 block kernel spends per pair, the int8
+/// pass a fifth of it); above it (the first tiles, small databases) a thread scores in float32
+/// and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
+const MAX_RESCORED: f64 = 0.2;
 const PROBE_EVERY: usize = 64;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
 /// and of every path's `nr`).
@@ -88,9 +94,9 @@ pub struct Neighbors {
 pub struct Stats {
     pub simd: Option<Simd>,
     pub int8: Option<Int8Kernel>,
-    /// (query, panel) pairs scored in float32 only (warm-up, or the plain path).
+    /// (query, row) pairs scored by the float32 block kernel only (warm-up, or the plain path).
     pub float_pairs: u64,
-    /// (query, panel) pairs scored by the int8 pass...
+    /// (query, row) pairs scored by the int8 pass...
     pub int8_pairs: u64,
     /// ...of which rescored exactly in float32.
     pub rescored_pairs: u64,
@@ -190,18 +196,23 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     } else {
         &opts.tiers[..]
     };
-    // work items: (shard, first row, end row), in database order
+    // work items: (shard, first row, end row), in database order; they shrink towards the end
+    // (a share of what is left per thread) so that threads finish together
+    let wanted = resolve_threads(opts.threads);
     let mut chunks = Vec::new();
+    let mut left = db.rows;
     for (s, shard) in db.shards.iter().enumerate() {
         let mut r = 0;
         while r < shard.rows {
-            let end = (r + CHUNK_ROWS).min(shard.rows);
+            let size = (left / (4 * wanted)).clamp(MIN_CHUNK_ROWS, CHUNK_ROWS);
+            let end = (r + size).min(shard.rows);
             chunks.push((s, r, end));
+            left -= end - r;
             r = end;
         }
     }
     let next = AtomicUsize::new(0);
-    let threads = resolve_threads(opts.threads).min(chunks.len().max(1));
+    let threads = wanted.min(chunks.len().max(1));
     let plan = Plan {
         simd,
         int8,
