@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
-use crate::kernels::{pack_queries, padded, widen, widen_tile, Simd};
+use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
 use crate::store::Database;
 use crate::topk::TopK;
 
@@ -366,7 +366,7 @@ fn worker(
     let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
     // scores of one query block against one tile: [mr][TILE_ROWS]
     let mut block_scores = vec![0f32; mr * TILE_ROWS];
-    let mut jobs: Vec<(usize, usize)> = Vec::new();
+    let (mut jobs, mut pending) = (Vec::<(usize, usize)>::new(), Vec::new());
     let mut job_scores = Vec::new();
     let (mut rescored_share, mut tiles_done, mut warm) = (0.0f64, 0usize, false);
     // a forced int8 pass (tests) stays on from the first row; the automatic one waits until
@@ -449,13 +449,25 @@ fn worker(
             let steps = int8::d4(dim);
             let panels = rows.div_ceil(int8::NR);
             let (before, pairs) = (stats.rescored_pairs, (nq * rows) as u64);
+            let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
+            let mut rescore = |jobs: &[(usize, usize)], tops: &mut [TopK]| {
+                let pairs: Vec<(&[f32], &[u8])> = jobs
+                    .iter()
+                    .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], row(r)))
+                    .collect();
+                job_scores.resize(jobs.len(), 0.0);
+                simd.dots(&pairs, shard.dtype, &mut job_scores);
+                for (&(q, r), s) in jobs.iter().zip(&job_scores) {
+                    offer_to(tops, q, std::slice::from_ref(s), first + r);
+                }
+            };
+            pending.clear();
             for qb in 0..nq.div_ceil(int8::MR) {
                 let qcodes = &qs.codes[qb * steps * int8::MR * 4..(qb + 1) * steps * int8::MR * 4];
-                let block_lists = qb * int8::MR * nt..((qb + 1) * int8::MR).min(nq) * nt;
-                tops[block_lists].iter().for_each(TopK::prefetch);
+                let live = qb * int8::MR..((qb + 1) * int8::MR).min(nq);
+                tops[live.start * nt..live.end * nt].iter().for_each(TopK::prefetch);
                 jobs.clear();
                 for p in 0..panels {
-                    let live = qb * int8::MR..((qb + 1) * int8::MR).min(nq);
                     let thresholds = std::array::from_fn(|i| {
                         let q = qb * int8::MR + i;
                         if live.contains(&q) {
@@ -471,7 +483,7 @@ fn worker(
                     } else {
                         (1u32 << valid) - 1
                     };
-                    for (q, mask) in live.zip(masks) {
+                    for (q, mask) in live.clone().zip(masks) {
                         let mut mask = mask & real;
                         while mask != 0 {
                             jobs.push((q, p * int8::NR + mask.trailing_zeros() as usize));
@@ -480,17 +492,17 @@ fn worker(
                     }
                 }
                 stats.rescored_pairs += jobs.len() as u64;
-                let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
-                let pairs: Vec<(&[f32], &[u8])> = jobs
-                    .iter()
-                    .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], row(r)))
-                    .collect();
-                job_scores.resize(jobs.len(), 0.0);
-                simd.dots(&pairs, shard.dtype, &mut job_scores);
-                for (&(q, r), s) in jobs.iter().zip(&job_scores) {
-                    offer_to(&mut tops, q, std::slice::from_ref(s), first + r);
+                // a software pipeline: this block's query rows come into cache (from L3 or
+                // memory: rescoring is sparse) while the previous block's pairs are rescored
+                let needed = jobs.iter().fold(0u32, |m, &(q, _)| m | 1 << (q - live.start));
+                for i in (0..int8::MR).filter(|i| needed >> i & 1 == 1) {
+                    let q = live.start + i;
+                    prefetch(&plan.packed[q * dp..(q + 1) * dp]);
                 }
+                rescore(&pending, &mut tops);
+                std::mem::swap(&mut pending, &mut jobs);
             }
+            rescore(&pending, &mut tops);
             stats.int8_pairs += pairs;
             rescored_share = (stats.rescored_pairs - before) as f64 / pairs as f64;
             t0 = t1;

@@ -77,12 +77,7 @@ impl TopK {
     /// buffers, so each would otherwise wait for memory.
     #[inline]
     pub fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch never faults, whatever the address; SSE is part of x86-64.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(self.hits.as_ptr().wrapping_add(self.hits.len()) as *const i8);
-        }
+        crate::kernels::prefetch_line(self.hits.as_ptr().wrapping_add(self.hits.len()) as *const u8);
     }
 
     /// Offers a candidate that passed `score >= threshold()`.

@@ -201,6 +201,28 @@ pub(crate) fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     h2[0] + h2[1]
 }
 
+/// Asks the CPU to bring the cache line holding `at` into cache: a hint, which never faults
+/// whatever the address (it may point past the end of a buffer).
+#[inline(always)]
+pub fn prefetch_line(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch does not access memory architecturally; SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// `prefetch_line` for every line of `data`.
+#[inline]
+pub fn prefetch<T>(data: &[T]) {
+    let bytes = data.as_ptr() as *const u8;
+    for line in (0..std::mem::size_of_val(data)).step_by(64) {
+        prefetch_line(bytes.wrapping_add(line));
+    }
+}
+
 /// Packs `nq` float32 query rows into `nq.div_ceil(mr) * mr` padded rows (zero rows at the end).
 pub fn pack_queries(queries: &[f32], nq: usize, dim: usize, mr: usize) -> Vec<f32> {
     let dp = padded(dim);
