@@ -173,6 +173,22 @@ pub unsafe fn dots_avx2<const F16: bool>(
     }
 }
 
+/// `dst.len()` little-endian float16 values from `src`, widened (exactly) 16 at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `src` must hold `2 * dst.len()` bytes.
+#[target_feature(enable = "avx512f,avx2")]
+pub unsafe fn widen_f16_avx512(src: *const u8, dst: &mut [f32]) {
+    let whole = dst.len() / LANES * LANES;
+    for c in (0..whole).step_by(LANES) {
+        // SAFETY: c + 16 <= dst.len(), within both lengths.
+        _mm512_storeu_ps(dst.as_mut_ptr().add(c), load16::<true>(src, c));
+    }
+    for (d, v) in dst.iter_mut().enumerate().skip(whole) {
+        *v = half::f16::from_bits(u16::from_le_bytes([*src.add(2 * d), *src.add(2 * d + 1)])).to_f32();
+    }
+}
+
 /// Bytes per stored value.
 const fn elem<const F16: bool>() -> usize {
     if F16 {
