@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
-use crate::store::Database;
+use crate::store::{DType, Database};
 use crate::topk::TopK;
 
 /// Rows a thread claims at once (its pages are released together), at most and at least.
@@ -214,9 +214,11 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     let next = AtomicUsize::new(0);
     let threads = wanted.min(chunks.len().max(1));
     let plan = Plan {
+        dim,
+        k: opts.k,
         simd,
-        int8,
-        quantized: quantized.as_ref(),
+        int8: int8.zip(quantized.as_ref()),
+        adaptive: opts.int8 == Int8Choice::Auto,
         packed: &packed,
         nq,
         tiers,
@@ -227,7 +229,7 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         let handles: Vec<_> = (0..threads)
             .map(|me| {
                 let (plan, chunks, next) = (&plan, &chunks, &next);
-                scope.spawn(move || worker(db, plan, opts, me, chunks, next, control))
+                scope.spawn(move || worker(db, plan, me, chunks, next, control))
             })
             .collect();
         handles
@@ -273,9 +275,13 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
 
 /// What every worker shares: the kernels and the prepared queries.
 struct Plan<'a> {
+    dim: usize,
+    k: usize,
     simd: Simd,
-    int8: Option<Int8Kernel>,
-    quantized: Option<&'a int8::Queries>,
+    /// The int8 kernel and the queries it reads, when the int8 pass may run...
+    int8: Option<(Int8Kernel, &'a int8::Queries)>,
+    /// ...by itself where it pays (else from the first row: tests).
+    adaptive: bool,
     packed: &'a [f32],
     nq: usize,
     tiers: &'a [Tier<'a>],
@@ -345,34 +351,31 @@ pub(crate) fn unkey(k: u32) -> f32 {
     f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
 }
 
+/// Consecutive rows of one shard, as stored: `count` rows of `dtype`, the first at global row
+/// `first`.
+struct Rows<'a> {
+    bytes: &'a [u8],
+    dtype: DType,
+    count: usize,
+    first: usize,
+}
+
+impl Rows<'_> {
+    fn row(&self, r: usize) -> &[u8] {
+        let size = self.bytes.len() / self.count;
+        &self.bytes[r * size..(r + 1) * size]
+    }
+}
+
 fn worker(
     db: &Database,
     plan: &Plan,
-    opts: &SearchOptions,
     me: usize,
     chunks: &[(usize, usize, usize)],
     next: &AtomicUsize,
     control: &Control,
 ) -> Result<(Vec<TopK>, Stats)> {
-    let (dim, nq, simd) = (db.dim, plan.nq, plan.simd);
-    let dp = padded(dim);
-    let (mr, nr) = (simd.mr(), simd.nr());
-    let tiers = plan.tiers;
-    let nt = tiers.len();
-    // [query][tier], so that one query's tiers are one contiguous slice
-    let mut tops: Vec<TopK> = (0..nq * nt).map(|_| plan.shared.top(opts.k)).collect();
-    let mut stats = Stats::default();
-    let (mut tile, mut widened, mut f16s) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut codes, mut code_scratch) = (int8::Tile::default(), Vec::new());
-    // scores of one query block against one tile: [mr][TILE_ROWS]
-    let mut block_scores = vec![0f32; mr * TILE_ROWS];
-    let (mut jobs, mut pending) = (Vec::<(usize, usize)>::new(), Vec::new());
-    let mut job_scores = Vec::new();
-    let (mut rescored_share, mut tiles_done, mut warm) = (0.0f64, 0usize, false);
-    // a forced int8 pass (tests) stays on from the first row; the automatic one waits until
-    // every query has a threshold and steps aside while it does not pay
-    let adaptive = opts.int8 == Int8Choice::Auto;
-
+    let mut worker = Worker::new(plan, me);
     loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
         let Some(&(s, lo, hi)) = chunks.get(c) else {
@@ -380,167 +383,223 @@ fn worker(
         };
         let shard = &db.shards[s];
         shard.prefetch(lo, hi);
-        let base = db.starts[s];
-        let mut t0 = lo;
-        while t0 < hi {
+        for t0 in (lo..hi).step_by(TILE_ROWS) {
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
-            let rows = t1 - t0;
-            let first = base + t0;
-            let query_tops =
-                |tops: &[TopK], q: usize| threshold(&tops[q * nt..(q + 1) * nt], &plan.shared, q, tiers, first);
-            if adaptive && plan.int8.is_some() && !warm {
-                // until their top-k buffers first fill (the first ~k rows), every score is computed
-                warm = (0..nq).all(|q| query_tops(&tops, q) > f32::NEG_INFINITY);
-            }
-            let int8_pass = match (plan.int8, plan.quantized) {
-                (Some(kernel), Some(qs))
-                    if !adaptive || (warm && (rescored_share < MAX_RESCORED || tiles_done % PROBE_EVERY == 0)) =>
-                {
-                    Some((kernel, qs))
-                }
-                _ => None,
-            };
-            tiles_done += 1;
-            let bytes = shard.row_bytes(t0, t1);
-            let row_bytes = bytes.len() / rows;
-            let offer_to = |tops: &mut [TopK], q: usize, scores: &[f32], first: usize| {
-                offer(
-                    &mut tops[q * nt..(q + 1) * nt],
-                    &plan.shared,
-                    (q, me),
-                    tiers,
-                    scores,
-                    first,
-                )
-            };
-            let Some((kernel, qs)) = int8_pass else {
-                widen_tile(bytes, shard.dtype, dim, nr, &mut tile, &mut f16s);
-                for qb in 0..nq.div_ceil(mr) {
-                    let a = &plan.packed[qb * mr * dp..(qb + 1) * mr * dp];
-                    for rb in 0..rows.div_ceil(nr) {
-                        let b = &tile[rb * nr * dp..(rb + 1) * nr * dp];
-                        simd.block(a, b, dp, &mut block_scores[rb * nr..], TILE_ROWS);
-                    }
-                    let live = mr.min(nq - qb * mr);
-                    stats.float_pairs += (live * rows) as u64;
-                    for i in 0..live {
-                        offer_to(
-                            &mut tops,
-                            qb * mr + i,
-                            &block_scores[i * TILE_ROWS..i * TILE_ROWS + rows],
-                            first,
-                        );
-                    }
-                }
-                t0 = t1;
-                continue;
-            };
-            codes.reset(rows, dim, int8::NR);
-            widened.resize(dim, 0.0);
-            for (r, stored) in bytes.chunks_exact(row_bytes).enumerate() {
-                widen(stored, shard.dtype, &mut widened, &mut f16s);
-                codes.set_row(r, &widened, int8::NR, &mut code_scratch);
-            }
-            // the int8 pass: approximate scores of whole panels, then exact scores of the rows
-            // whose bound may still reach their query's threshold, for one query block at a time
-            let steps = int8::d4(dim);
-            let panels = rows.div_ceil(int8::NR);
-            let (before, pairs) = (stats.rescored_pairs, (nq * rows) as u64);
-            let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
-            let mut rescore = |jobs: &[(usize, usize)], tops: &mut [TopK]| {
-                let pairs: Vec<(&[f32], &[u8])> = jobs
-                    .iter()
-                    .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], row(r)))
-                    .collect();
-                job_scores.resize(jobs.len(), 0.0);
-                simd.dots(&pairs, shard.dtype, &mut job_scores);
-                for (&(q, r), s) in jobs.iter().zip(&job_scores) {
-                    offer_to(tops, q, std::slice::from_ref(s), first + r);
-                }
-            };
-            pending.clear();
-            for qb in 0..nq.div_ceil(int8::MR) {
-                let qcodes = &qs.codes[qb * steps * int8::MR * 4..(qb + 1) * steps * int8::MR * 4];
-                let live = qb * int8::MR..((qb + 1) * int8::MR).min(nq);
-                tops[live.start * nt..live.end * nt].iter().for_each(TopK::prefetch);
-                jobs.clear();
-                for p in 0..panels {
-                    let thresholds = std::array::from_fn(|i| {
-                        let q = qb * int8::MR + i;
-                        if live.contains(&q) {
-                            query_tops(&tops, q)
-                        } else {
-                            f32::INFINITY
-                        }
-                    });
-                    let masks = kernel.panel_masks(qcodes, qs, qb, &codes, p, &thresholds);
-                    let valid = (rows - p * int8::NR).min(int8::NR);
-                    let real = if valid == int8::NR {
-                        u32::MAX
-                    } else {
-                        (1u32 << valid) - 1
-                    };
-                    for (q, mask) in live.clone().zip(masks) {
-                        let mut mask = mask & real;
-                        while mask != 0 {
-                            jobs.push((q, p * int8::NR + mask.trailing_zeros() as usize));
-                            mask &= mask - 1;
-                        }
-                    }
-                }
-                stats.rescored_pairs += jobs.len() as u64;
-                // a software pipeline: this block's query rows come into cache (from L3 or
-                // memory: rescoring is sparse) while the previous block's pairs are rescored
-                let needed = jobs.iter().fold(0u32, |m, &(q, _)| m | 1 << (q - live.start));
-                for i in (0..int8::MR).filter(|i| needed >> i & 1 == 1) {
-                    let q = live.start + i;
-                    prefetch(&plan.packed[q * dp..(q + 1) * dp]);
-                }
-                rescore(&pending, &mut tops);
-                std::mem::swap(&mut pending, &mut jobs);
-            }
-            rescore(&pending, &mut tops);
-            stats.int8_pairs += pairs;
-            rescored_share = (stats.rescored_pairs - before) as f64 / pairs as f64;
-            t0 = t1;
+            worker.tile(&Rows {
+                bytes: shard.row_bytes(t0, t1),
+                dtype: shard.dtype,
+                count: t1 - t0,
+                first: db.starts[s] + t0,
+            });
         }
         shard.release(lo, hi);
         control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
     }
-    Ok((tops, stats))
+    Ok((worker.tops, worker.stats))
 }
 
-/// The lowest threshold among the tiers of query `q` (`tops[t]` is its top k in tier `t`) that
-/// still hold rows from `first` on: a score below it is of no use to any of them. Infinite when
-/// no tier holds such rows.
+/// One thread's share of a search: its top k of every (query, tier) list, what it did, and its
+/// scratch space.
+struct Worker<'a> {
+    plan: &'a Plan<'a>,
+    me: usize,
+    /// [query][tier], so that one query's tiers are one contiguous slice.
+    tops: Vec<TopK>,
+    stats: Stats,
+    /// Whether every query has a k-th score (the automatic int8 pass waits for it).
+    warm: bool,
+    /// The share of the pairs of the last int8 tile that needed rescoring, and the tiles seen.
+    rescored_share: f64,
+    tiles: usize,
+    scratch: Scratch,
+}
+
+/// Buffers reused from tile to tile.
+#[derive(Default)]
+struct Scratch {
+    /// The tile widened to padded float32 rows (float32 path).
+    tile: Vec<f32>,
+    /// Scores of one query block against the tile: `[mr][TILE_ROWS]`.
+    block_scores: Vec<f32>,
+    /// One widened row, and float16 staging for `widen`.
+    row: Vec<f32>,
+    f16s: Vec<half::f16>,
+    /// The tile's int8 codes and terms, and one row's codes.
+    codes: int8::Tile,
+    row_codes: Vec<i8>,
+    /// (query, row in tile) pairs to rescore: this query block's, the previous one's.
+    jobs: Vec<(usize, usize)>,
+    pending: Vec<(usize, usize)>,
+    job_scores: Vec<f32>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(plan: &'a Plan<'a>, me: usize) -> Worker<'a> {
+        let lists = plan.nq * plan.tiers.len();
+        Worker {
+            plan,
+            me,
+            tops: (0..lists).map(|_| plan.shared.top(plan.k)).collect(),
+            stats: Stats::default(),
+            warm: false,
+            rescored_share: 0.0,
+            tiles: 0,
+            scratch: Scratch {
+                block_scores: vec![0f32; plan.simd.mr() * TILE_ROWS],
+                ..Scratch::default()
+            },
+        }
+    }
+
+    /// Scores a tile with the int8 pass where it pays (a forced pass always runs, from the
+    /// first row), else with the float32 block kernel.
+    fn tile(&mut self, rows: &Rows) {
+        let plan = self.plan;
+        if plan.adaptive && plan.int8.is_some() && !self.warm {
+            // until their top-k buffers first fill (the first ~k rows), every score is computed
+            self.warm = (0..plan.nq).all(|q| threshold(&self.tops, plan, q, rows.first) > f32::NEG_INFINITY);
+        }
+        let pays = self.warm && (self.rescored_share < MAX_RESCORED || self.tiles.is_multiple_of(PROBE_EVERY));
+        self.tiles += 1;
+        match plan.int8 {
+            Some((kernel, qs)) if !plan.adaptive || pays => self.int8_tile(rows, kernel, qs),
+            _ => self.float_tile(rows),
+        }
+    }
+
+    fn float_tile(&mut self, rows: &Rows) {
+        let Worker {
+            plan,
+            me,
+            tops,
+            stats,
+            scratch: s,
+            ..
+        } = self;
+        let (simd, nq, dim) = (plan.simd, plan.nq, plan.dim);
+        let (mr, nr, dp) = (simd.mr(), simd.nr(), padded(dim));
+        widen_tile(rows.bytes, rows.dtype, dim, nr, &mut s.tile, &mut s.f16s);
+        for qb in 0..nq.div_ceil(mr) {
+            let a = &plan.packed[qb * mr * dp..(qb + 1) * mr * dp];
+            for rb in 0..rows.count.div_ceil(nr) {
+                let b = &s.tile[rb * nr * dp..(rb + 1) * nr * dp];
+                simd.block(a, b, dp, &mut s.block_scores[rb * nr..], TILE_ROWS);
+            }
+            let live = mr.min(nq - qb * mr);
+            stats.float_pairs += (live * rows.count) as u64;
+            for i in 0..live {
+                let scores = &s.block_scores[i * TILE_ROWS..i * TILE_ROWS + rows.count];
+                offer(tops, plan, (qb * mr + i, *me), scores, rows.first);
+            }
+        }
+    }
+
+    /// The int8 pass: approximate scores of whole panels, then exact scores of the pairs whose
+    /// bound may still reach their query's threshold, one query block at a time.
+    fn int8_tile(&mut self, rows: &Rows, kernel: Int8Kernel, qs: &int8::Queries) {
+        let Worker {
+            plan,
+            me,
+            tops,
+            stats,
+            scratch: s,
+            ..
+        } = self;
+        let (nq, dim, dp) = (plan.nq, plan.dim, padded(plan.dim));
+        let (mr, nr) = (int8::MR, int8::NR);
+        s.codes.reset(rows.count, dim, nr);
+        s.row.resize(dim, 0.0);
+        for r in 0..rows.count {
+            widen(rows.row(r), rows.dtype, &mut s.row, &mut s.f16s);
+            s.codes.set_row(r, &s.row, nr, &mut s.row_codes);
+        }
+        let steps = int8::d4(dim);
+        let before = stats.rescored_pairs;
+        s.pending.clear();
+        for qb in 0..nq.div_ceil(mr) {
+            let qcodes = &qs.codes[qb * steps * mr * 4..(qb + 1) * steps * mr * 4];
+            let live = qb * mr..((qb + 1) * mr).min(nq);
+            let nt = plan.tiers.len();
+            tops[live.start * nt..live.end * nt].iter().for_each(TopK::prefetch);
+            s.jobs.clear();
+            for p in 0..rows.count.div_ceil(nr) {
+                let thresholds = std::array::from_fn(|i| match qb * mr + i {
+                    q if live.contains(&q) => threshold(tops, plan, q, rows.first),
+                    _ => f32::INFINITY,
+                });
+                let masks = kernel.panel_masks(qcodes, qs, qb, &s.codes, p, &thresholds);
+                let valid = (rows.count - p * nr).min(nr);
+                let real = if valid == nr { u32::MAX } else { (1u32 << valid) - 1 };
+                for (q, mask) in live.clone().zip(masks) {
+                    let mut mask = mask & real;
+                    while mask != 0 {
+                        s.jobs.push((q, p * nr + mask.trailing_zeros() as usize));
+                        mask &= mask - 1;
+                    }
+                }
+            }
+            stats.rescored_pairs += s.jobs.len() as u64;
+            // a software pipeline: this block's query rows come into cache (from L3 or memory:
+            // rescoring is sparse) while the previous block's pairs are rescored
+            let needed = s.jobs.iter().fold(0u32, |m, &(q, _)| m | 1 << (q - live.start));
+            for q in live.filter(|q| needed >> (q - qb * mr) & 1 == 1) {
+                prefetch(&plan.packed[q * dp..(q + 1) * dp]);
+            }
+            rescore(tops, plan, *me, rows, &s.pending, &mut s.job_scores);
+            std::mem::swap(&mut s.pending, &mut s.jobs);
+        }
+        rescore(tops, plan, *me, rows, &s.pending, &mut s.job_scores);
+        let pairs = (nq * rows.count) as u64;
+        stats.int8_pairs += pairs;
+        self.rescored_share = (stats.rescored_pairs - before) as f64 / pairs as f64;
+    }
+}
+
+/// Scores the (query, row in tile) pairs `jobs` exactly, from the stored rows, and offers them.
+fn rescore(tops: &mut [TopK], plan: &Plan, me: usize, rows: &Rows, jobs: &[(usize, usize)], scores: &mut Vec<f32>) {
+    let dp = padded(plan.dim);
+    let pairs: Vec<(&[f32], &[u8])> = jobs
+        .iter()
+        .map(|&(q, r)| (&plan.packed[q * dp..(q + 1) * dp], rows.row(r)))
+        .collect();
+    scores.resize(jobs.len(), 0.0);
+    plan.simd.dots(&pairs, rows.dtype, scores);
+    for (&(q, r), s) in jobs.iter().zip(scores.iter()) {
+        offer(tops, plan, (q, me), std::slice::from_ref(s), rows.first + r);
+    }
+}
+
+/// The lowest threshold among the tiers of query `q` that still hold rows from `first` on: a
+/// score below it is of no use to any of them. Infinite when no tier holds such rows.
 #[inline]
-fn threshold(tops: &[TopK], shared: &Shared, q: usize, tiers: &[Tier], first: usize) -> f32 {
-    let nt = tiers.len();
-    tops.iter()
-        .zip(tiers)
+fn threshold(tops: &[TopK], plan: &Plan, q: usize, first: usize) -> f32 {
+    let nt = plan.tiers.len();
+    tops[q * nt..(q + 1) * nt]
+        .iter()
+        .zip(plan.tiers)
         .enumerate()
         .filter(|(_, (_, tier))| tier.rows > first)
-        .map(|(t, (top, _))| top.threshold().max(shared.floor(q * nt + t)))
+        .map(|(t, (top, _))| top.threshold().max(plan.shared.floor(q * nt + t)))
         .fold(f32::INFINITY, f32::min)
 }
 
 /// Offers query `q`'s scores (found by thread `me`) for consecutive rows starting at global row
 /// `first` to each of its tiers, and shares what its top-k lists learnt.
 #[inline]
-fn offer(tops: &mut [TopK], shared: &Shared, (q, me): (usize, usize), tiers: &[Tier], scores: &[f32], first: usize) {
-    let nt = tiers.len();
-    for (t, (top, tier)) in tops.iter_mut().zip(tiers).enumerate() {
+fn offer(tops: &mut [TopK], plan: &Plan, (q, me): (usize, usize), scores: &[f32], first: usize) {
+    let nt = plan.tiers.len();
+    for (t, (top, tier)) in tops[q * nt..(q + 1) * nt].iter_mut().zip(plan.tiers).enumerate() {
         let end = tier.rows.saturating_sub(first).min(scores.len());
         if end == 0 {
             continue;
         }
         let list = q * nt + t;
         let before = (top.threshold(), top.share_score());
-        offer_one(top, &scores[..end], first, tier.keep, shared.floor(list));
-        shared.publish(list, me, top, before);
+        offer_one(top, &scores[..end], first, tier.keep, plan.shared.floor(list));
+        plan.shared.publish(list, me, top, before);
     }
 }
 
