@@ -252,15 +252,15 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         parts.push(part);
     }
     let nt = tiers.len();
-    let merged = crate::topk::merge(parts).unwrap_or_else(|| (0..nq * nt).map(|_| TopK::new(opts.k)).collect());
+    let merged = crate::topk::merge_sorted(parts, opts.k, nq * nt, threads);
 
     // workers keep [query][tier]; the result is [tier][query]
     let k = opts.k;
     let mut scores = vec![f32::NEG_INFINITY; nt * nq * k];
     let mut indices = vec![-1i64; nt * nq * k];
-    for (qt, top) in merged.into_iter().enumerate() {
+    for (qt, hits) in merged.into_iter().enumerate() {
         let out = ((qt % nt) * nq + qt / nt) * k;
-        for (j, (s, i)) in top.into_sorted().into_iter().enumerate() {
+        for (j, (s, i)) in hits.into_iter().enumerate() {
             scores[out + j] = s;
             indices[out + j] = i as i64;
         }

@@ -135,6 +135,31 @@ pub fn merge(parts: impl IntoIterator<Item = Vec<TopK>>) -> Option<Vec<TopK>> {
     })
 }
 
+/// Merges the per-thread partial results (`parts[thread][list]`) of `lists` lists and sorts
+/// each, the lists shared among `threads` threads (this runs after a search's pass, so it would
+/// otherwise be a serial tail).
+pub fn merge_sorted(parts: Vec<Vec<TopK>>, k: usize, lists: usize, threads: usize) -> Vec<Vec<Hit>> {
+    let mut parts: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
+    let mut groups: Vec<Vec<TopK>> = (0..lists)
+        .map(|_| parts.iter_mut().filter_map(Iterator::next).collect())
+        .collect();
+    let mut out = vec![Vec::new(); lists];
+    let per = lists.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        for (groups, out) in groups.chunks_mut(per).zip(out.chunks_mut(per)) {
+            scope.spawn(move || {
+                for (group, out) in groups.iter_mut().zip(out) {
+                    let mut all = std::mem::take(group).into_iter();
+                    let mut top = all.next().unwrap_or_else(|| TopK::new(k));
+                    all.for_each(|other| top.absorb(other));
+                    *out = top.into_sorted();
+                }
+            });
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

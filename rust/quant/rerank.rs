@@ -62,11 +62,12 @@ pub fn rerank(
         }
         Ok(())
     })?;
-    Ok(crate::topk::merge(parts)
-        .unwrap_or_default()
-        .into_iter()
-        .map(TopK::into_sorted)
-        .collect())
+    Ok(crate::topk::merge_sorted(
+        parts,
+        k,
+        nq,
+        crate::search::resolve_threads(threads),
+    ))
 }
 
 /// Announces the rows of every bucket (from its lowest listed row to its highest) to the
