@@ -129,9 +129,17 @@ fn exact_search<'py>(
         "exact" => Int8Choice::Auto,
         "float32" => Int8Choice::Off,
         "int8-scalar" => Int8Choice::Force(Int8Kernel::Scalar),
-        "int8" => Int8Choice::Force(Int8Kernel::detect(Simd::detect()).ok_or_else(|| {
-            PyValueError::new_err("method: \"int8\" needs AVX-512 VNNI, which this CPU lacks (try int8-scalar)")
-        })?),
+        // the kernel that goes with the requested float32 path, else the CPU's best
+        "int8" => Int8Choice::Force(
+            simd.and_then(Simd::parse)
+                .and_then(Int8Kernel::detect)
+                .or_else(|| Int8Kernel::detect(Simd::detect()))
+                .ok_or_else(|| {
+                    PyValueError::new_err(
+                        "method: \"int8\" needs AVX-512 VNNI or AVX-VNNI, which this CPU lacks (try int8-scalar)",
+                    )
+                })?,
+        ),
         other => {
             return Err(PyValueError::new_err(format!(
                 "method: unknown {other:?} (expected exact, float32, int8 or int8-scalar)"
@@ -231,6 +239,16 @@ fn simd_paths() -> Vec<&'static str> {
         .into_iter()
         .filter(|s| s.supported())
         .map(Simd::name)
+        .collect()
+}
+
+/// The int8 kernels of exact search's first pass this CPU can run, fastest first.
+#[pyfunction]
+fn int8_kernels() -> Vec<&'static str> {
+    [Int8Kernel::Vnni512, Int8Kernel::AvxVnni, Int8Kernel::Scalar]
+        .into_iter()
+        .filter(|k| k.supported())
+        .map(Int8Kernel::name)
         .collect()
 }
 
@@ -525,6 +543,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(positive_codes, m)?)?;
     m.add_function(wrap_pyfunction!(label_official, m)?)?;

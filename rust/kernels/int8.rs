@@ -33,26 +33,42 @@ const SLACK: f64 = 1.0 + 1e-3;
 /// Which int8 kernel computes the approximate scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
-    /// AVX-512 VNNI, 8 queries x 32 rows: only with the AVX-512 float32 path (same blocks).
+    /// AVX-512 VNNI, the whole 8 x 32 block in registers: with the AVX-512 float32 path.
     Vnni512,
-    /// Plain loops, any block size.
+    /// AVX-VNNI (256-bit, for CPUs without AVX-512), the block in four 4 x 16 parts.
+    AvxVnni,
+    /// Plain loops.
     Scalar,
 }
 
 impl Int8Kernel {
-    /// The fastest int8 kernel matching the float32 path `simd`, if any beats float32 alone.
+    /// The fastest int8 kernel to go with the float32 path `simd`, if any beats float32 alone.
     pub fn detect(simd: Simd) -> Option<Int8Kernel> {
-        #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512f") {
-            return Some(Int8Kernel::Vnni512);
+        let candidates: &[Int8Kernel] = match simd {
+            Simd::Avx512 => &[Int8Kernel::Vnni512, Int8Kernel::AvxVnni],
+            Simd::Avx2 => &[Int8Kernel::AvxVnni],
+            Simd::Scalar => &[],
+        };
+        candidates.iter().copied().find(|k| k.supported())
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Vnni512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::AvxVnni => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni"),
+            Int8Kernel::Scalar => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        let _ = simd;
-        None
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Int8Kernel::Vnni512 => "avx512-vnni",
+            Int8Kernel::AvxVnni => "avx-vnni",
             Int8Kernel::Scalar => "scalar",
         }
     }
@@ -63,16 +79,18 @@ impl Int8Kernel {
     pub fn block(self, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
         let (mr, nr) = (MR, NR);
         assert!(a.len() >= d4 * mr * 4 && b.len() >= d4 * nr * 4 && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
+        assert!(
+            self.supported(),
+            "the {} kernel needs CPU features this machine lacks",
+            self.name()
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
-            Int8Kernel::Vnni512 => {
-                assert!(
-                    Int8Kernel::detect(Simd::Avx512) == Some(self),
-                    "VNNI needs AVX-512 VNNI"
-                );
-                // SAFETY: lengths, block sizes and CPU features checked just above.
-                unsafe { vnni::block(a.as_ptr(), b.as_ptr(), d4, out.as_mut_ptr(), ldo) }
-            }
+            // SAFETY: lengths, block sizes and CPU features checked just above.
+            Int8Kernel::Vnni512 => unsafe { vnni::block(a.as_ptr(), b.as_ptr(), d4, out.as_mut_ptr(), ldo) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Int8Kernel::AvxVnni => unsafe { vnni::block_avx(a.as_ptr(), b.as_ptr(), d4, out.as_mut_ptr(), ldo) },
             _ => {
                 for i in 0..mr {
                     for j in 0..nr {
@@ -355,8 +373,9 @@ impl Int8Kernel {
             Int8Kernel::Vnni512 => {
                 assert!(a.len() >= d4 * MR * 4 && b.len() >= d4 * NR * 4);
                 assert!(
-                    Int8Kernel::detect(Simd::Avx512) == Some(self),
-                    "VNNI needs AVX-512 VNNI"
+                    self.supported(),
+                    "the {} kernel needs CPU features this machine lacks",
+                    self.name()
                 );
                 // SAFETY: lengths and CPU features checked just above.
                 unsafe {
@@ -364,6 +383,12 @@ impl Int8Kernel {
                         vnni::upper_bounds_reach(&panel, raw, query[i], thresholds[i])
                     })
                 };
+            }
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::AvxVnni => {
+                self.block(a, b, d4, &mut raw, NR);
+                // SAFETY: the kernel is supported (checked in `block`), so AVX2 is available.
+                unsafe { vnni::reach_avx2(&panel, &raw, &query, thresholds, &mut masks) };
             }
             _ => {
                 self.block(a, b, d4, &mut raw, NR);
@@ -396,6 +421,7 @@ impl Panel<'_> {
     }
 
     /// Which rows' upper bounds reach `threshold` (or are NaN), as a mask.
+    #[inline(always)]
     fn reach(&self, raw: &[i32; NR], query: [f32; 3], threshold: f32) -> u32 {
         let mut mask = 0u32;
         for (j, &v) in self.upper_bounds(raw, query).iter().enumerate() {
@@ -461,6 +487,51 @@ mod vnni {
     /// # Safety
     /// AVX-512F and AVX-512 VNNI available; `a` holds `d4 * 8 * 4` bytes, `b` `d4 * 32 * 4`, `out`
     /// 8 rows of `ldo >= 32` values.
+    /// `Panel::reach` for each query of a block, compiled for AVX2.
+    ///
+    /// # Safety
+    /// AVX2 available.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn reach_avx2(
+        panel: &Panel,
+        raw: &[i32; MR * NR],
+        query: &[[f32; 3]; MR],
+        thresholds: &[f32; MR],
+        masks: &mut [u32; MR],
+    ) {
+        for (i, (mask, raw)) in masks.iter_mut().zip(raw.chunks_exact(NR)).enumerate() {
+            *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds[i]);
+        }
+    }
+
+    /// As `block` with 256-bit AVX-VNNI: 16 registers hold a 4 x 16 part of the block at a
+    /// time, so the panel's codes are read four times (from L1).
+    ///
+    /// # Safety
+    /// AVX2 and AVX-VNNI available; lengths as for `block`.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn block_avx(a: *const u8, b: *const i8, d4: usize, out: *mut i32, ldo: usize) {
+        for part in 0..4 {
+            let (q0, r0) = (part / 2 * 4, part % 2 * 16);
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+            for t in 0..d4 {
+                // SAFETY: t < d4: inside both code arrays.
+                let b0 = _mm256_loadu_si256(b.add(t * 128 + r0 * 4) as *const _);
+                let b1 = _mm256_loadu_si256(b.add(t * 128 + r0 * 4 + 32) as *const _);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32((a.add((t * 8 + q0 + i) * 4) as *const i32).read_unaligned());
+                    row[0] = _mm256_dpbusd_avx_epi32(row[0], av, b0);
+                    row[1] = _mm256_dpbusd_avx_epi32(row[1], av, b1);
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                // SAFETY: out holds 8 rows of ldo >= 32 values.
+                _mm256_storeu_si256(out.add((q0 + i) * ldo + r0) as *mut _, row[0]);
+                _mm256_storeu_si256(out.add((q0 + i) * ldo + r0 + 8) as *mut _, row[1]);
+            }
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn block(a: *const u8, b: *const i8, d4: usize, out: *mut i32, ldo: usize) {
@@ -507,10 +578,13 @@ mod tests {
             let steps = d4(dim);
             let mut want = vec![0i32; mr * nr];
             Int8Kernel::Scalar.block(&qs.codes, &tile.codes, steps, &mut want, nr);
-            if let Some(k) = Int8Kernel::detect(Simd::detect()) {
+            for k in [Int8Kernel::Vnni512, Int8Kernel::AvxVnni]
+                .into_iter()
+                .filter(|k| k.supported())
+            {
                 let mut got = vec![0i32; mr * nr];
                 k.block(&qs.codes, &tile.codes, steps, &mut got, nr);
-                assert_eq!(got, want);
+                assert_eq!(got, want, "{}", k.name());
             }
             for i in 0..mr {
                 for j in 0..nr {
@@ -525,7 +599,10 @@ mod tests {
                     thresholds[(i + 1) % MR] = f32::INFINITY;
                     let scalar = Int8Kernel::Scalar.panel_masks(&qs.codes, &qs, 0, &tile, 0, &thresholds);
                     assert!(scalar[i] >> j & 1 == 1 && scalar[(i + 3) % MR] == u32::MAX);
-                    if let Some(k) = Int8Kernel::detect(Simd::detect()) {
+                    for k in [Int8Kernel::Vnni512, Int8Kernel::AvxVnni]
+                        .into_iter()
+                        .filter(|k| k.supported())
+                    {
                         assert_eq!(k.panel_masks(&qs.codes, &qs, 0, &tile, 0, &thresholds), scalar);
                     }
                 }
