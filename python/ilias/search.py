@@ -93,8 +93,9 @@ def search(
     threads: worker threads (0: all cores). keep: optional bool mask over the global rows: only
     rows with True can be returned (see `mini_ilias_keep`). simd: force "avx512", "avx2" or
     "scalar" (default: the fastest this CPU has). method: "exact" (default) takes the fastest
-    exact path: an int8 first pass with exact float32 rescoring where the CPU has VNNI; "float32"
-    scores every row in float32. Both return identical results.
+    exact path: an int8 first pass with exact float32 rescoring where the CPU has AVX-512 VNNI or
+    AVX-VNNI; "float32" scores every row in float32; "int8" / "int8-scalar" force the int8 pass
+    from the first row (for tests). All return identical results.
     """
     tier = Tier("all", None, keep)
     return search_tiers(

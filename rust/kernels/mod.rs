@@ -185,8 +185,8 @@ mod sizes {
     /// 24 accumulators, 4 rows and one query in the 32 vector registers.
     pub const AVX512_MR: usize = 6;
     pub const AVX512_NR: usize = 4;
-    /// 8 accumulators (two halves each) and the operands in 16 registers.
-    pub const AVX2_MR: usize = 2;
+    /// 6 accumulators of two halves, 2 rows and one query (a half at a time) in 16 registers.
+    pub const AVX2_MR: usize = 3;
     pub const AVX2_NR: usize = 2;
     pub const SCALAR_MR: usize = 2;
     pub const SCALAR_NR: usize = 2;

@@ -1,5 +1,5 @@
 //! x86-64 kernels in the canonical order of `super`: AVX-512F (6 queries x 4 rows, 24
-//! accumulators of 16 lanes) and AVX2+FMA (2 x 2, each 16-lane accumulator as two halves). Each
+//! accumulators of 16 lanes) and AVX2+FMA (3 x 2, each 16-lane accumulator as two halves). Each
 //! step of 16 dimensions loads the block's rows and queries once and does one fused
 //! multiply-add per (query, row) pair; the lane sums are added by the canonical tree at the end.
 
@@ -70,33 +70,38 @@ unsafe fn reduce512_many(acc: &[__m512], out: &mut [f32]) {
 pub unsafe fn block_avx2(a: *const f32, b: *const f32, dp: usize, out: *mut f32, ldo: usize) {
     const MR: usize = AVX2_MR;
     const NR: usize = AVX2_NR;
-    let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+    // [query][row][half], flat (see `block_avx512`)
+    let mut acc = [_mm256_setzero_ps(); MR * NR * 2];
     let mut c = 0;
     while c < dp {
-        // SAFETY: c < dp, within the caller's lengths.
-        let x: [[__m256; 2]; NR] = std::array::from_fn(|j| {
-            [
-                _mm256_loadu_ps(b.add(j * dp + c)),
-                _mm256_loadu_ps(b.add(j * dp + c + 8)),
-            ]
-        });
-        for (i, row) in acc.iter_mut().enumerate() {
-            let q = [
-                _mm256_loadu_ps(a.add(i * dp + c)),
-                _mm256_loadu_ps(a.add(i * dp + c + 8)),
-            ];
-            for (r, xj) in row.iter_mut().zip(&x) {
-                r[0] = _mm256_fmadd_ps(q[0], xj[0], r[0]);
-                r[1] = _mm256_fmadd_ps(q[1], xj[1], r[1]);
+        for h in 0..2 {
+            // SAFETY: c + 8 h + 8 <= dp, within the caller's lengths.
+            let x: [__m256; NR] = std::array::from_fn(|j| _mm256_loadu_ps(b.add(j * dp + c + 8 * h)));
+            for i in 0..MR {
+                let q = _mm256_loadu_ps(a.add(i * dp + c + 8 * h));
+                for j in 0..NR {
+                    acc[(i * NR + j) * 2 + h] = _mm256_fmadd_ps(q, x[j], acc[(i * NR + j) * 2 + h]);
+                }
             }
         }
         c += LANES;
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, r) in row.iter().enumerate() {
+    let mut sums = [0f32; MR * NR];
+    reduce_halves_many(&acc, &mut sums);
+    for i in 0..MR {
+        for j in 0..NR {
             // SAFETY: out holds MR rows of ldo >= NR values.
-            *out.add(i * ldo + j) = reduce_halves(r[0], r[1]);
+            *out.add(i * ldo + j) = sums[i * NR + j];
         }
+    }
+}
+
+/// `reduce_halves` of each pair of vectors, out of line (see `reduce512_many`).
+#[inline(never)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce_halves_many(acc: &[__m256], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acc.chunks_exact(2)) {
+        *o = reduce_halves(a[0], a[1]);
     }
 }
 

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tier", action="append", default=[], metavar="NAME=SPEC",
                    help="a database answered in the same pass: SPEC is all, +N (positives + N rows after them) or a keys file")
     p.add_argument("--method", choices=["exact", "float32"], default="exact",
-                   help="exact: fastest exact path (int8 first pass where the CPU has VNNI); float32: plain (same results)")
+                   help="exact: fastest exact path (int8 first pass where the CPU has AVX-512 VNNI or AVX-VNNI); float32: plain (same results)")
     p.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto", help="kernel path")
     p.add_argument("--codes", metavar="KIND|PATH",
                    help="search with quantized codes (see `ilias index`): a shortlist rescored exactly")
