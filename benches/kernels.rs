@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use ilias_core::kernels::int8::{self, Int8Kernel};
-use ilias_core::kernels::peak::{fp32_peak_gflops, int8_peak_gops};
+use ilias_core::kernels::peak::{bf16_peak_gflops, fp32_peak_gflops, int8_peak_gops};
 use ilias_core::kernels::{pack_queries, padded, widen_tile, Simd};
 use ilias_core::store::DType;
 
@@ -104,5 +104,9 @@ fn main() {
             kernel.name(),
             100.0 * gops / peak
         );
+    }
+    if let Some(bf16) = bf16_peak_gflops(threads, 300) {
+        // why there is no bf16 pass: it would run at half the int8 rate
+        println!("bf16 (AVX512_BF16) 1-thread peak: {bf16:.0} GFLOP/s, against the int8 VNNI peak above");
     }
 }

@@ -32,6 +32,25 @@ pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
     None
 }
 
+/// Bfloat16 dot-product peak (AVX512_BF16, 2 flops per product) in GFLOP/s, if the CPU has it.
+/// For comparison only: the int8 pass is twice as fast where both exist, so no bf16 pass is run.
+pub fn bf16_peak_gflops(threads: usize, millis: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bf16") {
+        return Some(on_threads(threads, move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+            let mut flops = 0f64;
+            while std::time::Instant::now() < deadline {
+                // SAFETY: the feature was detected above.
+                flops += unsafe { x86_peak::bf16(1 << 16) };
+            }
+            flops
+        }));
+    }
+    let _ = (threads, millis);
+    None
+}
+
 fn on_threads(threads: usize, work: impl Fn() -> f64 + Send + Sync + Copy) -> f64 {
     let threads = crate::search::resolve_threads(threads);
     let start = std::time::Instant::now();
@@ -105,6 +124,19 @@ mod x86_peak {
         }
         std::hint::black_box(acc);
         (iters * 12 * 64 * 2) as f64
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn bf16(iters: usize) -> f64 {
+        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(std::hint::black_box(0.5)), _mm512_set1_ps(0.25));
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..iters {
+            for c in acc.iter_mut() {
+                *c = _mm512_dpbf16_ps(*c, a, a);
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * 12 * 32 * 2) as f64
     }
 
     #[target_feature(enable = "avx2,fma")]
