@@ -65,6 +65,15 @@ impl Int8Kernel {
         }
     }
 
+    /// Panics (before any unsafe code runs) when this CPU lacks the kernel's features.
+    fn require(self) {
+        assert!(
+            self.supported(),
+            "the {} kernel needs CPU features this machine lacks",
+            self.name()
+        );
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Int8Kernel::Vnni512 => "avx512-vnni",
@@ -79,11 +88,7 @@ impl Int8Kernel {
     pub fn block(self, a: &[u8], b: &[i8], d4: usize, out: &mut [i32], ldo: usize) {
         let (mr, nr) = (MR, NR);
         assert!(a.len() >= d4 * mr * 4 && b.len() >= d4 * nr * 4 && ldo >= nr && out.len() >= (mr - 1) * ldo + nr);
-        assert!(
-            self.supported(),
-            "the {} kernel needs CPU features this machine lacks",
-            self.name()
-        );
+        self.require();
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: lengths, block sizes and CPU features checked just above.
@@ -368,26 +373,20 @@ impl Int8Kernel {
         });
         let mut masks = [0u32; MR];
         let mut raw = [0i32; MR * NR];
+        assert!(a.len() >= d4 * MR * 4);
+        self.require();
         match self {
             #[cfg(target_arch = "x86_64")]
-            Int8Kernel::Vnni512 => {
-                assert!(a.len() >= d4 * MR * 4 && b.len() >= d4 * NR * 4);
-                assert!(
-                    self.supported(),
-                    "the {} kernel needs CPU features this machine lacks",
-                    self.name()
-                );
-                // SAFETY: lengths and CPU features checked just above.
-                unsafe {
-                    vnni::panel_masks(a.as_ptr(), b.as_ptr(), d4, &mut raw, &mut masks, |raw, i| {
-                        vnni::upper_bounds_reach(&panel, raw, query[i], thresholds[i])
-                    })
-                };
-            }
+            // SAFETY: lengths and CPU features checked just above.
+            Int8Kernel::Vnni512 => unsafe {
+                vnni::panel_masks(a.as_ptr(), b.as_ptr(), d4, &mut raw, &mut masks, |raw, i| {
+                    vnni::upper_bounds_reach(&panel, raw, query[i], thresholds[i])
+                })
+            },
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::AvxVnni => {
                 self.block(a, b, d4, &mut raw, NR);
-                // SAFETY: the kernel is supported (checked in `block`), so AVX2 is available.
+                // SAFETY: the kernel is supported (checked above), so AVX2 is available.
                 unsafe { vnni::reach_avx2(&panel, &raw, &query, thresholds, &mut masks) };
             }
             _ => {

@@ -249,27 +249,6 @@ pub fn widen_tile(bytes: &[u8], dtype: DType, dim: usize, nr: usize, out: &mut V
         }
     }
 }
-/// `q . x` for one row `x` given as its little-endian bytes of `dtype`, the float16 values
-/// widened on the fly (for rescoring single rows, where the block kernels would need a
-/// transpose per row). Vectorised with partial sums; AVX-512 or AVX2+F16C+FMA at run time.
-pub fn dot_row(q: &[f32], x: &[u8], dtype: DType) -> f32 {
-    assert_eq!(x.len(), q.len() * dtype.size());
-    #[cfg(all(target_arch = "x86_64", target_endian = "little"))]
-    if dtype == DType::F16 && is_x86_feature_detected!("f16c") {
-        if Simd::Avx512.supported() {
-            // SAFETY: features just detected; `x` holds `q.len()` float16 values (asserted).
-            return unsafe { x86::dot_f16_avx512(q.as_ptr(), x.as_ptr(), q.len()) };
-        }
-        if Simd::Avx2.supported() {
-            // SAFETY: as above.
-            return unsafe { x86::dot_f16_avx2(q.as_ptr(), x.as_ptr(), q.len()) };
-        }
-    }
-    let mut row = vec![0f32; q.len()];
-    widen(x, dtype, &mut row, &mut vec![f16::ZERO; q.len()]);
-    q.iter().zip(&row).map(|(a, b)| a * b).sum()
-}
-
 /// One little-endian row of `dtype` values as float32.
 pub(crate) fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16]) {
     match dtype {
