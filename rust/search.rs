@@ -163,6 +163,14 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
             }
         }
     }
+    if let Int8Choice::Force(kernel) = opts.int8 {
+        if !kernel.supported() {
+            return Err(Error::invalid(format!(
+                "int8: this CPU cannot run the {} kernel",
+                kernel.name()
+            )));
+        }
+    }
     if let Some(s) = opts.simd {
         if !s.supported() {
             return Err(Error::invalid(format!(
@@ -196,21 +204,8 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     } else {
         &opts.tiers[..]
     };
-    // work items: (shard, first row, end row), in database order; they shrink towards the end
-    // (a share of what is left per thread) so that threads finish together
     let wanted = resolve_threads(opts.threads);
-    let mut chunks = Vec::new();
-    let mut left = db.rows;
-    for (s, shard) in db.shards.iter().enumerate() {
-        let mut r = 0;
-        while r < shard.rows {
-            let size = (left / (4 * wanted)).clamp(MIN_CHUNK_ROWS, CHUNK_ROWS);
-            let end = (r + size).min(shard.rows);
-            chunks.push((s, r, end));
-            left -= end - r;
-            r = end;
-        }
-    }
+    let chunks = chunks(db, wanted);
     let next = AtomicUsize::new(0);
     let threads = wanted.min(chunks.len().max(1));
     let plan = Plan {
@@ -271,6 +266,24 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         k,
         stats,
     })
+}
+
+/// The work items of `threads` threads: (shard, first row, end row), in database order. They
+/// shrink towards the end (a share of what is left per thread) so that threads finish together.
+fn chunks(db: &Database, threads: usize) -> Vec<(usize, usize, usize)> {
+    let mut chunks = Vec::new();
+    let mut left = db.rows;
+    for (s, shard) in db.shards.iter().enumerate() {
+        let mut r = 0;
+        while r < shard.rows {
+            let size = (left / (4 * threads)).clamp(MIN_CHUNK_ROWS, CHUNK_ROWS);
+            let end = (r + size).min(shard.rows);
+            chunks.push((s, r, end));
+            left -= end - r;
+            r = end;
+        }
+    }
+    chunks
 }
 
 /// What every worker shares: the kernels and the prepared queries.
