@@ -443,6 +443,8 @@ struct Scratch {
     /// The tile's int8 codes and terms, and one row's codes.
     codes: int8::Tile,
     row_codes: Vec<i8>,
+    /// Per int8 panel of the tile, the rows that tiers keeping a subset hold.
+    kept: Vec<u32>,
     /// (query, row in tile) pairs to rescore: this query block's, the previous one's.
     jobs: Vec<(usize, usize)>,
     pending: Vec<(usize, usize)>,
@@ -529,6 +531,17 @@ impl<'a> Worker<'a> {
             widen(rows.row(r), rows.dtype, &mut s.row, &mut s.f16s);
             s.codes.set_row(r, &s.row, nr, &mut s.row_codes);
         }
+        // per panel, the rows held by some tier that keeps a subset (they answer to its lower
+        // threshold; the other rows only to the tiers that hold every row)
+        s.kept.clear();
+        s.kept.extend((0..rows.count.div_ceil(nr)).map(|p| {
+            let held = |j: usize| {
+                let row = rows.first + p * nr + j;
+                let keeps = |t: &Tier| t.keep.is_some_and(|k| row < t.rows && k[row]);
+                p * nr + j < rows.count && plan.tiers.iter().any(keeps)
+            };
+            (0..nr).fold(0u32, |m, j| m | (held(j) as u32) << j)
+        }));
         let steps = int8::d4(dim);
         let before = stats.rescored_pairs;
         s.pending.clear();
@@ -538,11 +551,16 @@ impl<'a> Worker<'a> {
             let nt = plan.tiers.len();
             tops[live.start * nt..live.end * nt].iter().for_each(TopK::prefetch);
             s.jobs.clear();
-            for p in 0..rows.count.div_ceil(nr) {
-                let thresholds = std::array::from_fn(|i| match qb * mr + i {
-                    q if live.contains(&q) => threshold(tops, plan, q, rows.first),
-                    _ => f32::INFINITY,
-                });
+            let limits: [(f32, f32); int8::MR] = std::array::from_fn(|i| match qb * mr + i {
+                q if live.contains(&q) => thresholds(tops, plan, q, rows.first),
+                _ => (f32::INFINITY, f32::INFINITY),
+            });
+            for (p, &kept) in s.kept.iter().enumerate() {
+                let thresholds = int8::Thresholds {
+                    dense: limits.map(|l| l.0),
+                    sparse: limits.map(|l| l.1),
+                    kept,
+                };
                 let masks = kernel.panel_masks(qcodes, qs, qb, &s.codes, p, &thresholds);
                 let valid = (rows.count - p * nr).min(nr);
                 let real = if valid == nr { u32::MAX } else { (1u32 << valid) - 1 };
@@ -589,14 +607,24 @@ fn rescore(tops: &mut [TopK], plan: &Plan, me: usize, rows: &Rows, jobs: &[(usiz
 /// score below it is of no use to any of them. Infinite when no tier holds such rows.
 #[inline]
 fn threshold(tops: &[TopK], plan: &Plan, q: usize, first: usize) -> f32 {
+    let (dense, sparse) = thresholds(tops, plan, q, first);
+    dense.min(sparse)
+}
+
+/// `threshold` over the tiers that hold every row (up to their end), then over those that keep
+/// a subset: a row that no such subset holds answers only to the first.
+#[inline]
+fn thresholds(tops: &[TopK], plan: &Plan, q: usize, first: usize) -> (f32, f32) {
     let nt = plan.tiers.len();
-    tops[q * nt..(q + 1) * nt]
-        .iter()
-        .zip(plan.tiers)
-        .enumerate()
-        .filter(|(_, (_, tier))| tier.rows > first)
-        .map(|(t, (top, _))| top.threshold().max(plan.shared.floor(q * nt + t)))
-        .fold(f32::INFINITY, f32::min)
+    let (mut dense, mut sparse) = (f32::INFINITY, f32::INFINITY);
+    for (t, (top, tier)) in tops[q * nt..(q + 1) * nt].iter().zip(plan.tiers).enumerate() {
+        if tier.rows > first {
+            let v = top.threshold().max(plan.shared.floor(q * nt + t));
+            let side = if tier.keep.is_some() { &mut sparse } else { &mut dense };
+            *side = side.min(v);
+        }
+    }
+    (dense, sparse)
 }
 
 /// Offers query `q`'s scores (found by thread `me`) for consecutive rows starting at global row

@@ -342,9 +342,19 @@ fn round_up(v: f64) -> f32 {
     }
 }
 
+/// What the rows of a panel must reach, per query of a block, to need exact scores: `dense[i]`
+/// for every row, and the lower `sparse[i]` for the rows of the mask `kept` (those held by a
+/// database that keeps a subset of the rows, whose k-th score is lower).
+#[derive(Clone, Copy, Debug)]
+pub struct Thresholds {
+    pub dense: [f32; MR],
+    pub sparse: [f32; MR],
+    pub kept: u32,
+}
+
 impl Int8Kernel {
     /// For the `MR` queries of block `qb` (codes `a`) against panel `p` of `tile`: which rows
-    /// may reach each query's threshold (bit `j` of `masks[i]` for row `p * NR + j`, query
+    /// may reach each query's thresholds (bit `j` of `masks[i]` for row `p * NR + j`, query
     /// `qb * MR + i`). A NaN bound (a zero query against an infinite one) counts as a yes. The
     /// masks of padding queries (past the last query) mean nothing.
     #[inline]
@@ -355,7 +365,7 @@ impl Int8Kernel {
         qb: usize,
         tile: &'a Tile,
         p: usize,
-        thresholds: &[f32; MR],
+        thresholds: &Thresholds,
     ) -> [u32; MR] {
         let d4 = tile.codes.len() / (tile.scale.len() * 4);
         let b = &tile.codes[p * d4 * NR * 4..(p + 1) * d4 * NR * 4];
@@ -380,7 +390,7 @@ impl Int8Kernel {
             // SAFETY: lengths and CPU features checked just above.
             Int8Kernel::Vnni512 => unsafe {
                 vnni::panel_masks(a.as_ptr(), b.as_ptr(), d4, &mut raw, &mut masks, |raw, i| {
-                    vnni::upper_bounds_reach(&panel, raw, query[i], thresholds[i])
+                    vnni::upper_bounds_reach(&panel, raw, query[i], thresholds, i)
                 })
             },
             #[cfg(target_arch = "x86_64")]
@@ -392,7 +402,7 @@ impl Int8Kernel {
             _ => {
                 self.block(a, b, d4, &mut raw, NR);
                 for (i, (mask, raw)) in masks.iter_mut().zip(raw.chunks_exact(NR)).enumerate() {
-                    *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds[i]);
+                    *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds, i);
                 }
             }
         }
@@ -419,14 +429,15 @@ impl Panel<'_> {
         })
     }
 
-    /// Which rows' upper bounds reach `threshold` (or are NaN), as a mask.
+    /// Which rows' upper bounds reach query `i`'s thresholds (or are NaN), as a mask.
     #[inline(always)]
-    fn reach(&self, raw: &[i32; NR], query: [f32; 3], threshold: f32) -> u32 {
-        let mut mask = 0u32;
+    fn reach(&self, raw: &[i32; NR], query: [f32; 3], thresholds: &Thresholds, i: usize) -> u32 {
+        let (mut dense, mut sparse) = (0u32, 0u32);
         for (j, &v) in self.upper_bounds(raw, query).iter().enumerate() {
-            mask |= ((v >= threshold || v.is_nan()) as u32) << j;
+            dense |= ((v >= thresholds.dense[i] || v.is_nan()) as u32) << j;
+            sparse |= ((v >= thresholds.sparse[i]) as u32) << j;
         }
-        mask
+        dense | (sparse & thresholds.kept)
     }
 }
 
@@ -434,7 +445,7 @@ impl Panel<'_> {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Panel, MR, NR};
+    use super::{Panel, Thresholds, MR, NR};
 
     /// The block of `a` (`MR` queries) and `b` (a panel), then `mask(products of query i, i)`
     /// for each query: one function, so that the bound tests are compiled for AVX-512 and
@@ -457,15 +468,20 @@ mod vnni {
         }
     }
 
-    /// `Panel::upper_bounds` compared with `threshold`, 16 rows at a time (the same float
-    /// operations in the same order).
+    /// `Panel::reach` 16 rows at a time (the same float operations in the same order).
     ///
     /// # Safety
     /// AVX-512F available.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn upper_bounds_reach(panel: &Panel, raw: &[i32; NR], [t, nq, nf]: [f32; 3], threshold: f32) -> u32 {
-        let mut mask = 0u32;
+    pub unsafe fn upper_bounds_reach(
+        panel: &Panel,
+        raw: &[i32; NR],
+        [t, nq, nf]: [f32; 3],
+        thresholds: &Thresholds,
+        i: usize,
+    ) -> u32 {
+        let (mut dense, mut sparse) = (0u32, 0u32);
         for half in 0..NR / 16 {
             let at = half * 16;
             // SAFETY: `at + 16 <= NR`, the length of every array.
@@ -477,10 +493,12 @@ mod vnni {
             let h = _mm512_mul_ps(_mm512_set1_ps(nf), _mm512_loadu_ps(panel.h.as_ptr().add(at)));
             let upper = _mm512_add_ps(_mm512_add_ps(approx, e), h);
             // not-less-than, unordered: true where upper >= threshold or upper is NaN
-            let reach = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, _mm512_set1_ps(threshold));
-            mask |= (reach as u32) << at;
+            let d = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, _mm512_set1_ps(thresholds.dense[i]));
+            let s = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(upper, _mm512_set1_ps(thresholds.sparse[i]));
+            dense |= (d as u32) << at;
+            sparse |= (s as u32) << at;
         }
-        mask
+        dense | (sparse & thresholds.kept)
     }
 
     /// # Safety
@@ -495,11 +513,11 @@ mod vnni {
         panel: &Panel,
         raw: &[i32; MR * NR],
         query: &[[f32; 3]; MR],
-        thresholds: &[f32; MR],
+        thresholds: &Thresholds,
         masks: &mut [u32; MR],
     ) {
         for (i, (mask, raw)) in masks.iter_mut().zip(raw.chunks_exact(NR)).enumerate() {
-            *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds[i]);
+            *mask = panel.reach(raw.try_into().expect("NR values"), query[i], thresholds, i);
         }
     }
 
@@ -593,11 +611,17 @@ mod tests {
                     assert!((exact - approx).abs() <= bound, "d={dim} {exact} {approx} {bound}");
                     // the row test must say yes for a threshold at the exact score (query i's,
                     // the others' at +-inf), whichever kernel runs it
-                    let mut thresholds = [f32::NEG_INFINITY; MR];
-                    thresholds[i] = exact as f32;
-                    thresholds[(i + 1) % MR] = f32::INFINITY;
+                    // and a sparse threshold counts for the kept rows only
+                    let mut dense = [f32::NEG_INFINITY; MR];
+                    dense[i] = exact as f32;
+                    dense[(i + 1) % MR] = f32::INFINITY;
+                    let mut sparse = [f32::INFINITY; MR];
+                    sparse[(i + 1) % MR] = f32::NEG_INFINITY;
+                    let kept = 1u32 << j | 1 << (31 - j);
+                    let thresholds = Thresholds { dense, sparse, kept };
                     let scalar = Int8Kernel::Scalar.panel_masks(&qs.codes, &qs, 0, &tile, 0, &thresholds);
                     assert!(scalar[i] >> j & 1 == 1 && scalar[(i + 3) % MR] == u32::MAX);
+                    assert!(scalar[(i + 1) % MR] == kept);
                     for k in [Int8Kernel::Vnni512, Int8Kernel::AvxVnni]
                         .into_iter()
                         .filter(|k| k.supported())
