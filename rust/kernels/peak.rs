@@ -18,14 +18,9 @@ pub fn fp32_peak_gflops(simd: Simd, threads: usize, millis: u64) -> f64 {
 pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni") {
+        // SAFETY: the feature was detected above.
         return Some(on_threads(threads, move || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
-            let mut ops = 0f64;
-            while std::time::Instant::now() < deadline {
-                // SAFETY: the feature was detected above.
-                ops += unsafe { x86_peak::vnni(1 << 16) };
-            }
-            ops
+            for_millis(millis, || unsafe { x86_peak::vnni(1 << 16) })
         }));
     }
     let _ = (threads, millis);
@@ -37,18 +32,23 @@ pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
 pub fn bf16_peak_gflops(threads: usize, millis: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the feature was detected above.
         return Some(on_threads(threads, move || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
-            let mut flops = 0f64;
-            while std::time::Instant::now() < deadline {
-                // SAFETY: the feature was detected above.
-                flops += unsafe { x86_peak::bf16(1 << 16) };
-            }
-            flops
+            for_millis(millis, || unsafe { x86_peak::bf16(1 << 16) })
         }));
     }
     let _ = (threads, millis);
     None
+}
+
+/// The sum of what `step` returns, called again and again for about `millis`.
+fn for_millis(millis: u64, mut step: impl FnMut() -> f64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+    let mut total = 0f64;
+    while std::time::Instant::now() < deadline {
+        total += step();
+    }
+    total
 }
 
 fn on_threads(threads: usize, work: impl Fn() -> f64 + Send + Sync + Copy) -> f64 {
@@ -62,11 +62,9 @@ fn on_threads(threads: usize, work: impl Fn() -> f64 + Send + Sync + Copy) -> f6
 }
 
 fn spin(simd: Simd, millis: u64) -> f64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
-    let mut flops = 0f64;
+    const ITERS: usize = 1 << 16;
     let mut sink = 0f32;
-    while std::time::Instant::now() < deadline {
-        const ITERS: usize = 1 << 16;
+    let flops = for_millis(millis, || {
         let (f, v) = match simd {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `fp32_peak_gflops` checked that the CPU supports the path.
@@ -76,9 +74,9 @@ fn spin(simd: Simd, millis: u64) -> f64 {
             Simd::Avx2 => unsafe { x86_peak::avx2(ITERS) },
             _ => scalar_peak(ITERS),
         };
-        flops += f;
         sink += v;
-    }
+        f
+    });
     std::hint::black_box(sink);
     flops
 }
