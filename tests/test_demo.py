@@ -14,7 +14,8 @@ from ilias import Store
 from ilias.demo import png
 from ilias.demo.descriptor import DIM, parse_description
 from ilias.demo.features import webdataset_key
-from ilias.evaluate import SCALE_GROUPS, load_ground_truth, read_id_list
+from ilias.evaluate import SCALE_GROUPS
+from ilias.groundtruth import load_ground_truth, read_id_list
 
 ARGS = ["--instances", "40", "--distractor-images", "1000", "--distractors", "20000", "--threads", "2"]
 # the core install: no torch, no Pillow (nor anything that needs them)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ilias import _core
-from ilias.evaluate import CLUTTER_GROUPS, SCALE_GROUPS, evaluate, load_ground_truth
+from ilias.evaluate import CLUTTER_GROUPS, SCALE_GROUPS, evaluate
+from ilias.groundtruth import load_ground_truth
 from sklearn.metrics import average_precision_score
 
 # ---------------------------------------------------------------- AP@k of one list

@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 from ilias.cli import main
-from ilias.evaluate import evaluate, load_ground_truth
+from ilias.evaluate import evaluate
+from ilias.groundtruth import load_ground_truth
 from ilias.report import build_report, infer_setting, place, published, to_markdown
 
 from .test_evaluate import make_ilias, random_results

@@ -24,12 +24,12 @@ from ilias.extract import (  # noqa: E402
     pad_amounts,
     padded_size,
     piece_from_env,
-    read_id_list,
     resize_large_size,
     select,
     tar_sources,
     webdataset_key,
 )
+from ilias.groundtruth import read_id_list  # noqa: E402
 from ilias.models import ModelSpec, build_image_encoder, build_text_encoder  # noqa: E402
 from ilias.models.registry import HALF  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -267,12 +267,12 @@ def test_int8_pass_runs_and_handles_near_ties_and_large_k(tmp_path, rng):
         plain = search(q, store, k=k, method="float32")
         fast = search(q, store, k=k, method="int8-scalar")
         assert_identical(plain, fast)
-    assert fast.info["int8_pairs"] > 0 or k == 6000
+    assert fast.stats.int8_pairs > 0 or k == 6000
     small_k = search(q, store, k=5, method="int8-scalar", threads=1)
-    info = small_k.info
+    st = small_k.stats
     # a forced pass scores every (query, row) pair, and its bound spares most of them rescoring
-    assert info["int8_pairs"] == 9 * 6000 and info["float_pairs"] == 0
-    assert 0 < info["rescored_pairs"] < info["int8_pairs"] / 2
+    assert st.int8_pairs == 9 * 6000 and st.float_pairs == 0
+    assert 0 < st.rescored_pairs < st.int8_pairs / 2
 
 
 @pytest.mark.parametrize("method", INT8_METHODS)
@@ -334,6 +334,6 @@ def test_tiers_equal_separate_searches(tmp_path, rng, method):
         # the reference: that database alone, every score in float32
         alone = search(q, stores, k=60, keep=mask, method="float32")
         assert_identical(together[t.name], alone)
-        assert together[t.name].info["tier_rows"] == mask.sum()
+        assert together[t.name].tier_rows == mask.sum()
     with pytest.raises(ValueError, match=r"tiers\[0\]: 6000 rows"):
         ilias.search_tiers(q, stores, [ilias.Tier("x", 6000)], k=5)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 from ilias import Store, StoreFormatError, StoreWriter, export_hdf5, import_hdf5, import_npy, write_store
-from ilias.store import decode_official_id, encode_official_id
+from ilias.interop import decode_official_id, encode_official_id
 
 from .conftest import unit_rows
 

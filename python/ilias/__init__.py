@@ -5,14 +5,19 @@ core, and write results in our format or the official ones.
 """
 
 from ._core import StoreFormatError, __version__, simd_paths
-from .search import SearchResults, Tier, mini_ilias_keep, search, search_tiers
-from .store import Store, StoreWriter, export_hdf5, import_hdf5, import_npy, write_store
+from .database import Database, mini_ilias_keep
+from .interop import export_hdf5, import_hdf5, import_npy
+from .results import SearchResults, SearchStats
+from .search import Tier, search, search_tiers
+from .store import Store, StoreWriter, write_store
 
 __all__ = [
     "Store",
     "StoreWriter",
     "StoreFormatError",
+    "Database",
     "SearchResults",
+    "SearchStats",
     "search",
     "search_tiers",
     "Tier",

@@ -1,4 +1,4 @@
-"""ILIAS ground truth and the official mAP@k evaluation.
+"""The official mAP@k evaluation of ILIAS, with its detailed reports.
 
 The numbers are the reference evaluator's (see ILIAS_SPEC.md, "Evaluation: AP@k exactly"); the
 Rust core computes every AP. To get there, each results source (our .npz, the official JSON or
@@ -13,22 +13,17 @@ not know) is an error; a subset of the queries is a warning that gives the count
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 from statistics import fmean
-from typing import Mapping
 
 import numpy as np
 
 from . import _core
+from .groundtruth import GroundTruth, check_unique, instance_of, load_ground_truth
 from .progress import Progress
-from .search import SearchResults
+from .results import OFFICIAL_PICKLE_KEYS, SearchResults, read_results_file
 
 # [lo, hi) bounds of the reference; ints stay ints so that keys read "0-18" and "53-inf" as there
 SCALE_GROUPS = [
@@ -42,151 +37,6 @@ TASKS = {"i2i": "image-to-image", "t2i": "text-to-image"}
 
 NEGATIVE, POSITIVE, SKIP = 0, 1, 2  # the labels of the Rust core (metrics.rs)
 NOT_POSITIVE, EMPTY = -1, -2  # codes in RankedLists.positive besides a positive's index
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-
-
-def instance_of(item_id: str) -> str:
-    return item_id.split("/", 1)[0]
-
-
-# ---------------------------------------------------------------- ground truth
-
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """Queries, positives and categories of ILIAS. `scale` / `clutter` are per positive (None when
-    the data came from image folders, which do not hold them); `taxonomy` maps an instance to
-    (coarse, mid) (None without taxonomy.json)."""
-
-    image_queries: tuple[str, ...]
-    text_queries: tuple[str, ...]
-    positives: tuple[str, ...]
-    scale: np.ndarray | None = None
-    clutter: np.ndarray | None = None
-    taxonomy: Mapping[str, tuple[str, str]] | None = None
-    source: str = ""
-
-    @cached_property
-    def positive_index(self) -> dict[str, int]:
-        return {p: i for i, p in enumerate(self.positives)}
-
-    @cached_property
-    def text_query_set(self) -> frozenset[str]:
-        return frozenset(self.text_queries)
-
-    @cached_property
-    def query_set(self) -> frozenset[str]:
-        return frozenset(self.image_queries) | self.text_query_set
-
-    def task_of(self, query_id: str) -> str:
-        return "t2i" if query_id in self.text_query_set or query_id.endswith(".txt") else "i2i"
-
-    def queries(self, task: str) -> tuple[str, ...]:
-        return self.text_queries if task == "t2i" else self.image_queries
-
-
-def load_ground_truth(root: str | os.PathLike) -> GroundTruth:
-    """Reads `root/image_ids/*.txt` and `root/taxonomy.json`; without the id files, lists the
-    `ilias_core/` image folders (`root/ilias_core`, or `root` itself)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--gt {root}: no such directory")
-    ids = root / "image_ids"
-    if (ids / "positive_ids.txt").exists():
-        image_q = [line.split(",")[0].strip() for line in _lines(ids / "image_query_ids.txt")]
-        text_q = [line.strip() for line in _lines(ids / "text_query_ids.txt")]
-        rows = [line.rsplit(",", 2) for line in _lines(ids / "positive_ids.txt")]
-        if any(len(r) != 3 for r in rows):
-            raise ValueError(f"{ids / 'positive_ids.txt'}: expected 'id,scale,clutter' on every line")
-        positives = [r[0].strip() for r in rows]
-        try:
-            scale = np.array([float(r[1]) for r in rows])
-            clutter = np.array([int(r[2]) for r in rows], dtype=np.float64)
-        except ValueError as e:
-            raise ValueError(f"{ids / 'positive_ids.txt'}: bad scale or clutter value ({e})") from None
-        source = str(ids)
-    else:
-        core = root / "ilias_core" if (root / "ilias_core").is_dir() else root
-        image_q, text_q, positives = _scan_core(core)
-        if not positives:
-            raise FileNotFoundError(
-                f"--gt {root}: neither image_ids/positive_ids.txt nor ilias_core/<instance>/pos/ images found"
-            )
-        scale = clutter = None
-        source = str(core)
-    for name, lst in (("image queries", image_q), ("text queries", text_q), ("positives", positives)):
-        _no_duplicates(lst, f"{source}: {name}")
-    return GroundTruth(
-        image_queries=tuple(sorted(image_q)),
-        text_queries=tuple(sorted(text_q)),
-        positives=tuple(positives),
-        scale=scale,
-        clutter=clutter,
-        taxonomy=_load_taxonomy(root),
-        source=source,
-    )
-
-
-def read_id_list(path: str | Path) -> list[str]:
-    """Ids from a text file (optionally .gz): the first comma-separated column of each line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such id list")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        ids = [line.split(",", 1)[0].strip() for line in f]
-    return [i for i in ids if i]
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (needed next to positive_ids.txt)")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _scan_core(core: Path) -> tuple[list[str], list[str], list[str]]:
-    image_q, text_q, positives = [], [], []
-    for inst in sorted(p for p in core.iterdir() if p.is_dir()):
-        for f in sorted((inst / "query").glob("*")):
-            item = f"{inst.name}/query/{f.name}"
-            if f.name.startswith("Q") and f.suffix.lower() in IMAGE_SUFFIXES:
-                image_q.append(item)
-            elif f.name.startswith("T") and f.suffix == ".txt":
-                text_q.append(item)
-        positives += [
-            f"{inst.name}/pos/{f.name}"
-            for f in sorted((inst / "pos").glob("P*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    return image_q, text_q, positives
-
-
-def _load_taxonomy(root: Path) -> dict[str, tuple[str, str]] | None:
-    for path in (root / "taxonomy.json", root / "misc" / "taxonomy.json"):
-        if path.exists():
-            try:
-                tree = json.loads(path.read_text(encoding="utf-8"))
-                return {
-                    inst: (coarse, mid)
-                    for coarse, mids in tree.items()
-                    for mid, fines in mids.items()
-                    for insts in fines.values()
-                    for inst in insts
-                }
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise ValueError(f"{path}: not a {{coarse: {{mid: {{fine: [instances]}}}}}} tree ({e})") from None
-    return None
-
-
-def _no_duplicates(items, what: str) -> None:
-    items = list(items)
-    if len(set(items)) == len(items):  # the common case, at C speed
-        return
-    seen: set = set()
-    for item in items:
-        if item in seen:
-            raise ValueError(f"{what}: duplicate id {item!r}")
-        seen.add(item)
 
 
 # ---------------------------------------------------------------- results in one form
@@ -210,36 +60,17 @@ def read_results(results, gt: GroundTruth) -> RankedLists:
     """A SearchResults, a path (.npz ours, .json / .pkl official) or an official dict."""
     if isinstance(results, RankedLists):
         return results
+    source = None
     if isinstance(results, (str, os.PathLike)):
-        path = Path(results)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such results file")
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            return _from_search_results(SearchResults.load(path), gt, str(path))
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda p: _unique_keys(p, path))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            return _from_official_json(data, gt, str(path))
-        if suffix in (".pkl", ".pickle"):
-            with open(path, "rb") as f:
-                return _from_official_pickle(pickle.load(f), gt, str(path))
-        raise ValueError(f"{path}: unknown results format (expected .npz, .json, .pkl)")
+        source = str(results)
+        results = read_results_file(results)
     if isinstance(results, SearchResults):
-        return _from_search_results(results, gt, "<SearchResults>")
-    if isinstance(results, dict) and {"query_ids", "db_ids", "sims", "ranks"} <= results.keys():
-        return _from_official_pickle(results, gt, "<pickle dict>")
+        return _from_search_results(results, gt, source or "<SearchResults>")
+    if isinstance(results, dict) and OFFICIAL_PICKLE_KEYS <= results.keys():
+        return _from_official_pickle(results, gt, source or "<pickle dict>")
     if isinstance(results, dict):
-        return _from_official_json(results, gt, "<json dict>")
+        return _from_official_json(results, gt, source or "<json dict>")
     raise TypeError(f"results: cannot evaluate a {type(results).__name__}")
-
-
-def _unique_keys(pairs, path) -> dict:
-    # json.load would keep the last of repeated keys without a word
-    _no_duplicates([key for key, _ in pairs], f"{path}: JSON object")
-    return dict(pairs)
 
 
 def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> RankedLists:
@@ -257,8 +88,8 @@ def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> Rank
         r.k,
         source,
         # a tier of a one-pass search answers a part of the database: its own size counts
-        r.info.get("tier_rows") or sum(p.count for p in r.database) or None,
-        r.info.get("setting"),
+        r.tier_rows or None,
+        r.setting,
     )
 
 
@@ -294,7 +125,7 @@ def _from_official_json(d: dict, gt: GroundTruth, source: str) -> RankedLists:
             raise ValueError(f"{source}: query {q!r}: expected {{db_id: similarity}}, got {type(items).__name__}")
         scores[row, : len(items)] = np.fromiter(items.values(), dtype=np.float64, count=len(items))
         positive[row, : len(items)] = _positive_codes(list(items), gt, source)
-    # dict keys cannot repeat, so there is no duplicate check here (_unique_keys did it on reading)
+    # dict keys cannot repeat, so there is no duplicate check here (read_results_file checks a file's repeated keys)
     return RankedLists(qids, scores, positive, width, source)
 
 
@@ -433,7 +264,7 @@ def evaluate(
 
 def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> None:
     src = lists.source
-    _no_duplicates(lists.query_ids, f"{src}: query ids")
+    check_unique(lists.query_ids, f"{src}: query ids")
     unknown = [q for q in lists.query_ids if q not in gt.query_set]
     if unknown:
         raise ValueError(f"{src}: {len(unknown):,} query id(s) not in the ground truth ({gt.source}), e.g. {unknown[0]!r}")

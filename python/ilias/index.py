@@ -13,7 +13,6 @@ other database, or against the same stores after they changed, is an error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -23,29 +22,19 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
+from .database import Database
 from .progress import Progress
-from .search import DatabasePart, SearchResults, _as_queries, _as_stores, search
-from .store import Store
+from .results import SearchResults, SearchStats
+from .search import Tier, as_queries, results_of, search
 
 KIND = re.compile(r"^(sq8|pq\d+(x4)?)$")
 # shortlist sizes (x k) that reach recall@1000 >= 0.999 (sq8) and >= 0.95 (pq) on our benchmarks
 DEFAULT_SHORTLIST = {"sq8": 2, "pq": 10}
 
 
-def _shards(stores: Sequence[Store]) -> list[tuple[int, str | None]]:
-    return [(sh.count, sh.sha256) for s in stores for sh in s.manifest.shards]
-
-
-def database_fingerprint(stores: Sequence[Store], shards: int | None = None) -> str:
-    """Identifies an ordered list of stores by content: the dimension, type, row count and
-    checksum of every shard (of the first `shards` only, when given)."""
-    key = repr((stores[0].dim, stores[0].manifest.dtype, _shards(stores)[:shards]))
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def default_path(stores: Sequence[Store], kind: str) -> Path:
+def default_path(db: Database, kind: str) -> Path:
     """Where codes of `kind` live by default: in `codes/` of the last store (the distractors)."""
-    return stores[-1].path / "codes" / f"{kind}.codes"
+    return db.stores[-1].path / "codes" / f"{kind}.codes"
 
 
 def check_kind(kind: str) -> str:
@@ -70,46 +59,44 @@ def build_index(
     PQ codebooks are trained by k-means on `sample` rows (0: 64 per centroid, at least 16,384),
     `iters` iterations, seeded. The file is written beside `out` and renamed into place when
     complete. Returns its path (default: `codes/<kind>.codes` in the last store)."""
-    stores = _as_stores(database)
+    db = Database.of(database)
     check_kind(kind)
-    dim = stores[0].dim
     m = re.match(r"pq(\d+)", kind)
-    if m and dim % int(m.group(1)):
-        raise ValueError(f"codes {kind}: the dimension {dim} is not a multiple of {m.group(1)} subquantizers")
-    path = Path(out) if out is not None else default_path(stores, kind)
+    if m and db.dim % int(m.group(1)):
+        raise ValueError(f"codes {kind}: the dimension {db.dim} is not a multiple of {m.group(1)} subquantizers")
+    path = Path(out) if out is not None else default_path(db, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    total = sum(s.count for s in stores)
-    shards = [str(p) for s in stores for p in s.shard_paths]
-    with Progress(f"codes {kind}", total=total, enabled=progress) as bar:
+    with Progress(f"codes {kind}", total=db.count, enabled=progress) as bar:
         _core.build_codes(
-            shards, kind, str(path), database_fingerprint(stores), threads, sample, iters, seed,
+            db.shard_paths, kind, str(path), db.fingerprint, threads, sample, iters, seed,
             bar.set if progress else None,
         )
-        bar.set(total)
+        bar.set(db.count)
     return path
 
 
-def open_codes(path: str | os.PathLike, stores: Sequence[Store]) -> dict:
-    """Validates the codes file at `path` against the database `stores`; returns its header."""
+def open_codes(path: str | os.PathLike, database) -> dict:
+    """Validates the codes file at `path` against the database; returns its header."""
     path = Path(path)
+    db = Database.of(database)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such codes file (build it with `ilias index build`)")
     info = _core.inspect_codes(str(path))
-    total = sum(s.count for s in stores)
-    if info["fingerprint"] == database_fingerprint(stores) and info["rows"] == total:
+    total = db.count
+    if info["fingerprint"] == db.fingerprint and info["rows"] == total:
         return info
     # shards are only ever appended: codes of the first shards of this database are older than it
-    counts = np.cumsum([c for c, _ in _shards(stores)])
+    counts = np.cumsum(db.shard_counts)
     j = int(np.searchsorted(counts, info["rows"])) + 1
-    if info["rows"] < total and counts[j - 1] == info["rows"] and database_fingerprint(stores, j) == info["fingerprint"]:
+    if info["rows"] < total and counts[j - 1] == info["rows"] and db.prefix_fingerprint(j) == info["fingerprint"]:
         raise ValueError(
             f"{path}: the codes are older than the database: built when it held {info['rows']:,} rows, "
             f"it now holds {total:,}; rebuild them with `ilias index build`"
         )
-    modified = max((s.path / "manifest.json").stat().st_mtime for s in stores) > path.stat().st_mtime
+    modified = max((s.path / "manifest.json").stat().st_mtime for s in db.stores) > path.stat().st_mtime
     raise ValueError(
         f"{path}: the codes were built from a different database ({info['rows']:,} rows x {info['dim']}, "
-        f"fingerprint {info['fingerprint']}) than {', '.join(str(s.path) for s in stores)}"
+        f"fingerprint {info['fingerprint']}) than {', '.join(str(s.path) for s in db.stores)}"
         + (" (or from it before it was modified: it is newer than the codes)" if modified else "")
         + "; rebuild them with `ilias index build`"
     )
@@ -131,12 +118,12 @@ def search_codes(
     """Search with codes: the `shortlist` (default: a multiple of k that suits the kind)
     best rows per query by the codes, rescored exactly from the stores when `rerank`.
     `codes`: a codes file, or a kind (`sq8`, ...) found at its default place."""
-    stores = _as_stores(database)
+    db = Database.of(database)
     path = Path(codes)
     if not path.exists() and KIND.match(str(codes)):
-        path = default_path(stores, str(codes))
-    info = open_codes(path, stores)
-    q, qids = _as_queries(queries, query_ids)
+        path = default_path(db, str(codes))
+    info = open_codes(path, db)
+    q, qids = as_queries(queries, query_ids)
     if q.shape[1] != info["dim"]:
         raise ValueError(f"queries have dimension {q.shape[1]} but the codes have {info['dim']}")
     if shortlist is None:
@@ -144,26 +131,15 @@ def search_codes(
     if shortlist < k:
         raise ValueError(f"shortlist: {shortlist} is smaller than k = {k}")
     keep = None if keep is None else np.ascontiguousarray(keep, dtype=bool)
-    total = sum(s.count for s in stores)
-    shards = [str(p) for s in stores for p in s.shard_paths]
     t0 = time.monotonic()
-    with Progress(f"search {info['kind']}", total=total, enabled=progress) as bar:
+    with Progress(f"search {info['kind']}", total=db.count, enabled=progress) as bar:
         scores, indices, stats = _core.code_search(
-            str(path), shards, q, k, shortlist, rerank, threads, keep, bar.set if progress else None
+            str(path), db.shard_paths, q, k, shortlist, rerank, threads, keep, bar.set if progress else None
         )
-        bar.set(total)
-    seconds = time.monotonic() - t0
-    held = int(keep.sum()) if keep is not None else total
-    return SearchResults(
-        scores=scores,
-        indices=indices,
-        query_ids=qids,
-        k=k,
-        database=[DatabasePart(str(s.path), s.count, s.fingerprint) for s in stores],
-        stores=stores,
-        info={"seconds": seconds, "threads": threads, "method": f"codes-{info['kind']}", "tier_rows": held,
-              "codes_path": str(path), **stats},
-    )
+        bar.set(db.count)
+    st = SearchStats(method=f"codes-{info['kind']}", seconds=time.monotonic() - t0, threads=threads,
+                     codes_path=str(path), **stats)
+    return results_of(db, scores, indices, qids, k, st, Tier("all", keep=keep))
 
 
 def measure_recall(
@@ -172,7 +148,7 @@ def measure_recall(
 ) -> dict:
     """Recall@k of `results` against exact search on a seeded sample of its queries: the mean
     share of each query's exact top k that the results hold (ids compared, ties aside)."""
-    q, _ = _as_queries(queries, None)
+    q, _ = as_queries(queries, None)
     n = len(q)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     exact = search(q[rows], database, results.k, threads=threads, keep=keep)
@@ -182,4 +158,4 @@ def measure_recall(
         got = results.indices[r][results.indices[r] >= 0]
         shares.append(len(np.intersect1d(want, got)) / max(len(want), 1))
     return {"recall": float(np.mean(shares)), "min": float(np.min(shares)), "queries": len(rows),
-            "k": results.k, "exact_seconds": exact.info["seconds"]}
+            "k": results.k, "exact_seconds": exact.stats.seconds}

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ._io import atomic_write
+from .database import Database
 from .store import Store
 
 MINI_LIST = "image_ids/mini_ilias_yfcc100m_ids.txt"
@@ -48,14 +49,6 @@ class RunConfig:
     threads: int = 0
     prefixes: tuple[int, ...] = (10**6, 10**7)  # tiers: positives plus the first N distractors
     published: bool = True  # place the results among the published models (False: data that is not ILIAS)
-
-
-def tier_name(distractors: int) -> str:
-    """"+1M" for positives plus the first 1,000,000 distractors (k, M, B)."""
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if distractors >= size and distractors % (size // 1000 or 1) == 0:
-            return f"+{distractors / size:g}{unit}"
-    return f"+{distractors:,}"
 
 
 def _complete(path: Path) -> bool:
@@ -101,9 +94,11 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     of `cfg.model` (a ModelSpec, e.g. a small model for tests). `features(stores_dir)`, when
     given, replaces the extraction step (the demo's numpy model): it makes sure that the stores
     are there and returns what it did. Returns the run record."""
-    from .evaluate import evaluate, load_ground_truth, read_id_list
+    from .evaluate import evaluate
+    from .groundtruth import load_ground_truth, read_id_list
     from .report import build_report, write_html, write_json, write_markdown
-    from .search import Tier, mini_ilias_keep, search_tiers
+    from .results import SearchResults
+    from .search import Tier, search_tiers, tier_name
 
     data, out = Path(cfg.data), Path(cfg.out)
     core = data / "ilias_core"
@@ -131,12 +126,12 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
         step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say))
     gt = load_ground_truth(data)
     queries = [Store.open(stores / k) for k in ("image_queries", "text_queries") if (stores / k).exists()]
-    db = [Store.open(stores / "positives")] + ([Store.open(stores / "distractors")] if (stores / "distractors").exists() else [])
-    n_pos, total = db[0].count, sum(s.count for s in db)
+    db = Database.of([stores / "positives"] + ([stores / "distractors"] if (stores / "distractors").exists() else []))
+    n_pos, total = db.stores[0].count, db.count
 
-    tiers = [Tier(tier_name(n), n_pos + n, setting="") for n in cfg.prefixes if n_pos + n < total]
-    if cfg.distractors == "full" and len(db) > 1 and mini_list.exists():
-        tiers.append(Tier("mini", None, mini_ilias_keep(db, read_id_list(mini_list)), setting="mini"))
+    tiers = [Tier.prefix(tier_name(n), db, n) for n in cfg.prefixes if n_pos + n < total]
+    if cfg.distractors == "full" and len(db.stores) > 1 and mini_list.exists():
+        tiers.append(Tier.mini(db, read_id_list(mini_list)))
     tiers.append(Tier("all", setting="mini" if cfg.distractors == "mini" else None))
     if not cfg.published:
         tiers = [replace(t, setting="") for t in tiers]
@@ -154,8 +149,6 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     step("search", search_step)
 
     def report_step():
-        from .search import SearchResults
-
         curve, reports = [], {}
         for t in tiers:
             res = SearchResults.load(out / f"results.{t.name}.npz")
@@ -163,8 +156,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
             rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
             write_json(rep, out / f"report.{t.name}.json")
             write_markdown(rep, out / f"report.{t.name}.md")
-            rows = res.info.get("tier_rows", total)
-            curve.append({"name": t.name, "rows": rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
+            curve.append({"name": t.name, "rows": res.tier_rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
             reports[t.name] = rep
         curve.sort(key=lambda c: c["rows"])
         shown = _qualitative(res, gt, core, cfg.tars)  # the last tier: "all"
@@ -225,9 +217,9 @@ def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> l
     return rows
 
 
-def _current(path: Path, db: list[Store], k: int) -> bool:
+def _current(path: Path, db: Database, k: int) -> bool:
     """Whether a results file exists and was made from exactly these stores with this k."""
-    from .search import SearchResults
+    from .results import SearchResults
 
     if not path.exists():
         return False
@@ -235,11 +227,12 @@ def _current(path: Path, db: list[Store], k: int) -> bool:
         res = SearchResults.load(path)
     except (OSError, ValueError):
         return False
-    return res.k == k and [p.fingerprint for p in res.database] == [s.fingerprint for s in db]
+    return res.k == k and [p.fingerprint for p in res.database] == [p.fingerprint for p in db.parts]
 
 
 def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, say) -> dict:
-    from .extract import core_sources, extract_images, extract_texts, list_items, read_id_list, select, tar_sources
+    from .extract import core_sources, extract_images, extract_texts, list_items, select, tar_sources
+    from .groundtruth import read_id_list
     from .models import build_image_encoder, build_text_encoder, get_spec
 
     spec = spec or get_spec(cfg.model)

@@ -63,6 +63,14 @@ def encode_ids(ids: Iterable, what: str = "ids") -> list[bytes]:
     return out
 
 
+def content_fingerprint(dim: int, dtype: str, shards: Sequence["ShardInfo"]) -> str:
+    """Identifies vectors by content: the dimension, type, and every shard's row count and
+    checksum, in order. The one scheme for a store, a database of several, and the codes built
+    from one (which record it)."""
+    key = repr((dim, dtype, [(s.count, s.sha256) for s in shards]))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     name: str
@@ -184,9 +192,7 @@ class Store:
     @property
     def fingerprint(self) -> str:
         """Identifies the content: dim, dtype and every shard's count and checksum."""
-        m = self.manifest
-        key = json.dumps([m.dim, m.dtype, [(s.count, s.sha256) for s in m.shards]])
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return content_fingerprint(self.dim, self.manifest.dtype, self.manifest.shards)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, count={self.count}, dim={self.dim}, dtype={self.manifest.dtype})"
@@ -232,6 +238,16 @@ class Store:
         out.ravel()[:] = [b.decode("utf-8") for b in raw.ravel()]
         return out
 
+    def _split(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(shard, its local rows, where they sit in `rows`) for each shard that `rows` touches."""
+        rows = rows.ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
+            raise IndexError(f"row index out of range for {self.path} ({self.count} rows)")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            yield int(s), rows[where] - self._starts[s], where
+
     def raw_ids_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """The ids (UTF-8 bytes, a fixed-width array) of the given rows, reading only those rows.
 
@@ -239,19 +255,20 @@ class Store:
         a search over 100M rows never holds more than one id shard's pages.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
-            raise IndexError(f"row index out of range for {self.path} ({self.count} rows)")
-        shard = np.searchsorted(self._starts, rows.ravel(), side="right") - 1
-        parts, where = [], []
-        for s in np.unique(shard):
-            sel = np.nonzero(shard == s)[0]
-            parts.append(self.ids(int(s))[rows.ravel()[sel] - self._starts[s]])
-            where.append(sel)
-        width = max((p.dtype.itemsize for p in parts), default=1)
+        parts = [(where, self.ids(s)[local]) for s, local, where in self._split(rows)]
+        width = max((p.dtype.itemsize for _, p in parts), default=1)
         out = np.zeros(rows.size, dtype=f"S{width}")
-        for sel, p in zip(where, parts):
-            out[sel] = p
+        for where, p in parts:
+            out[where] = p
         return out.reshape(rows.shape)
+
+    def vectors_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The vectors of the given rows as float32 (len(rows), dim), reading only those rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((rows.size, self.dim), dtype=np.float32)
+        for s, local, where in self._split(rows):
+            out[where] = self.vectors(s)[local]
+        return out.reshape(*rows.shape, self.dim)
 
     def verify(self) -> None:
         """Recomputes each shard's checksum against the manifest (reads the whole store)."""
@@ -460,148 +477,3 @@ def open_stores(path: str | os.PathLike) -> list[Store]:
     if (path / "manifest.json").exists() or not path.is_dir():
         return [Store.open(path)]
     return [Store.open(p) for p in part_dirs(path)]
-
-
-# ---- the official HDF5 feature files
-
-_ESCAPE = re.compile(r"#U([0-9a-fA-F]{4})")
-
-
-def decode_official_id(s: str | bytes) -> str:
-    """Decodes an id of the official HDF5 index (`#U00e9` -> `é`)."""
-    if isinstance(s, bytes):
-        s = s.decode("ascii")
-    if "#U" not in s:
-        return s
-    # surrogate pairs (characters beyond the BMP) come out as two escapes
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), s).encode("utf-16", "surrogatepass").decode("utf-16")
-
-
-def encode_official_id(s: str) -> str:
-    """Escapes non-ASCII characters the official way (`é` -> `#U00e9`)."""
-    if s.isascii():
-        return s
-    out = []
-    for ch in s:
-        if ch.isascii():
-            out.append(ch)
-        else:
-            u = ch.encode("utf-16-le", "surrogatepass")
-            out.extend(f"#U{int.from_bytes(u[j:j + 2], 'little'):04x}" for j in range(0, len(u), 2))
-    return "".join(out)
-
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("reading official HDF5 files needs h5py: pip install 'ilias-core[hdf5]'") from None
-    return h5py
-
-
-def import_hdf5(
-    sources: Sequence[str | os.PathLike],
-    dest: str | os.PathLike,
-    chunk_rows: int = 65536,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
-    progress=None,
-) -> Store:
-    """Imports official feature files (`features` + `index` datasets), in order, into one store.
-
-    Streams chunk by chunk and resumes: rows already in `dest` are skipped.
-    """
-    h5py = _h5py()
-    files = [Path(s) for s in sources]
-    layout = []
-    for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: no such file")
-        with h5py.File(f, "r") as h:
-            for name in ("features", "index"):
-                if name not in h:
-                    raise StoreFormatError(f"{f}: no '{name}' dataset (expected the official layout: features + index)")
-            feats, index = h["features"], h["index"]
-            if feats.ndim != 2 or index.shape[0] != feats.shape[0]:
-                raise StoreFormatError(f"{f}: features {feats.shape} and index {index.shape} do not match")
-            layout.append((feats.shape[0], feats.shape[1]))
-    dims = {d for _, d in layout}
-    if len(dims) != 1:
-        raise StoreFormatError(f"files have different dimensions {sorted(dims)}: {', '.join(map(str, files))}")
-    dim = dims.pop()
-    total = sum(n for n, _ in layout)
-    writer = StoreWriter(
-        dest, dim, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]}
-    )
-    skip = writer.committed
-    if progress:
-        progress.total = total
-        progress.update(skip)
-    with writer:
-        offset = 0
-        for f, (n, _) in zip(files, layout):
-            if skip >= offset + n:
-                offset += n
-                continue
-            with h5py.File(f, "r") as h:
-                feats, index = h["features"], h["index"]
-                for lo in range(max(0, skip - offset), n, chunk_rows):
-                    hi = min(lo + chunk_rows, n)
-                    ids = [decode_official_id(i) for i in index[lo:hi]]
-                    writer.append(np.asarray(feats[lo:hi]), ids)
-                    if progress:
-                        progress.update(hi - lo)
-            offset += n
-    return Store.open(dest)
-
-
-def export_hdf5(store: Store, dest: str | os.PathLike, chunk_rows: int = 65536, progress=None) -> Path:
-    """Writes a store as one official feature file (float16 `features`, ASCII `index`)."""
-    h5py = _h5py()
-    dest = Path(dest)
-    if progress:
-        progress.total = store.count
-    with atomic_path(dest) as tmp, h5py.File(tmp, "w") as h:
-        feats = h.create_dataset("features", (store.count, store.dim), dtype="float16")
-        index = h.create_dataset("index", (store.count,), dtype=h5py.string_dtype("ascii"))
-        lo = 0
-        for v, ids in store.iter_chunks(chunk_rows):
-            feats[lo : lo + len(v)] = np.asarray(v, dtype=np.float16)
-            index[lo : lo + len(v)] = [encode_official_id(i.decode("utf-8")) for i in ids]
-            lo += len(v)
-            if progress:
-                progress.update(len(v))
-    return dest
-
-
-def import_npy(
-    source: str | os.PathLike,
-    dest: str | os.PathLike,
-    ids: Sequence[str] | None = None,
-    chunk_rows: int = 65536,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
-    progress=None,
-) -> Store:
-    """Imports a (n, dim) .npy matrix; without ids, rows are named by their number."""
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such file")
-    try:
-        arr = np.load(source, mmap_mode="r")
-    except ValueError as e:
-        raise StoreFormatError(f"{source}: not a readable .npy file ({e})") from None
-    if arr.ndim != 2 or arr.dtype.kind != "f":
-        raise StoreFormatError(f"{source}: expected a 2-D float array, found {arr.dtype} {arr.shape}")
-    if ids is not None and len(ids) != len(arr):
-        raise ValueError(f"ids: {len(ids)} ids for {len(arr)} rows of {source}")
-    writer = StoreWriter(dest, arr.shape[1], shard_rows=shard_rows, provenance={"imported_from": [source.name]})
-    if progress:
-        progress.total = len(arr)
-        progress.update(writer.committed)
-    with writer:
-        for lo in range(writer.committed, len(arr), chunk_rows):
-            hi = min(lo + chunk_rows, len(arr))
-            chunk_ids = ids[lo:hi] if ids is not None else [str(i) for i in range(lo, hi)]
-            writer.append(arr[lo:hi], chunk_ids)
-            if progress:
-                progress.update(hi - lo)
-    return Store.open(dest)

@@ -11,8 +11,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..interop import export_hdf5
     from ..progress import Progress
-    from ..store import Store, export_hdf5
+    from ..store import Store
 
     store = Store.open(args.store)
     with Progress("export") as bar:

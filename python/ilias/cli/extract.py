@@ -69,10 +69,10 @@ def run(args) -> int:
         folder_sources,
         list_items,
         piece_from_env,
-        read_id_list,
         select,
         tar_sources,
     )
+    from ..groundtruth import read_id_list
     from ..models import build_image_encoder, build_text_encoder, get_spec
 
     spec = get_spec(args.model)

@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..interop import import_hdf5, import_npy
     from ..progress import Progress
-    from ..store import import_hdf5, import_npy
 
     sources = [Path(s) for s in args.sources]
     suffixes = {s.suffix.lower() for s in sources}

@@ -43,45 +43,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def parse_tier(text: str, db):
-    """NAME=SPEC (see the module docs) as a Tier over the stores `db`."""
-    from ..evaluate import read_id_list
-    from ..search import Tier, mini_ilias_keep
-
-    name, sep, spec = text.partition("=")
-    if not sep or not name or not spec:
-        raise ValueError(f"--tier {text!r}: expected NAME=SPEC (SPEC: all, +N or a keys file)")
-    if spec == "all":
-        return Tier(name)
-    if spec.startswith("+"):
-        try:
-            extra = int(spec[1:].replace("_", "").replace(",", ""))
-        except ValueError:
-            raise ValueError(f"--tier {text!r}: +N needs a whole number of rows") from None
-        total = sum(s.count for s in db)
-        return Tier(name, min(db[0].count + extra, total), setting="")
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"--tier {text!r}: {spec}: no such keys file")
-    return Tier(name, None, mini_ilias_keep(db, read_id_list(spec)), setting="mini")
-
-
 def run(args) -> int:
+    from ..database import Database
     from ..search import Tier, search_tiers
-    from ..store import open_stores
 
-    queries = [s for q in args.queries for s in open_stores(q)]
-    db = [s for d in args.db for s in open_stores(d)]
+    queries = Database.of(args.queries).stores
+    db = Database.of(args.db)
     out = Path(args.out)
-    fmt = args.format or {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(out.suffix.lower(), "npz")
     common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)
     if args.tier and args.mini:
         raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
-    mini = parse_tier(f"mini={args.mini}", db) if args.mini else None
+    mini = Tier.parse(f"mini={args.mini}", db) if args.mini else None
     keep = mini.keep if mini else None
     if args.codes:
         found, outputs = _search_codes(args, queries, db, keep), {"": out}
     elif args.tier:
-        tiers = [parse_tier(t, db) for t in args.tier]
+        tiers = [Tier.parse(t, db) for t in args.tier]
         found = search_tiers(queries, db, tiers, **common)
         outputs = {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in found}
     else:
@@ -89,15 +66,8 @@ def run(args) -> int:
         found = {"": search_tiers(queries, db, [tier], **common)[tier.name]}
         outputs = {"": out}
     for name, results in found.items():
-        path = outputs[name]
-        if fmt == "json":
-            results.write_official_json(path)
-        elif fmt == "pickle":
-            results.write_official_pickle(path)
-        else:
-            results.save(path)
-        rows = results.info.get("tier_rows", sum(p.count for p in results.database))
-        print(f"{path}: {len(results):,} queries x {rows:,} rows, k={args.k}, {results.info['seconds']:.1f}s")
+        path = results.write(outputs[name], args.format)
+        print(f"{path}: {len(results):,} queries x {results.tier_rows:,} rows, k={args.k}, {results.stats.seconds:.1f}s")
     if args.measure_recall:
         from ..index import measure_recall
 

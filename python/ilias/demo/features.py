@@ -102,7 +102,7 @@ def sampled_keys(n: int) -> list[str]:
 
 def extract(data: Path, stores: Path, distractors: int, seed: int, progress=None) -> dict:
     """Writes `stores/{image_queries,positives,text_queries,distractors}` and `stores/model.npz`."""
-    from ..evaluate import read_id_list
+    from ..groundtruth import read_id_list
 
     core, ids = data / "ilias_core", data / "image_ids"
     tars = sorted((data / "distractors").glob("*.tar"))

@@ -20,7 +20,6 @@ from .datasets import (
     core_sources,
     folder_sources,
     list_items,
-    read_id_list,
     select,
     tar_sources,
     webdataset_key,
@@ -30,7 +29,7 @@ from .parts import Piece, merge_parts, piece_from_env
 from .transforms import ResizeLarge, make_transform, pad_amounts, padded_size, resize_large_size
 
 __all__ = [
-    "Items", "Source", "core_sources", "folder_sources", "tar_sources", "list_items", "read_id_list", "select",
+    "Items", "Source", "core_sources", "folder_sources", "tar_sources", "list_items", "select",
     "webdataset_key", "extract_images", "extract_texts", "default_device", "Piece", "piece_from_env",
     "open_parts", "merge_parts", "ResizeLarge", "make_transform", "resize_large_size", "pad_amounts", "padded_size",
 ]

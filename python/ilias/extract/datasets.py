@@ -27,8 +27,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..evaluate import read_id_list  # noqa: F401  (re-exported: id lists select items)
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CORE_KINDS = ("image_queries", "positives", "text_queries")
 
