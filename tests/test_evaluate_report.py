@@ -50,13 +50,28 @@ def test_report_json_and_markdown(dataset):
     assert "mAP per scale group" in md and "| animal-dog |" in md
 
 
-def test_setting_contradicting_the_database_warns(dataset):
+@pytest.mark.parametrize("rows, setting", [(100_004_715, "mini"), (4_715, "mini"), (10_004_715, None), (5_004_715, "full")])
+def test_a_setting_the_database_size_contradicts_is_not_placed(dataset, rows, setting):
+    # e.g. a mini-ILIAS filter that matched no distractor leaves the positives alone: ranking
+    # that among the published 5M numbers would be a plausible wrong answer
     _, gt, sims = dataset
     ev = evaluate(sims, gt, k=10)
-    ev.database_rows = 100_004_715
-    with pytest.warns(UserWarning, match="looks like 'full'"):
-        report = build_report(ev, setting="mini")
-    assert any("looks like 'full'" in w for w in report["warnings"])
+    ev.database_rows = rows
+    ev.setting = "mini" if setting is None else None  # a tier that says it is mini-ILIAS, or the user's --setting
+    with pytest.warns(UserWarning, match=f"not placed among the published .*{rows:,} rows"):
+        report = build_report(ev, setting=setting)
+    assert all(t["placement"] is None for t in report["tasks"].values())
+    assert report["config"]["setting"] is None
+    assert any("not placed" in w for w in report["warnings"])
+
+
+def test_a_database_of_neither_size_has_no_setting(dataset):
+    _, gt, sims = dataset
+    ev = evaluate(sims, gt, k=10)
+    ev.database_rows = 10_004_715  # positives + the first 10M distractors: neither mini nor full ILIAS
+    assert build_report(ev)["config"]["setting"] is None
+    ev.database_rows = 5_001_000  # mini-ILIAS with a few unreadable images skipped
+    assert build_report(ev)["config"]["setting"] == "mini"
 
 
 def test_cli_evaluate(dataset, capsys):

@@ -138,8 +138,17 @@ def test_mini_ilias_keep(tmp_path, rng):
         ["t0.tar/key1", "t0.tar/key22", "t1.tar/key3", "t1.tar/key333", "t2.tar/k"],
         shard_rows=2,
     )
-    keep = mini_ilias_keep([pos, dis], ["key3", "key22", "absent"])
+    with pytest.warns(UserWarning, match="1 of 3 keys are not in the database"):
+        keep = mini_ilias_keep([pos, dis], ["key3", "key22", "absent"], min_share=0.5)
     assert keep.tolist() == [True, True, True, False, True, True, False, False]
+    # ids of another form than the keys (tar/key.jpg against bare keys) match nothing: an error
+    # that shows both sides, never a "mini-ILIAS" of the positives alone
+    with pytest.raises(ValueError, match=r"only 0 of 2 keys match .*'key1.jpg'.*'t0.tar/key1'"):
+        mini_ilias_keep([pos, dis], ["key1.jpg", "key3.jpg"])
+    with pytest.raises(ValueError, match="only 2 of 3 keys"):
+        mini_ilias_keep([pos, dis], ["key3", "key22", "absent"])
+    with pytest.raises(ValueError, match="the list is empty"):
+        mini_ilias_keep([pos, dis], [])
 
 
 def test_results_roundtrip_and_official_formats(tmp_path, rng):

@@ -70,6 +70,7 @@ def test_writer_rejects_bad_rows(tmp_path, rng):
         w.append(bad, ["a", "b", "c"])
     with pytest.raises(ValueError, match="overflow float16"):
         w.append(np.full((1, 4), 1e6), ["a"])
+    w.abort()  # one writer at a time: the next ones would find the store locked
     with pytest.raises(ValueError, match="existing store has dim 4"):
         StoreWriter(tmp_path / "s", dim=5)
     with pytest.raises(FileExistsError):

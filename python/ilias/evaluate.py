@@ -54,6 +54,7 @@ class RankedLists:
     source: str
     database_rows: int | None = None  # database size, when the source records it
     setting: str | None = None  # the published setting the results answer (mini, full), "" for none
+    warnings: list[str] = field(default_factory=list)  # about the data the results came from
 
 
 def read_results(results, gt: GroundTruth) -> RankedLists:
@@ -90,6 +91,7 @@ def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> Rank
         # a tier of a one-pass search answers a part of the database: its own size counts
         r.tier_rows or None,
         r.setting,
+        list(r.warnings),
     )
 
 
@@ -204,6 +206,8 @@ def evaluate(
         gt = load_ground_truth(gt)
     lists = read_results(results, gt)
     notes: list[str] = []
+    for message in lists.warnings:
+        _note(notes, f"{lists.source}: searched with a warning: {message}")
     _check(lists, gt, k, notes)
 
     inst_names = sorted({instance_of(p) for p in gt.positives} | {instance_of(q) for q in lists.query_ids})

@@ -8,6 +8,7 @@ stream chunk by chunk into a `StoreWriter` and resume after the rows already wri
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from ._core import StoreFormatError
 from ._io import atomic_path
-from .store import DEFAULT_SHARD_ROWS, Store, StoreWriter
+from .store import DEFAULT_SHARD_ROWS, Store, StoreWriter, file_source
 
 _ESCAPE = re.compile(r"#U([0-9a-fA-F]{4})")
 
@@ -60,10 +61,12 @@ def import_hdf5(
     chunk_rows: int = 65536,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     progress=None,
+    replace: bool = False,
 ) -> Store:
     """Imports official feature files (`features` + `index` datasets), in order, into one store.
 
-    Streams chunk by chunk and resumes: rows already in `dest` are skipped.
+    Streams chunk by chunk and resumes: rows already in `dest` are skipped. A store imported
+    from other files is an error unless `replace` (then it is written anew and swapped in).
     """
     h5py = _h5py()
     files = [Path(s) for s in sources]
@@ -85,7 +88,8 @@ def import_hdf5(
     dim = dims.pop()
     total = sum(n for n, _ in layout)
     writer = StoreWriter(
-        dest, dim, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]}
+        dest, dim, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]},
+        source=file_source(files, shard_rows=shard_rows), expected=total, replace=replace,
     )
     skip = writer.committed
     if progress:
@@ -135,8 +139,10 @@ def import_npy(
     chunk_rows: int = 65536,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     progress=None,
+    replace: bool = False,
 ) -> Store:
-    """Imports a (n, dim) .npy matrix; without ids, rows are named by their number."""
+    """Imports a (n, dim) .npy matrix; without ids, rows are named by their number. Resumes
+    like `import_hdf5`, and refuses another source unless `replace`."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file")
@@ -148,7 +154,10 @@ def import_npy(
         raise StoreFormatError(f"{source}: expected a 2-D float array, found {arr.dtype} {arr.shape}")
     if ids is not None and len(ids) != len(arr):
         raise ValueError(f"ids: {len(ids)} ids for {len(arr)} rows of {source}")
-    writer = StoreWriter(dest, arr.shape[1], shard_rows=shard_rows, provenance={"imported_from": [source.name]})
+    id_hash = None if ids is None else hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:32]
+    writer = StoreWriter(dest, arr.shape[1], shard_rows=shard_rows, provenance={"imported_from": [source.name]},
+                         source=file_source([source], shard_rows=shard_rows, ids=id_hash), expected=len(arr),
+                         replace=replace)
     if progress:
         progress.total = len(arr)
         progress.update(writer.committed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,6 +89,7 @@ class SearchResults:
     tier_rows: int | None = None
     setting: str | None = None
     stats: SearchStats | None = None
+    warnings: list[str] = field(default_factory=list)  # about the data searched, carried into reports
     db: "Database | None" = None
     # every returned row (sorted) and its id as UTF-8 bytes: a compact table, not 2M Python strings
     _rows: tuple[np.ndarray, np.ndarray] | None = None
@@ -130,6 +131,8 @@ class SearchResults:
         info.update(tier=self.tier, tier_rows=self.tier_rows)
         if self.setting is not None:
             info["setting"] = self.setting
+        if self.warnings:
+            info["warnings"] = self.warnings
         return info
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -188,6 +191,7 @@ class SearchResults:
             tier_rows=info.get("tier_rows"),
             setting=info.get("setting"),
             stats=SearchStats.from_dict(info) if "method" in info else None,
+            warnings=list(info.get("warnings", [])),
             _rows=rows,
         )
 

@@ -183,5 +183,6 @@ def results_of(db: Database, scores, indices, query_ids, k: int, stats: SearchSt
         tier_rows=tier.held(db),
         setting=tier.setting,
         stats=stats,
+        warnings=list(db.warnings),
         db=db,
     )

@@ -15,10 +15,14 @@ complete shard: `StoreWriter.count` tells the caller how many rows to skip.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -33,6 +37,12 @@ FORMAT = "ilias-store"
 VERSION = 1
 DEFAULT_SHARD_ROWS = 1_000_000
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+# Ids are stored fixed-width, so one long id widens every id of its shard: ILIAS ids are under
+# 100 bytes, and a limit keeps a stray path or a whole caption from making a shard of gigabytes.
+MAX_ID_BYTES = 1024
+# A sane bound on a vector's dimension (the largest ILIAS models give 1,536).
+MAX_DIM = 1 << 16
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # A fixed header size (numpy pads to 64 bytes; 128 holds any 2-D shape) lets a shard be
 # streamed to disk before its row count is known and its header rewritten in place at the end.
 _HEADER_BYTES = 128
@@ -59,6 +69,8 @@ def encode_ids(ids: Iterable, what: str = "ids") -> list[bytes]:
             raise TypeError(f"{what}: expected str or bytes ids, got {type(i).__name__}")
         if not b or b.endswith(b"\0"):
             raise ValueError(f"{what}: ids must be non-empty and must not end with a NUL byte: {b!r}")
+        if len(b) > MAX_ID_BYTES:
+            raise ValueError(f"{what}: id {len(out)} is {len(b):,} bytes long, over the limit of {MAX_ID_BYTES:,} ({b[:40]!r}...)")
         out.append(b)
     return out
 
@@ -75,7 +87,8 @@ def content_fingerprint(dim: int, dtype: str, shards: Sequence["ShardInfo"]) -> 
 class ShardInfo:
     name: str
     count: int
-    sha256: str | None = None
+    sha256: str | None = None  # of the vectors' data section
+    ids_sha256: str | None = None  # of the whole ids file
 
 
 @dataclass
@@ -85,6 +98,13 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     normalized: bool | None = None
     provenance: dict = field(default_factory=dict)
+    # what the rows are written from (source files, writer parameters): a writer given another
+    # source refuses to add to the store, so that one store never mixes two inputs
+    source: dict | None = None
+    expected: int | None = None  # the rows the store holds when complete, where known
+    # False from the moment a writer opens the store until it closes it with every row written:
+    # a killed writer leaves a store that is valid but says it is partial
+    complete: bool = True
 
     @property
     def count(self) -> int:
@@ -99,7 +119,11 @@ class Manifest:
                 "dtype": self.dtype,
                 "count": self.count,
                 "normalized": self.normalized,
-                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
+                "complete": self.complete,
+                "expected": self.expected,
+                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256, "ids_sha256": s.ids_sha256}
+                           for s in self.shards],
+                "source": self.source,
                 "provenance": self.provenance,
             },
             indent=1,
@@ -114,6 +138,8 @@ class Manifest:
             raise FileNotFoundError(f"{path}: missing; {store} is not an ilias store")
         try:
             m = json.loads(path.read_text())
+            if not isinstance(m, dict):
+                raise StoreFormatError(f"{path}: expected a JSON object, found {type(m).__name__}")
             if m.get("format") != FORMAT:
                 raise StoreFormatError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
             if m.get("version") != VERSION:
@@ -122,10 +148,21 @@ class Manifest:
                 )
             if m["dtype"] not in _DTYPES:
                 raise StoreFormatError(f"{path}: dtype {m['dtype']!r} (expected float16 or float32)")
-            shards = [ShardInfo(s["name"], int(s["count"]), s.get("sha256")) for s in m["shards"]]
-            man = cls(int(m["dim"]), m["dtype"], shards, m.get("normalized"), m.get("provenance") or {})
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            shards = [ShardInfo(s["name"], int(s["count"]), s.get("sha256"), s.get("ids_sha256")) for s in m["shards"]]
+            expected = None if m.get("expected") is None else int(m["expected"])
+            man = cls(int(m["dim"]), m["dtype"], shards, m.get("normalized"), m.get("provenance") or {},
+                      m.get("source"), expected, bool(m.get("complete", True)))
+        except UnicodeDecodeError:
+            raise StoreFormatError(f"{path}: not a text file") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, StoreFormatError):
+                raise
             raise StoreFormatError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+        if not 1 <= man.dim <= MAX_DIM:
+            raise StoreFormatError(f"{path}: dim {man.dim} is out of range (1 to {MAX_DIM:,})")
+        for sh in man.shards:
+            if not _SHARD_NAME.match(sh.name) or sh.count < 0:
+                raise StoreFormatError(f"{path}: bad shard entry {sh.name!r} ({sh.count} rows)")
         if man.count != m.get("count", man.count):
             raise StoreFormatError(f"{path}: count {m['count']} disagrees with the sum of its shards {man.count}")
         return man
@@ -138,6 +175,7 @@ class Store:
         self.path = path
         self.manifest = manifest
         self._starts = np.cumsum([0] + [s.count for s in manifest.shards])
+        self._ids_checked: set[int] = set()
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
@@ -147,6 +185,8 @@ class Store:
         store = cls(path, man)
         for i, s in enumerate(man.shards):
             vec_path = store.shard_path(i)
+            for f in (vec_path, store.ids_path(i)):
+                _regular_file(f)
             dtype, rows, dim = _core.inspect_shard(str(vec_path), man.dim)
             if dtype != man.dtype or rows != s.count:
                 raise StoreFormatError(
@@ -214,6 +254,16 @@ class Store:
         except ValueError as e:
             raise StoreFormatError(f"{self.ids_path(i)}: {e}") from None
 
+    def checked_ids(self, i: int) -> np.ndarray:
+        """`ids(i)`, its checksum verified the first time (the ids that results report: a
+        corrupt ids file would put wrong names on right rows)."""
+        if i not in self._ids_checked:
+            want = self.manifest.shards[i].ids_sha256
+            if want is not None and _file_sha256(self.ids_path(i)) != want:
+                raise StoreFormatError(f"{self.ids_path(i)}: checksum mismatch (the ids changed or are corrupt)")
+            self._ids_checked.add(i)
+        return self.ids(i)
+
     def iter_chunks(self, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vectors, ids) in store order, `rows` at a time (never more than one shard)."""
         for i in range(self.num_shards):
@@ -255,7 +305,7 @@ class Store:
         a search over 100M rows never holds more than one id shard's pages.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        parts = [(where, self.ids(s)[local]) for s, local, where in self._split(rows)]
+        parts = [(where, self.checked_ids(s)[local]) for s, local, where in self._split(rows)]
         width = max((p.dtype.itemsize for _, p in parts), default=1)
         out = np.zeros(rows.size, dtype=f"S{width}")
         for where, p in parts:
@@ -271,8 +321,10 @@ class Store:
         return out.reshape(*rows.shape, self.dim)
 
     def verify(self) -> None:
-        """Recomputes each shard's checksum against the manifest (reads the whole store)."""
+        """Recomputes each shard's checksums against the manifest (reads the whole store)."""
         for i, s in enumerate(self.manifest.shards):
+            self._ids_checked.discard(i)
+            self.checked_ids(i)
             if s.sha256 is None:
                 continue
             v = self.vectors(i)
@@ -282,6 +334,28 @@ class Store:
                 h.update(flat[lo : lo + (1 << 26)])
             if h.hexdigest() != s.sha256:
                 raise StoreFormatError(f"{self.shard_path(i)}: checksum mismatch (the data changed or is corrupt)")
+
+
+def _regular_file(path: Path) -> None:
+    """A shard must be a plain file: opening a FIFO would wait forever, a device would read garbage."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing shard file") from None
+    if not stat.S_ISREG(mode):
+        raise StoreFormatError(f"{path}: not a regular file")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class StoreLockedError(OSError):
+    """Another writer holds the store."""
 
 
 class StoreWriter:
@@ -300,36 +374,66 @@ class StoreWriter:
         normalized: bool | None = None,
         provenance: dict | None = None,
         resume: bool = True,
+        source: dict | None = None,
+        expected: int | None = None,
+        replace: bool = False,
     ):
+        """`source`: what the rows come from (files with sizes and sample hashes, parameters);
+        resuming a store written from another source is an error unless `replace`, which writes
+        the store anew beside the old one and swaps them when it is complete. `expected`: the
+        rows the store will hold, when known; it is marked complete only when it holds them."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not supported (expected float16 or float32)")
-        if dim < 1:
-            raise ValueError(f"dim: must be at least 1, got {dim}")
+        if not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"dim: must be 1 to {MAX_DIM:,}, got {dim}")
         if shard_rows < 1:
             raise ValueError(f"shard_rows: must be at least 1, got {shard_rows}")
-        self.path = Path(path)
+        if expected is not None and expected < 0:
+            raise ValueError(f"expected: must be at least 0, got {expected}")
+        self.final = Path(path)
+        self.path = self.final
         self.shard_rows = shard_rows
-        (self.path / "shards").mkdir(parents=True, exist_ok=True)
-        if (self.path / "manifest.json").exists():
-            if not resume:
-                raise FileExistsError(f"{self.path}: a store already exists here (resume it or choose another path)")
-            man = Manifest.read(self.path)
-            if man.dim != dim or man.dtype != dtype:
-                raise ValueError(
-                    f"{self.path}: existing store has dim {man.dim} {man.dtype}, cannot append dim {dim} {dtype}"
-                )
-            self.manifest = man
-        else:
-            self.manifest = Manifest(dim, dtype, [], normalized, provenance or {})
+        self._locks = [_lock(self.final)]
+        try:
+            if replace and (self.final / "manifest.json").exists():
+                # written beside the old store, swapped in by close(): readers see one or the other
+                self.path = self.final.with_name(f".{self.final.name}.replacing")
+                shutil.rmtree(self.path, ignore_errors=True)
+                self._locks.append(_lock(self.path))
+            (self.path / "shards").mkdir(parents=True, exist_ok=True)
+            if (self.path / "manifest.json").exists():
+                if not resume:
+                    raise FileExistsError(f"{self.path}: a store already exists here (resume it or choose another path)")
+                man = Manifest.read(self.path)
+                if man.dim != dim or man.dtype != dtype:
+                    raise ValueError(
+                        f"{self.path}: existing store has dim {man.dim} {man.dtype}, cannot append dim {dim} {dtype}"
+                    )
+                for what, old, new in (("source", man.source, source), ("expected rows", man.expected, expected)):
+                    if old is not None and new is not None and old != new:
+                        raise StoreSourceError(
+                            f"{self.path}: holds rows written from another input ({what} {_brief(old)}, "
+                            f"not {_brief(new)}); replace it (--replace) or choose another path"
+                        )
+                man.source = source if source is not None else man.source
+                man.expected = expected if expected is not None else man.expected
+                self.manifest = man
+            else:
+                self.manifest = Manifest(dim, dtype, [], normalized, provenance or {}, source, expected)
+            if provenance:
+                self.manifest.provenance.update(provenance)
+            self.manifest.complete = False
             self._write_manifest()
-        if provenance:
-            self.manifest.provenance.update(provenance)
+        except BaseException:
+            self._unlock()
+            raise
         self._np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
         self._file = None
         self._rows = 0
         self._ids: list[bytes] = []
         self._hash = None
         self._all_normalized = True
+        self._collapsed = 0  # rows that float16 could not hold faithfully (underflow)
 
     @property
     def count(self) -> int:
@@ -365,9 +469,16 @@ class StoreWriter:
             converted = np.ascontiguousarray(vectors, dtype=self._np_dtype)
         if len(converted) and not np.isfinite(converted).all():
             raise ValueError(f"vectors: values overflow {self.manifest.dtype} (largest magnitude {np.abs(vectors).max()})")
-        if self.manifest.normalized is None and len(vectors):
-            norms = np.linalg.norm(converted.astype(np.float32), axis=1)
-            self._all_normalized &= bool(np.all(np.abs(norms - 1) < 1e-2))
+        if len(vectors):
+            stored = converted.astype(np.float32)
+            norms = np.sqrt(np.einsum("ij,ij->i", stored, stored))
+            if self._np_dtype.itemsize == 2:
+                # float16 keeps 11 bits down to 6e-5 only: rows of smaller values lose their direction
+                given = vectors.astype(np.float32, copy=False)
+                wanted = np.sqrt(np.einsum("ij,ij->i", given, given))
+                self._collapsed += int(np.count_nonzero(np.abs(norms - wanted) > 1e-2 * wanted))
+            if self.manifest.normalized is None:
+                self._all_normalized &= bool(np.all(np.abs(norms - 1) < 1e-2))
         lo = 0
         while lo < len(converted):
             if self._file is None:
@@ -403,30 +514,66 @@ class StoreWriter:
         width = max(len(i) for i in self._ids)
         with atomic_path(shards / f"{name}.ids.npy") as tmp:
             np.save(tmp, np.array(self._ids, dtype=f"S{width}"), allow_pickle=False)
+            ids_sha256 = _file_sha256(tmp)
         os.replace(self._tmp_path(), shards / f"{name}.npy")
         fsync_dir(shards)
-        self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest()))
+        self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest(), ids_sha256))
         self._write_manifest()
         self._rows = 0
         self._ids = []
 
     def close(self) -> "Store":
-        """Writes the last (partial) shard and the final manifest; returns the store opened."""
-        if self._file is not None and self._rows:
-            self._finish_shard()
-        self._discard()
-        if self.manifest.normalized is None and self.manifest.count:
-            self.manifest.normalized = self._all_normalized
+        """Writes the last (partial) shard and the final manifest, marked complete when the store
+        holds the rows expected; returns the store opened."""
+        try:
+            if self._file is not None and self._rows:
+                self._finish_shard()
+            self._drop_partial()
+            man = self.manifest
+            if man.normalized is None and man.count:
+                man.normalized = self._all_normalized
+            if man.expected is not None and man.count != man.expected:
+                self._write_manifest()
+                if self.path != self.final:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise ValueError(f"{self.final}: holds {man.count:,} of the {man.expected:,} rows expected; it stays incomplete")
+            man.complete = True
             self._write_manifest()
-        return Store.open(self.path)
+            if self._collapsed:
+                warnings.warn(
+                    f"{self.final}: {self._collapsed:,} rows lost more than 1% of their norm in float16 (values under "
+                    "6e-5 underflow); store them as float32 (dtype='float32') or scale them up",
+                    stacklevel=2,
+                )
+            if self.path != self.final:
+                _swap_in(self.path, self.final)
+                self.path = self.final
+        finally:
+            self._unlock()
+        return Store.open(self.final)
 
-    def _discard(self) -> None:
+    def _drop_partial(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self._tmp_path().unlink(missing_ok=True)
         self._rows = 0
         self._ids = []
+
+    def abort(self) -> None:
+        """Stops without completing: complete shards stay (the resume point), the partial one goes."""
+        self._drop_partial()
+        if self.path != self.final:
+            shutil.rmtree(self.path, ignore_errors=True)  # a failed replacement leaves the old store as it was
+        self._unlock()
+
+    def _unlock(self) -> None:
+        for fd in getattr(self, "_locks", ()):
+            os.close(fd)  # closing the descriptor releases its lock
+        self._locks = []
+
+    def __del__(self) -> None:
+        self._unlock()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -436,14 +583,66 @@ class StoreWriter:
             self.close()
         else:
             # keep only complete shards: the resume point stays exact
-            self._discard()
+            self.abort()
 
 
 def write_store(path, vectors: np.ndarray, ids: Sequence, **kwargs) -> Store:
     """Writes a whole array as a new store (a convenience for small data and tests)."""
-    with StoreWriter(path, dim=np.asarray(vectors).shape[1], resume=False, **kwargs) as w:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors: expected shape (n, dim), got {vectors.shape}")
+    with StoreWriter(path, dim=vectors.shape[1], resume=False, **kwargs) as w:
         w.append(vectors, ids)
     return Store.open(path)
+
+
+def file_source(paths: Sequence[str | os.PathLike], **params) -> dict:
+    """A store's `source` for rows read from files: each file's name, size and a hash of its
+    first and last MiB (cheap on 100 GB, and blind to a copy's new modification time), plus the
+    writer's parameters."""
+    files = []
+    for p in map(Path, paths):
+        size = p.stat().st_size
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+        files.append({"name": p.name, "size": size, "sample_sha256": h.hexdigest()[:32]})
+    return {"files": files, **params}
+
+
+class StoreSourceError(ValueError):
+    """A store holds rows of another input than the one being written into it."""
+
+
+def _brief(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _lock(store: Path) -> int:
+    """An advisory lock on `store` (its `.lock` file), held until the descriptor is closed; a
+    second writer of the same store fails at once instead of interleaving its shards."""
+    store.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(f"{store}: another process is writing this store (its .lock is held)") from None
+    return fd
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replaces the store `final` by the complete store `new`: two renames, the old one removed."""
+    old = final.with_name(f".{final.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- stores written in pieces

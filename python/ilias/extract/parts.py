@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from .._io import atomic_write
-from ..store import Manifest, ShardInfo, Store, part_dirs
+from ..store import Manifest, Store, part_dirs
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def merge_parts(out: str | os.PathLike) -> Store:
             name = f"{len(shards):05d}"
             for src, suffix in ((part.shard_path(i), ".npy"), (part.ids_path(i), ".ids.npy")):
                 _link(src, out / "shards" / f"{name}{suffix}")
-            shards.append(ShardInfo(name, s.count, s.sha256))
+            shards.append(replace(s, name=name))
     provenance = {k: v for k, v in first.provenance.items() if k not in ("piece", "skipped")}
     provenance.update(skipped=skipped, merged_from=len(parts))
     merged = Manifest(first.dim, first.dtype, shards, first.normalized, provenance)

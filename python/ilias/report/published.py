@@ -11,8 +11,10 @@ from importlib import resources
 
 # setting -> (column of the table, words for people)
 SETTINGS = {"mini": ("map_5M", "mini-ILIAS, 5M distractors"), "full": ("map_100M", "ILIAS, 100M distractors")}
-# a database this large or larger is full ILIAS; anything under a million rows is neither setting
-FULL_FROM_ROWS, SETTING_FROM_ROWS = 50_000_000, 1_000_000
+# the database of each setting: the 4,715 positives and 5M or 100M distractors; a database within
+# 1% of it counts (extraction skips the few unreadable images), any other size is neither setting
+SETTING_ROWS = {"mini": 5_004_715, "full": 100_004_715}
+SETTING_TOLERANCE = 0.01
 
 
 @lru_cache(maxsize=None)
@@ -59,7 +61,13 @@ def place(map_value: float, task: str, setting: str) -> Placement | None:
     return Placement(task, setting, len(above) + 1, len(table) + 1, above[-1] if above else None, below[0] if below else None)
 
 
+def size_matches(setting: str, database_rows: int) -> bool:
+    """Whether a database of `database_rows` rows is the size of `setting`'s."""
+    return abs(database_rows - SETTING_ROWS[setting]) <= SETTING_TOLERANCE * SETTING_ROWS[setting]
+
+
 def infer_setting(database_rows: int | None) -> str | None:
-    if database_rows is None or database_rows < SETTING_FROM_ROWS:
+    """The setting a database of this size is (None: neither, or size unknown)."""
+    if database_rows is None:
         return None
-    return "full" if database_rows >= FULL_FROM_ROWS else "mini"
+    return next((s for s in SETTING_ROWS if size_matches(s, database_rows)), None)

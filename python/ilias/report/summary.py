@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .._io import atomic_write
 from ..evaluate import TASKS, Evaluation
-from .published import SETTINGS, infer_setting, place
+from .published import SETTING_ROWS, SETTINGS, infer_setting, place, size_matches
 
 REPORT_FORMAT, REPORT_VERSION = "ilias-evaluation", 1
 
@@ -26,11 +26,14 @@ def build_report(ev: Evaluation, setting: str | None = None, config: dict | None
     inferred = ev.setting if ev.setting is not None else infer_setting(ev.database_rows)
     if setting is not None and setting not in SETTINGS:
         raise ValueError(f"setting: {setting!r} is not one of {', '.join(SETTINGS)}")
-    if setting and inferred and setting != inferred:
-        msg = f"setting {setting!r} given, but the database has {ev.database_rows:,} rows, which looks like {inferred!r}"
+    setting = setting or inferred or None
+    if setting and ev.database_rows is not None and not size_matches(setting, ev.database_rows):
+        # a wrong placement looks as plausible as a right one: none at all
+        msg = (f"not placed among the published {SETTINGS[setting][1]} results: the database searched has "
+               f"{ev.database_rows:,} rows, not about {SETTING_ROWS[setting]:,}")
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
-    setting = setting or inferred or None
+        setting = None
     tasks = {}
     for name, t in ev.tasks.items():
         placement = place(t.map, name, setting) if setting else None
