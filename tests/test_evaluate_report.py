@@ -92,7 +92,7 @@ def test_cli_evaluate(dataset, capsys):
         (["missing.json", "--gt", "ilias"], "missing.json: no such results file"),
         (["r.json", "--gt", "nowhere"], "--gt nowhere: no such directory"),
         (["r.json", "--gt", "ilias", "--k", "1000"], "fewer than k=1000"),
-        (["r.json", "--gt", "ilias", "--k", "0"], "--k: must be at least 1"),
+        (["r.json", "--gt", "ilias", "--k", "0"], "argument --k: expected 1 to 100,000, got 0"),
     ],
 )
 def test_cli_user_errors_are_one_line(dataset, capsys, monkeypatch, args, message):

@@ -25,9 +25,9 @@ from . import _core
 from .database import Database
 from .progress import Progress
 from .results import SearchResults, SearchStats
-from .search import Tier, as_queries, results_of, search
+from .search import Tier, as_queries, check_memory, results_of, search
 
-KIND = re.compile(r"^(sq8|pq\d+(x4)?)$")
+KIND = re.compile(r"^(sq8|pq[1-9]\d*(x4)?)$")
 # shortlist sizes (x k) that reach recall@1000 >= 0.999 (sq8) and >= 0.95 (pq) on our benchmarks
 DEFAULT_SHORTLIST = {"sq8": 2, "pq": 10}
 
@@ -62,7 +62,7 @@ def build_index(
     db = Database.of(database)
     check_kind(kind)
     m = re.match(r"pq(\d+)", kind)
-    if m and db.dim % int(m.group(1)):
+    if m and (int(m.group(1)) > db.dim or db.dim % int(m.group(1))):
         raise ValueError(f"codes {kind}: the dimension {db.dim} is not a multiple of {m.group(1)} subquantizers")
     path = Path(out) if out is not None else default_path(db, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +130,7 @@ def search_codes(
         shortlist = k * DEFAULT_SHORTLIST["sq8" if info["kind"] == "sq8" else "pq"]
     if shortlist < k:
         raise ValueError(f"shortlist: {shortlist} is smaller than k = {k}")
+    check_memory(len(q), shortlist, 1, threads)
     keep = None if keep is None else np.ascontiguousarray(keep, dtype=bool)
     t0 = time.monotonic()
     with Progress(f"search {info['kind']}", total=db.count, enabled=progress) as bar:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import zipfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ._io import atomic_path, atomic_write
+from ._io import atomic_path
 
 if TYPE_CHECKING:
     from .database import Database
@@ -137,7 +140,9 @@ class SearchResults:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Saves to one .npz (scores, indices, ids of the returned rows, metadata), atomically."""
-        path = Path(path)
+        return self.write(path, "npz")
+
+    def _write_npz(self, f) -> None:
         rows, ids = self.returned_rows()
         meta = {
             "format": RESULTS_FORMAT,
@@ -147,17 +152,15 @@ class SearchResults:
             "info": self._info(),
         }
         qids = [q.encode("utf-8") for q in self.query_ids]
-        with atomic_path(path) as tmp:
-            np.savez(
-                tmp,
-                scores=self.scores,
-                indices=self.indices,
-                query_ids=np.array(qids, dtype=f"S{max(map(len, qids), default=1)}"),
-                row_index=rows,
-                row_ids=ids,
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            )
-        return path
+        np.savez(
+            f,
+            scores=self.scores,
+            indices=self.indices,
+            query_ids=np.array(qids, dtype=f"S{max(map(len, qids), default=1)}"),
+            row_index=rows,
+            row_ids=ids,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SearchResults":
@@ -170,8 +173,10 @@ class SearchResults:
                 scores, indices = z["scores"], z["indices"]
                 qids = [q.decode("utf-8") for q in z["query_ids"]]
                 rows = (z["row_index"], z["row_ids"])
-        except (KeyError, OSError, ValueError) as e:
+        except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a readable ilias results file ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("k"), int) or not isinstance(meta.get("database"), list):
+            raise ValueError(f"{path}: not a readable ilias results file (its metadata is not ours)")
         if meta.get("format") != RESULTS_FORMAT or meta.get("version") != RESULTS_VERSION:
             raise ValueError(
                 f"{path}: results format {meta.get('format')!r} v{meta.get('version')}, expected {RESULTS_FORMAT!r} v{RESULTS_VERSION}"
@@ -201,9 +206,7 @@ class SearchResults:
         return {q: dict(self.ranked(i)) for i, q in enumerate(self.query_ids)}
 
     def write_official_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        atomic_write(path, json.dumps(self.to_official_dict()))
-        return path
+        return self.write(path, "json")
 
     def to_official_pickle(self) -> dict:
         """`{"query_ids", "db_ids", "sims" (nq, k) float32, "ranks" (nq, k) into db_ids}`."""
@@ -213,24 +216,68 @@ class SearchResults:
         return {"query_ids": list(self.query_ids), "db_ids": db_ids, "sims": self.scores.astype(np.float32), "ranks": ranks}
 
     def write_official_pickle(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            pickle.dump(self.to_official_pickle(), f, protocol=4)
-        return path
+        return self.write(path, "pickle")
 
     def write(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
-        """Writes in `fmt` ("npz", "json", "pickle"; default: from the suffix, .npz otherwise)."""
-        fmt = fmt or format_of(path)
+        """Writes atomically in `fmt` ("npz", "json", "pickle"; default: from the suffix)."""
+        return write_all([(path, self)], fmt)[0]
+
+    def _write_to(self, f, fmt: str) -> None:
         if fmt == "json":
-            return self.write_official_json(path)
-        if fmt == "pickle":
-            return self.write_official_pickle(path)
-        return self.save(path)
+            f.write(json.dumps(self.to_official_dict()).encode())
+        elif fmt == "pickle":
+            pickle.dump(self.to_official_pickle(), f, protocol=4)
+        else:
+            self._write_npz(f)
 
 
-def format_of(path: str | os.PathLike) -> str:
-    """The results format a file name asks for: json, pickle or npz (the default)."""
-    return {".json": "json", ".pkl": "pickle", ".pickle": "pickle"}.get(Path(path).suffix.lower(), "npz")
+FORMATS = {".npz": "npz", ".json": "json", ".pkl": "pickle", ".pickle": "pickle"}
+
+
+def format_of(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The results format of a file: `fmt` when given, else from the suffix (.npz, .json, .pkl)."""
+    if fmt is not None:
+        if fmt not in FORMATS.values():
+            raise ValueError(f"format: {fmt!r} is not one of npz, json, pickle")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: unknown results suffix {suffix!r} (expected .npz, .json or .pkl, or give the format)")
+    return FORMATS[suffix]
+
+
+def write_all(items: Sequence[tuple[str | os.PathLike, SearchResults]], fmt: str | None = None) -> list[Path]:
+    """Writes several results files as one: each to a temporary name beside it, then all renamed
+    at the end, so that a failure leaves the old files as they were (never a new one beside an
+    old one of the same search)."""
+    with ExitStack() as stack:
+        for path, res in items:
+            tmp = stack.enter_context(atomic_path(path))
+            with open(tmp, "wb") as f:
+                res._write_to(f, format_of(path, fmt))
+    return [Path(p) for p, _ in items]
+
+
+def check_output(paths: Sequence[str | os.PathLike], fmt: str | None, nbytes: int) -> None:
+    """Checks before a search that its results can be written: a known format, a folder that is
+    (or can be made) writable, and `nbytes` free there."""
+    for path in map(Path, paths):
+        format_of(path, fmt)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder; give a results file name (.npz, .json or .pkl)")
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder}: cannot write the results here")
+        free = shutil.disk_usage(folder).free
+        if free < nbytes:
+            raise OSError(f"{folder}: {free / 1e9:.2f} GB free, the results need about {nbytes / 1e9:.2f} GB")
+
+
+def results_bytes(nq: int, k: int, fmt: str) -> int:
+    """About how large a results file of `nq` x `k` is (ids of about 48 bytes each)."""
+    per_item = {"npz": 12 + 48, "pickle": 12 + 60, "json": 80}[fmt]
+    return nq * k * per_item
 
 
 def read_results_file(path: str | os.PathLike) -> SearchResults | dict:
@@ -243,12 +290,19 @@ def read_results_file(path: str | os.PathLike) -> SearchResults | dict:
         return SearchResults.load(path)
     if suffix == ".json":
         try:
-            return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda p: _unique_keys(p, path))
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda p: _unique_keys(p, path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected the official {{query_id: {{db_id: similarity}}}} object, found a JSON {type(data).__name__}")
+        return data
     if suffix in (".pkl", ".pickle"):
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        # the official format is a pickle: open only files you trust, as with any pickle
+        try:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict) or not OFFICIAL_PICKLE_KEYS <= data.keys():
             raise ValueError(f"{path}: not an official similarity pickle (expected a dict with {sorted(OFFICIAL_PICKLE_KEYS)})")
         return data

@@ -157,6 +157,7 @@ def search_tiers(
         (db.count if t.rows is None else int(t.rows), None if t.keep is None else np.ascontiguousarray(t.keep, dtype=bool))
         for t in tiers
     ]
+    check_memory(len(q), k, len(tiers), threads)
     t0 = time.monotonic()
     with Progress("search", total=db.count, enabled=progress) as bar:
         scores, indices, stats = _core.exact_search(
@@ -168,6 +169,31 @@ def search_tiers(
         t.name: results_of(db, scores[i], indices[i], qids, k, st, tier=t)
         for i, t in enumerate(tiers)
     }
+
+
+def check_memory(nq: int, k: int, tiers: int, threads: int) -> None:
+    """Refuses, before anything is allocated, a search whose top-k buffers (each thread holds
+    1.5k candidates of 16 bytes per query and tier) and results would not fit in memory."""
+    workers = threads or os.cpu_count() or 1
+    need = tiers * nq * k * (workers * 1.5 * 16 + 12)
+    free = available_memory()
+    if free is not None and need > 0.8 * free:
+        raise ValueError(
+            f"k = {k:,}: {nq:,} queries x {tiers} tier(s) on {workers} thread(s) need about {need / 1e9:.1f} GB "
+            f"of top-k buffers, more than the {free / 1e9:.1f} GB available; lower k, threads or the tiers"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def results_of(db: Database, scores, indices, query_ids, k: int, stats: SearchStats, tier: Tier | None = None) -> SearchResults:

@@ -23,16 +23,24 @@ COMMANDS = {
     "extract": "extract",
     "demo": "demo",
     "run": "run",
+    "bench": "bench",
 }
 
 # the errors a user can cause and fix; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError, IndexError)
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad option is a user error like any other: one line, exit code 1."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ilias",
         description="ILIAS benchmark toolkit: vector stores, exact search, official evaluation.",
     )
@@ -51,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (already printed)
+        return int(e.code or 0)
     if not getattr(args, "run", None):
         parser.print_help()
         return 1

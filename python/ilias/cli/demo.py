@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .options import NON_NEGATIVE, THREADS
+
 
 def _default_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -21,7 +23,7 @@ def _default_dir() -> Path:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the pipeline on built-in demo data", description=__doc__)
     p.add_argument("--out", type=Path, default=None, help=f"work folder (default {_default_dir()})")
-    p.add_argument("--distractors", type=int, default=1_000_000, help="distractor store rows (default 1,000,000)")
+    p.add_argument("--distractors", type=NON_NEGATIVE, default=1_000_000, help="distractor store rows (default 1,000,000)")
     p.add_argument(
         "--distractor-images", type=int, default=6000, help="distractor images rendered into the tars (default 6,000)"
     )
@@ -31,7 +33,7 @@ def add_parser(sub) -> None:
         default=1000,
         help="object instances (default 1,000; queries and positives scale with them)",
     )
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
+    p.add_argument("--threads", type=THREADS, default=0, help="worker threads (default 0: all cores)")
     p.set_defaults(run=run)
 
 

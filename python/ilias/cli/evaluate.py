@@ -10,16 +10,18 @@ import sys
 import time
 import warnings
 
+from .options import THREADS, K
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="mAP@k of a results file, with category/scale/clutter reports", description=__doc__)
     p.add_argument("results", metavar="RESULTS", help="results file: .npz (ours), .json or .pkl (official)")
     p.add_argument("--gt", required=True, metavar="ILIAS_DIR", help="dataset folder with image_ids/ and taxonomy.json")
-    p.add_argument("--k", type=int, default=1000, help="evaluate the top k of each list (default 1000)")
+    p.add_argument("--k", type=K, default=1000, help="evaluate the top k of each list (default 1000)")
     p.add_argument("--json", metavar="OUT", help="write the full report (per query, per group, config) as JSON")
     p.add_argument("--md", metavar="OUT", help="write a Markdown summary")
     p.add_argument("--setting", choices=["mini", "full"], help="published numbers to compare with (default: from the database size)")
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
+    p.add_argument("--threads", type=THREADS, default=0, help="worker threads (default 0: all cores)")
     p.set_defaults(run=run)
 
 
@@ -27,8 +29,6 @@ def run(args) -> int:
     from ..evaluate import evaluate, load_ground_truth, read_results
     from ..report import build_report, write_json, write_markdown
 
-    if args.k < 1:
-        raise ValueError(f"--k: must be at least 1, got {args.k}")
     t0 = time.monotonic()
     gt = load_ground_truth(args.gt)
     _say(f"ground truth: {len(gt.image_queries):,} image + {len(gt.text_queries):,} text queries, "

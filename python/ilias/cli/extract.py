@@ -17,6 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .options import NON_NEGATIVE, POSITIVE, whole
+
 ALL_CORE = "image_queries,positives,text_queries"
 
 
@@ -38,13 +40,13 @@ def add_parser(sub) -> None:
     p.add_argument("--random-init", action="store_true", help="random weights (testing, benchmarks)")
     p.add_argument("--transform", choices=["resize_large", "model"], default="resize_large",
                    help="the paper's RESIZE_LARGE (default) or the model's own eval transform")
-    p.add_argument("--resolution", type=int, help="larger image side (default: the model's test resolution)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader decoding processes (default 4)")
+    p.add_argument("--resolution", type=whole(16, 8192), help="larger image side (default: the model's test resolution)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--workers", type=whole(0, 1024), default=4, help="DataLoader decoding processes (default 4)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: this process's GPU, else cpu)")
-    p.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per store shard (default 1,000,000)")
-    p.add_argument("--shard-id", type=int, help="this piece of a split run (0-based)")
-    p.add_argument("--num-shards", type=int, help="number of pieces of a split run")
+    p.add_argument("--shard-rows", type=POSITIVE, default=1_000_000, help="rows per store shard (default 1,000,000)")
+    p.add_argument("--shard-id", type=NON_NEGATIVE, help="this piece of a split run (0-based)")
+    p.add_argument("--num-shards", type=POSITIVE, help="number of pieces of a split run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

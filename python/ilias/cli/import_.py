@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .options import POSITIVE
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("import", help="import HDF5 feature files or a .npy matrix", description=__doc__)
     p.add_argument("sources", nargs="+", help="official .hdf5 feature files (in database order) or one .npy file")
     p.add_argument("--out", required=True, help="store directory to create or resume")
     p.add_argument("--ids", help="for .npy: a text file with one id per row (default: row numbers)")
-    p.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per shard (default 1,000,000)")
+    p.add_argument("--shard-rows", type=POSITIVE, default=1_000_000, help="rows per shard (default 1,000,000)")
     p.add_argument("--replace", action="store_true", help="replace a store imported from other files")
     p.set_defaults(run=run)
 
@@ -24,8 +26,6 @@ def run(args) -> int:
     from ..interop import import_hdf5, import_npy
     from ..progress import Progress
 
-    if args.shard_rows < 1:
-        raise ValueError(f"--shard-rows: must be at least 1, got {args.shard_rows}")
     sources = [Path(s) for s in args.sources]
     suffixes = {s.suffix.lower() for s in sources}
     with Progress("import") as bar:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import NON_NEGATIVE, SEED, THREADS, whole
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("index", help="build or inspect quantized codes of a database",
@@ -23,10 +25,10 @@ def add_parser(sub) -> None:
     b.add_argument("--db", nargs="+", default=[], help="the same stores (as `ilias search --db` takes them)")
     b.add_argument("--codes", required=True, metavar="KIND", help="sq8, pq<M> or pq<M>x4 (e.g. pq192x4)")
     b.add_argument("--out", help="codes file (default: codes/KIND.codes in the last store)")
-    b.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
-    b.add_argument("--sample", type=int, default=0, help="rows to train PQ on (default: 64 per centroid, >= 16384)")
-    b.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
-    b.add_argument("--seed", type=int, default=1234, help="training seed (default 1234)")
+    b.add_argument("--threads", type=THREADS, default=0, help="worker threads (default 0: all cores)")
+    b.add_argument("--sample", type=NON_NEGATIVE, default=0, help="rows to train PQ on (default: 64 per centroid, >= 16384)")
+    b.add_argument("--iters", type=whole(1, 10_000), default=20, help="k-means iterations (default 20)")
+    b.add_argument("--seed", type=SEED, default=1234, help="training seed (default 1234)")
     b.set_defaults(run=run_build)
     i = actions.add_parser("info", help="show what a codes file holds")
     i.add_argument("path")

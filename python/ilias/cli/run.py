@@ -9,6 +9,8 @@ an interruption.
 
 from __future__ import annotations
 
+from .options import POSITIVE, THREADS, K, whole
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="the whole benchmark for one model, resumable", description=__doc__)
@@ -17,14 +19,14 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="WORKDIR", help="work folder (stores, results, reports)")
     p.add_argument("--tars", nargs="+", help="distractor webdataset tars (or folders of them); none: positives only")
     p.add_argument("--distractors", default="full", help="full, mini (the mini-ILIAS list) or a number (default full)")
-    p.add_argument("-k", type=int, default=1000, help="neighbours per query (default 1000)")
+    p.add_argument("-k", type=K, default=1000, help="neighbours per query (default 1000)")
     p.add_argument("--weights", help="image tower weights file (offline use)")
     p.add_argument("--text-weights", help="text tower weights file (offline use)")
     p.add_argument("--random-init", action="store_true", help="random weights (testing the pipeline only)")
     p.add_argument("--device", help="torch device (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4, help="image decoding workers")
-    p.add_argument("--threads", type=int, default=0, help="search and evaluation threads (default 0: all cores)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--workers", type=whole(0, 1024), default=4, help="image decoding workers")
+    p.add_argument("--threads", type=THREADS, default=0, help="search and evaluation threads (default 0: all cores)")
     p.set_defaults(run=run)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import POSITIVE, THREADS, K
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,8 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--queries", nargs="+", required=True, help="query store(s); image and text queries share one pass")
     p.add_argument("--db", nargs="+", required=True, help="database stores, in order")
     p.add_argument("--out", required=True, help="results file (.npz); .json / .pkl write the official formats")
-    p.add_argument("-k", type=int, default=1000, help="neighbours per query (default 1000)")
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default 0: all cores)")
+    p.add_argument("-k", type=K, default=1000, help="neighbours per query (default 1000)")
+    p.add_argument("--threads", type=THREADS, default=0, help="worker threads (default 0: all cores)")
     p.add_argument("--mini", metavar="KEYS.txt", help="keep only positives (the first --db store) and these keys: mini-ILIAS")
     p.add_argument("--tier", action="append", default=[], metavar="NAME=SPEC",
                    help="a database answered in the same pass: SPEC is all, +N (positives + N rows after them) or a keys file")
@@ -35,38 +37,42 @@ def add_parser(sub) -> None:
     p.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto", help="kernel path")
     p.add_argument("--codes", metavar="KIND|PATH",
                    help="search with quantized codes (see `ilias index`): a shortlist rescored exactly")
-    p.add_argument("--shortlist", type=int, metavar="N", help="with --codes: candidates per query (default: 2k sq8, 10k pq)")
+    p.add_argument("--shortlist", type=POSITIVE, metavar="N", help="with --codes: candidates per query (default: 2k sq8, 10k pq)")
     p.add_argument("--no-rerank", action="store_true", help="with --codes: return the approximate scores")
-    p.add_argument("--measure-recall", type=int, nargs="?", const=100, metavar="N",
+    p.add_argument("--measure-recall", type=POSITIVE, nargs="?", const=100, metavar="N",
                    help="check recall@k against exact search on N sampled queries (default 100) and print it")
     p.add_argument("--format", choices=["npz", "json", "pickle"], help="output format (default: from the suffix)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="search stores whose writer did not finish (a warning, carried into the results and reports)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..database import Database
+    from ..results import check_output, format_of, results_bytes, write_all
     from ..search import Tier, search_tiers
 
-    queries = Database.of(args.queries).stores
-    db = Database.of(args.db)
+    queries = Database.of(args.queries, args.allow_incomplete).stores
+    db = Database.of(args.db, args.allow_incomplete)
     out = Path(args.out)
-    common = dict(k=args.k, threads=args.threads, simd=args.simd, method=args.method, progress=True)
     if args.tier and args.mini:
         raise ValueError("--mini: use --tier mini=KEYS.txt together with other tiers")
+    if args.codes and args.tier:
+        raise ValueError("--codes: tiers are answered by exact search only; use --mini for mini-ILIAS")
     mini = Tier.parse(f"mini={args.mini}", db) if args.mini else None
     keep = mini.keep if mini else None
+    tiers = [Tier.parse(t, db) for t in args.tier] or [mini or Tier("all")]
+    # one file per tier (RESULTS stem.name.suffix) when --tier names them, else RESULTS itself
+    outputs = {t.name: out.with_name(f"{out.stem}.{t.name}{out.suffix}") if args.tier else out for t in tiers}
+    nq = sum(s.count for s in queries)
+    check_output(outputs.values(), args.format, len(tiers) * results_bytes(nq, args.k, format_of(out, args.format)))
     if args.codes:
-        found, outputs = _search_codes(args, queries, db, keep), {"": out}
-    elif args.tier:
-        tiers = [Tier.parse(t, db) for t in args.tier]
-        found = search_tiers(queries, db, tiers, **common)
-        outputs = {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in found}
+        found = {tiers[0].name: _search_codes(args, queries, db, keep)}
     else:
-        tier = mini or Tier("all")
-        found = {"": search_tiers(queries, db, [tier], **common)[tier.name]}
-        outputs = {"": out}
-    for name, results in found.items():
-        path = results.write(outputs[name], args.format)
+        found = search_tiers(queries, db, tiers, k=args.k, threads=args.threads, simd=args.simd, method=args.method,
+                             progress=True)
+    paths = write_all([(outputs[name], r) for name, r in found.items()], args.format)
+    for path, results in zip(paths, found.values()):
         print(f"{path}: {len(results):,} queries x {results.tier_rows:,} rows, k={args.k}, {results.stats.seconds:.1f}s")
     if args.measure_recall:
         from ..index import measure_recall
@@ -78,11 +84,8 @@ def run(args) -> int:
     return 0
 
 
-def _search_codes(args, queries, db, keep) -> dict:
+def _search_codes(args, queries, db, keep):
     from ..index import search_codes
 
-    if args.tier:
-        raise ValueError("--codes: tiers are answered by exact search only; use --mini for mini-ILIAS")
-    results = search_codes(queries, db, args.codes, args.k, shortlist=args.shortlist, rerank=not args.no_rerank,
-                           keep=keep, threads=args.threads, progress=True)
-    return {"": results}
+    return search_codes(queries, db, args.codes, args.k, shortlist=args.shortlist, rerank=not args.no_rerank,
+                        keep=keep, threads=args.threads, progress=True)
