@@ -101,6 +101,10 @@ def run(args) -> int:
             items = select(items, wanted)
         jobs.append((Path(args.out), items))
 
+    if args.random_init:
+        import torch
+
+        torch.manual_seed(0)  # the same random weights in every run, so that a resumed store is one model's
     common = dict(device=args.device, shard_rows=args.shard_rows, progress=not args.quiet,
                   provenance={"piece": piece.name})
     encoder = text_encoder = None
