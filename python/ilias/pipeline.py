@@ -97,7 +97,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     from .evaluate import evaluate
     from .groundtruth import load_ground_truth, read_id_list
     from .report import build_report, write_html, write_json, write_markdown
-    from .results import SearchResults
+    from .results import SearchResults, write_all
     from .search import Tier, search_tiers, tier_name
 
     data, out = Path(cfg.data), Path(cfg.out)
@@ -142,8 +142,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
         if len(current) == len(paths):
             return "current"
         found = search_tiers(queries, db, tiers, cfg.k, threads=cfg.threads, progress=True)
-        for name, res in found.items():
-            res.save(paths[name])
+        write_all([(paths[name], res) for name, res in found.items()])  # all tiers together, or none
         return f"{len(queries)} query stores x {total:,} rows, {len(tiers)} tier(s)"
 
     step("search", search_step)

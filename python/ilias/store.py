@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import stat
+import tokenize
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,8 @@ class Store:
         """Shard `i` as a read-only memory-mapped (n_i, dim) array."""
         try:
             return np.load(self.shard_path(i), mmap_mode="r")
-        except ValueError as e:
-            raise StoreFormatError(f"{self.shard_path(i)}: {e}") from None
+        except (ValueError, SyntaxError, tokenize.TokenError, EOFError) as e:
+            raise StoreFormatError(f"{self.shard_path(i)}: not a readable .npy file ({type(e).__name__}: {e})") from None
 
     def ids(self, i: int) -> np.ndarray:
         """The ids of shard `i` as a memory-mapped bytes array."""
@@ -251,8 +252,9 @@ class Store:
             return np.load(self.ids_path(i), mmap_mode="r")
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.ids_path(i)}: missing id shard") from None
-        except ValueError as e:
-            raise StoreFormatError(f"{self.ids_path(i)}: {e}") from None
+        except (ValueError, SyntaxError, tokenize.TokenError, EOFError) as e:
+            # numpy parses a damaged header with Python's own tokenizer, whose errors are not ValueErrors
+            raise StoreFormatError(f"{self.ids_path(i)}: not a readable .npy file ({type(e).__name__}: {e})") from None
 
     def checked_ids(self, i: int) -> np.ndarray:
         """`ids(i)`, its checksum verified the first time (the ids that results report: a
