@@ -4,7 +4,8 @@
 
 Decode + resize runs in one process (one core), on JPEG photographs (scikit-image samples,
 re-encoded at ~500 px like the YFCC distractors and at ~1500 px like phone photos). The forward
-pass uses random weights and synthetic batches at the padded size of a 4:3 image.
+pass uses random weights and synthetic batches at the padded size of a 4:3 image. The same
+cases run as `pytest benches/test_bench_extract.py`.
 """
 
 import argparse
@@ -32,20 +33,39 @@ def jpegs(side):
     return out
 
 
+def transform(resolution):
+    return ResizeLarge(resolution, HALF[0], HALF[1], 16)
+
+
+def decode(tf, data):
+    """One image as extraction reads it: decode, RGB, RESIZE_LARGE and normalisation."""
+    return tf(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def decode_rate(data, tf, seconds):
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for b in data:
-            tf(Image.open(io.BytesIO(b)).convert("RGB"))
+            decode(tf, b)
             n += 1
     return n / (time.perf_counter() - t0)
 
 
-def forward_rate(arch, res, patch, batch, seconds):
-    enc = build_image_encoder(ModelSpec(arch, "timm", arch, None, res, patch=patch, mean=HALF[0], std=HALF[1]),
-                              pretrained=False)
+def encoder(arch, res, patch):
+    """A random-weight image encoder of `arch` at resolution `res`."""
+    return build_image_encoder(ModelSpec(arch, "timm", arch, None, res, patch=patch, mean=HALF[0], std=HALF[1]),
+                               pretrained=False)
+
+
+def batch_of(res, patch, batch):
+    """A synthetic batch at the padded size of a 640 x 480 image: (tensor, (w, h))."""
     w, h = padded_size(640, 480, res, patch)
-    x = torch.randn(batch, 3, h, w)
+    return torch.randn(batch, 3, h, w), (w, h)
+
+
+def forward_rate(arch, res, patch, batch, seconds):
+    enc = encoder(arch, res, patch)
+    x, (w, h) = batch_of(res, patch, batch)
     with torch.inference_mode():
         enc(x)  # warm-up
         n, t0 = 0, time.perf_counter()
@@ -60,12 +80,12 @@ def main():
     p.add_argument("--resolution", type=int, default=384)
     p.add_argument("--seconds", type=float, default=8)
     args = p.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tf = ResizeLarge(args.resolution, HALF[0], HALF[1], 16)
+    tf = transform(args.resolution)
     for side in (500, 1500):
         print(f"decode+resize_large {side}px JPEG -> R={args.resolution}: "
               f"{decode_rate(jpegs(side), tf, args.seconds):.0f} images/s per core")
-    threads = torch.get_num_threads()
     for arch, patch in (("vit_tiny_patch16_224", 16), ("resnet18", None)):
         for t in (1, max(1, torch.multiprocessing.cpu_count())):
             torch.set_num_threads(t)

@@ -1,4 +1,7 @@
-"""Shared helpers of the Python benchmarks: synthetic data cached on disk, timing, tables."""
+"""What the benchmark scripts and `pytest benches` share beyond ilias.benchmark (which holds the
+data generation, the peers, the peaks and the tables): where their data is cached and how the
+peers' thread pools are sized. Imports nothing heavy: `limit_threads` must run before numpy.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +10,29 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
-DATA = Path(os.environ.get("ILIAS_BENCH_DATA", Path(__file__).resolve().parent.parent / "bench-data"))
-
-
-def structured(rng, n: int, d: int, decay: float = 0.05) -> np.ndarray:
-    """Unit vectors with an anisotropic spectrum (eigenvalues ~ exp(-decay * i)), like real embeddings."""
-    scales = np.exp(-decay * np.arange(d) / d * 100).astype(np.float32)
-    basis, _ = np.linalg.qr(np.random.default_rng(12345).standard_normal((d, d)).astype(np.float32))
-    x = (rng.standard_normal((n, d), dtype=np.float32) * scales) @ basis.T
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+# the benchmarks' stores: $ILIAS_BENCH_DATA, else bench-data/ at the top of the repository
+DATA = Path(os.environ.get("ILIAS_BENCH_DATA") or Path(__file__).resolve().parent.parent / "bench-data")
 
 
-def make_store(name: str, n: int, d: int, kind: str = "random", chunk: int = 200_000):
-    """A cached float16 store of `n` unit vectors (`random` gaussian or `structured`)."""
-    from ilias import Store, StoreWriter
-
-    path = DATA / f"{name}-{kind}-{n}x{d}"
-    if (path / "manifest.json").exists():
-        store = Store.open(path)
-        if store.count == n:
-            return store
-    rng = np.random.default_rng(0)
-    with StoreWriter(path, dim=d) as w:
-        for lo in range(w.count, n, chunk):
-            m = min(chunk, n - lo)
-            if kind == "structured":
-                x = structured(rng, m, d)
-            else:
-                x = rng.standard_normal((m, d), dtype=np.float32)
-                x /= np.linalg.norm(x, axis=1, keepdims=True)
-            w.append(x, [f"row{i}" for i in range(lo, lo + m)])
-    return Store.open(path)
+def limit_threads(threads: int) -> None:
+    """Peers use as many threads as we do: OpenMP (faiss) and BLAS (numpy, faiss) read these
+    when they are loaded, so call this before importing numpy (0 leaves them as they are)."""
+    if threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
 
 
-def queries(n: int, d: int, kind: str = "random", seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "structured":
-        return structured(rng, n, d)
-    q = rng.standard_normal((n, d), dtype=np.float32)
-    return q / np.linalg.norm(q, axis=1, keepdims=True)
+def run_case(benchmark, fn, rounds: int):
+    """Times `fn` through pytest-benchmark (`rounds` rounds of one call) and with our own clock,
+    which runs with --benchmark-disable too: (median seconds, last result)."""
+    times, last = [], []
 
-
-def timed(fn, repeat: int = 1):
-    """(median seconds, last result) over `repeat` runs."""
-    times, out = [], None
-    for _ in range(repeat):
+    def call():
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        last[:] = [out]
+        return out
 
-
-def peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(out)
+    benchmark.pedantic(call, rounds=rounds, iterations=1)
+    return statistics.median(times), last[0]
