@@ -161,7 +161,7 @@ def main() -> None:
             res, t = search_ours(q, store, codes, k, factor, rerank, args.threads)
             r = recall(res.indices, exact.indices, k)
             name = ours_name(kind, factor, rerank)
-            s = b._stats(res)
+            s = res.stats
             rows.append({"method": name, "build s": f"{build_t:.1f}", "search s": f"{t:.2f}",
                          "RAM GB": f"{codes.stat().st_size / 1e9:.3f}", "recall@k": f"{r:.4f}"})
             print(f"{name}: {t:.2f}s (scan {s.scan_seconds:.2f}s, rescoring {s.rerank_seconds:.2f}s), "

@@ -1,6 +1,7 @@
 """What the benchmark scripts and `pytest benches` share beyond ilias.benchmark (which holds the
-data generation, the peers, the peaks and the tables): where their data is cached and how the
-peers' thread pools are sized. Imports nothing heavy: `limit_threads` must run before numpy.
+data generation, the peers, the peaks and the tables): where their data is cached, how the
+peers' thread pools are sized, and how a pytest case is timed (`run_case`). Imports nothing
+heavy: `limit_threads` must run before numpy.
 """
 
 from __future__ import annotations

@@ -23,14 +23,14 @@ COLUMNS = ["rows", "method", "store GB", "seconds", "GFLOP/s", "peak RSS GB", "i
 CHILD = """
 import json, sys, time
 import ilias
-from ilias.benchmark import _stats, peak_rss_gb, queries
+from ilias.benchmark import peak_rss_gb, queries
 store = ilias.Store.open(sys.argv[1])
 q = queries(int(sys.argv[2]), store.dim)
 t0 = time.perf_counter()
 r = ilias.search(q, store, k=int(sys.argv[3]), threads=int(sys.argv[4]), method=sys.argv[5], progress=True)
 ids = r.ids(0)
 secs = time.perf_counter() - t0
-s = _stats(r)
+s = r.stats
 share = s.rescored_pairs / s.int8_pairs if s.int8_pairs else None
 print(json.dumps({"seconds": secs, "rss_gb": peak_rss_gb(),
                   "int8_share": s.int8_pairs / (s.int8_pairs + s.float_pairs), "rescored": share}))

@@ -68,7 +68,7 @@ def test_ilias_codes(benchmark, recorder, store, index_queries, index_truth, cod
     name = bi.ours_name(kind, factor, rerank)
     ours_seconds[(kind, rerank)] = t
     info = _info(size, store, threads, kind, name, t, build_t, path.stat().st_size / 1e9, r, len(index_queries))
-    s = b._stats(res)
+    s = res.stats
     info.update(scan_seconds=s.scan_seconds, rerank_seconds=s.rerank_seconds, shortlist=s.shortlist)
     if kind == "sq8" and peaks.int8_gops:
         gops = 2.0 * len(index_queries) * store.count * store.dim / s.scan_seconds / 1e9

@@ -46,7 +46,7 @@ def test_ilias(benchmark, recorder, store, search_queries, truth, setup, size, p
     # every method gives float32's results bit for bit: same rows, same scores, same tie order
     assert np.array_equal(res.indices, truth.indices)
     assert np.array_equal(res.scores.view(np.uint32), truth.scores.view(np.uint32))
-    record(benchmark, recorder, b.Timing(method, f"ilias {method}", t, b._stats(res)), setup, peaks)
+    record(benchmark, recorder, b.Timing(method, f"ilias {method}", t, res.stats), setup, peaks)
 
 
 @pytest.mark.parametrize("peer", list(b.PEERS))

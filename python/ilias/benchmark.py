@@ -29,13 +29,16 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from . import _core
 from .progress import Progress
 from .store import Store, StoreWriter
+
+if TYPE_CHECKING:
+    from .search import SearchStats
 
 KINDS = ("random", "structured")
 METHODS = ("float32", "exact", "int8")
@@ -276,7 +279,7 @@ class Timing:
     key: str
     name: str
     seconds: float
-    stats: object | None = None
+    stats: SearchStats | None = None
     indices: np.ndarray | None = field(default=None, repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)
 
@@ -444,7 +447,7 @@ def run_search_bench(
     first = None
     for method in methods:
         t, res = timed(lambda method=method: ilias_search(store, method, threads, simd)(q, k), repeat)
-        timing = Timing(method, f"ilias {method}", t, _stats(res), res.indices, res.scores)
+        timing = Timing(method, f"ilias {method}", t, res.stats, res.indices, res.scores)
         report.timings.append(timing)
         if first is None:
             first = timing
@@ -477,9 +480,3 @@ def run_search_bench(
         out(f"{peer}: {t:.2f}s; overlap of result sets with {first.name} {agree:.5f}, max |score diff| {diff:.2e}")
     return report
 
-
-def _stats(res):
-    # until SearchResults carries typed stats (res.stats), the same values are in res.info
-    from types import SimpleNamespace
-
-    return getattr(res, "stats", None) or SimpleNamespace(**res.info)
