@@ -1,5 +1,6 @@
 //! The one error type of the core. The binding layer (python.rs) maps each variant once to a
-//! Python exception; nothing in the core panics on user input.
+//! Python exception; nothing in the core panics on user input, and a panic of a worker thread
+//! comes back as [`Error::Internal`] (see `parallel`).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,10 @@ pub enum Error {
     /// The caller asked the work to stop (Ctrl-C).
     #[error("interrupted")]
     Cancelled,
+    /// Something that cannot happen did (a worker thread panicked): a bug of ilias-core, not a
+    /// problem of the input.
+    #[error("internal error, a bug of ilias-core (please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -8,10 +8,13 @@
 //! - [`search`]: the exact search driver (one pass over the database, threads, progress, cancel).
 //! - [`quant`]: quantized codes (SQ8, PQ, 4-bit fast-scan) with exact rescoring.
 //! - [`metrics`]: AP@k and oracle with the official ILIAS tie semantics, threaded over queries.
+//! - [`parallel`]: the threading harness (scoped threads, claims in order, progress and cancel,
+//!   a panicked worker as an internal error).
 
 pub mod error;
 pub mod kernels;
 pub mod metrics;
+pub mod parallel;
 pub mod quant;
 pub mod search;
 pub mod store;

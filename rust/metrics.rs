@@ -17,6 +17,7 @@
 //! Rows are independent, so threads take contiguous blocks of rows.
 
 use crate::error::{Error, Result};
+use crate::parallel::resolve_threads;
 
 /// A returned item that is not one of the query's positives.
 pub const NEGATIVE: u8 = 0;
@@ -64,30 +65,19 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
     let rows = lists.rows();
     let mut ap = vec![0.0; rows];
     let mut oracle = vec![0.0; rows];
-    let threads = crate::search::resolve_threads(threads);
-    let block = rows.div_ceil(threads.max(1)).max(1);
+    let block = rows.div_ceil(resolve_threads(threads)).max(1);
     let w = lists.width;
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = ap
-            .chunks_mut(block)
-            .zip(oracle.chunks_mut(block))
-            .enumerate()
-            .map(|(b, (ap, oracle))| {
-                scope.spawn(move || {
-                    let mut scratch = Vec::with_capacity(w);
-                    for (i, (ap, oracle)) in ap.iter_mut().zip(oracle.iter_mut()).enumerate() {
-                        let r = b * block + i;
-                        let row = r * w..(r + 1) * w;
-                        let labels = &lists.labels[row.clone()];
-                        (*ap, *oracle) =
-                            one_query(&lists.scores[row], |j| labels[j], lists.n_positives[r], k, &mut scratch)
-                                .map_err(|m| Error::invalid(format!("row {r}: {m}")))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        join_all(workers)
+    let blocks = ap.chunks_mut(block).zip(oracle.chunks_mut(block)).enumerate();
+    crate::parallel::map(blocks, |(b, (ap, oracle))| {
+        let mut scratch = Vec::with_capacity(w);
+        for (i, (ap, oracle)) in ap.iter_mut().zip(oracle.iter_mut()).enumerate() {
+            let r = b * block + i;
+            let row = r * w..(r + 1) * w;
+            let labels = &lists.labels[row.clone()];
+            (*ap, *oracle) = one_query(&lists.scores[row], |j| labels[j], lists.n_positives[r], k, &mut scratch)
+                .map_err(|m| Error::invalid(format!("row {r}: {m}")))?;
+        }
+        Ok(())
     })?;
     Ok((ap, oracle))
 }
@@ -121,47 +111,38 @@ pub fn grouped_average_precision(
     if positive.iter().any(|&p| p >= n_total as i32) {
         return Err(Error::invalid("grouped lists: a positive index is out of range"));
     }
-    let threads = crate::search::resolve_threads(threads);
-    let block = rows.div_ceil(threads.max(1)).max(1);
+    let block = rows.div_ceil(resolve_threads(threads)).max(1);
     let mut out = vec![0.0; groups * rows];
     // rows are split between threads; each thread writes its rows of every group at the end
-    let parts: Vec<Vec<f64>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..rows.div_ceil(block))
-            .map(|b| {
-                scope.spawn(move || {
-                    let (lo, hi) = (b * block, ((b + 1) * block).min(rows));
-                    let mut scratch = Vec::with_capacity(w);
-                    let mut part = vec![0.0; groups * (hi - lo)];
-                    let mut row = Ranked::default();
-                    for r in lo..hi {
-                        let (labels, pos) = (&lists.labels[r * w..(r + 1) * w], &positive[r * w..(r + 1) * w]);
-                        let scores = &lists.scores[r * w..(r + 1) * w];
-                        // lists in rank order (the normal case) are read once for all groups
-                        let sorted = row.read(scores, labels, pos);
-                        for g in 0..groups {
-                            let n_pos = lists.n_positives[g * rows + r];
-                            if n_pos == 0 {
-                                continue;
-                            }
-                            let inside = &member[g * n_total..(g + 1) * n_total];
-                            let ap = if sorted {
-                                row.group_ap(inside, n_pos, k)
-                            } else {
-                                let label = |j: usize| match labels[j] {
-                                    POSITIVE if !inside[pos[j] as usize] => SKIP,
-                                    l => l,
-                                };
-                                one_query(scores, label, n_pos, k, &mut scratch).map(|(ap, _)| ap)
-                            };
-                            part[g * (hi - lo) + r - lo] =
-                                ap.map_err(|m| Error::invalid(format!("row {r}, group {g}: {m}")))?;
-                        }
-                    }
-                    Ok(part)
-                })
-            })
-            .collect();
-        join_all(workers)
+    let parts = crate::parallel::map(0..rows.div_ceil(block), |b| {
+        let (lo, hi) = (b * block, ((b + 1) * block).min(rows));
+        let mut scratch = Vec::with_capacity(w);
+        let mut part = vec![0.0; groups * (hi - lo)];
+        let mut row = Ranked::default();
+        for r in lo..hi {
+            let (labels, pos) = (&lists.labels[r * w..(r + 1) * w], &positive[r * w..(r + 1) * w]);
+            let scores = &lists.scores[r * w..(r + 1) * w];
+            // lists in rank order (the normal case) are read once for all groups
+            let sorted = row.read(scores, labels, pos);
+            for g in 0..groups {
+                let n_pos = lists.n_positives[g * rows + r];
+                if n_pos == 0 {
+                    continue;
+                }
+                let inside = &member[g * n_total..(g + 1) * n_total];
+                let ap = if sorted {
+                    row.group_ap(inside, n_pos, k)
+                } else {
+                    let label = |j: usize| match labels[j] {
+                        POSITIVE if !inside[pos[j] as usize] => SKIP,
+                        l => l,
+                    };
+                    one_query(scores, label, n_pos, k, &mut scratch).map(|(ap, _)| ap)
+                };
+                part[g * (hi - lo) + r - lo] = ap.map_err(|m| Error::invalid(format!("row {r}, group {g}: {m}")))?;
+            }
+        }
+        Ok(part)
     })?;
     for (b, part) in parts.into_iter().enumerate() {
         let (lo, n) = (b * block, part.len() / groups);
@@ -170,18 +151,6 @@ pub fn grouped_average_precision(
         }
     }
     Ok(out)
-}
-
-/// The results of worker threads in order, or the error of the lowest block that failed (whatever
-/// thread finished first); a panicked thread is an error, never a panic across the boundary.
-fn join_all<T>(workers: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Result<Vec<T>> {
-    workers
-        .into_iter()
-        .map(|w| {
-            w.join()
-                .unwrap_or_else(|_| Err(Error::invalid("internal error: a metrics thread panicked")))
-        })
-        .collect()
 }
 
 /// One list in rank order, reduced to what AP needs once positives may leave it: the scores
@@ -413,36 +382,27 @@ pub fn label_ranks(codes: &[i32], ranks: &[i64], width: usize, threads: usize) -
             codes.len()
         )));
     }
-    let threads = crate::search::resolve_threads(threads).max(1);
     let width = width.max(1);
-    let per = ranks.len().div_ceil(width).div_ceil(threads).max(1) * width;
+    let per = ranks.len().div_ceil(width).div_ceil(resolve_threads(threads)).max(1) * width;
     // a repeat is an item already stamped with the current list's number
-    let parts = std::thread::scope(|scope| {
-        let workers = ranks
-            .chunks(per)
-            .map(|block| {
-                scope.spawn(move || {
-                    let labels: Vec<i32> = block
-                        .iter()
-                        .map(|&r| if r < 0 { EMPTY } else { codes[r as usize] })
-                        .collect();
-                    let (mut first, mut repeats, mut stamp) = (None, 0, vec![u32::MAX; codes.len()]);
-                    for (row, list) in block.chunks(width).enumerate() {
-                        let mut n = 0;
-                        for &r in list.iter().filter(|&&r| r >= 0) {
-                            n += (stamp[r as usize] == row as u32) as usize;
-                            stamp[r as usize] = row as u32;
-                        }
-                        if n > 0 {
-                            repeats += n;
-                            first.get_or_insert(row);
-                        }
-                    }
-                    Ok((labels, first, repeats))
-                })
-            })
+    let parts = crate::parallel::map(ranks.chunks(per), |block| {
+        let labels: Vec<i32> = block
+            .iter()
+            .map(|&r| if r < 0 { EMPTY } else { codes[r as usize] })
             .collect();
-        join_all(workers)
+        let (mut first, mut repeats, mut stamp) = (None, 0, vec![u32::MAX; codes.len()]);
+        for (row, list) in block.chunks(width).enumerate() {
+            let mut n = 0;
+            for &r in list.iter().filter(|&&r| r >= 0) {
+                n += (stamp[r as usize] == row as u32) as usize;
+                stamp[r as usize] = row as u32;
+            }
+            if n > 0 {
+                repeats += n;
+                first.get_or_insert(row);
+            }
+        }
+        Ok((labels, first, repeats))
     })?;
     let (mut positive, mut duplicate, mut repeats) = (Vec::with_capacity(ranks.len()), None, 0);
     for (b, (labels, first, n)) in parts.into_iter().enumerate() {

@@ -10,14 +10,15 @@ use numpy::{
     IntoPyArray, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::Error;
 use crate::kernels::int8::Int8Kernel;
 use crate::kernels::Simd;
-use crate::search::{search, Control, Int8Choice, SearchOptions, Tier};
+use crate::parallel::Control;
+use crate::search::{search, Int8Choice, SearchOptions, Tier};
 use crate::store::{Database, Shard};
 
 create_exception!(
@@ -40,6 +41,8 @@ fn to_py(err: Error) -> PyErr {
         e @ Error::Format { .. } => StoreFormatError::new_err(e.to_string()),
         Error::Invalid(m) => PyValueError::new_err(m),
         Error::Cancelled => PyKeyboardInterrupt::new_err("search interrupted"),
+        // not the user's mistake: the CLI shows a RuntimeError with its traceback
+        e @ Error::Internal(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }
 
@@ -93,14 +96,11 @@ fn run_watched<T: Send>(
                 }
             }
         }
-        handle.join()
+        crate::parallel::join(handle)
     });
-    if let Some(e) = pending {
-        return Err(e);
-    }
-    match result {
-        Ok(r) => r.map_err(to_py),
-        Err(_) => Err(PyValueError::new_err("internal error: the search thread panicked")),
+    match pending {
+        Some(e) => Err(e),
+        None => result.map_err(to_py),
     }
 }
 

@@ -20,13 +20,14 @@
 //! The caller observes progress through `Control::done_rows` and stops the work by setting
 //! `Control::cancel`; workers look at it after every tile (a few milliseconds of work).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
+use crate::parallel::{resolve_threads, Control};
 use crate::store::{DType, Database};
-use crate::topk::TopK;
+use crate::topk::{key, unkey, TopK};
 
 /// Rows a thread claims at once (its pages are released together), at most and at least.
 const CHUNK_ROWS: usize = 16384;
@@ -40,13 +41,6 @@ const PROBE_EVERY: usize = 64;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
 /// and of every path's `nr`).
 const TILE_ROWS: usize = 128;
-
-/// Shared state between the search and whoever watches it.
-#[derive(Default)]
-pub struct Control {
-    pub done_rows: AtomicU64,
-    pub cancel: AtomicBool,
-}
 
 pub struct SearchOptions<'a> {
     pub k: usize,
@@ -107,14 +101,6 @@ impl Stats {
         self.float_pairs += o.float_pairs;
         self.int8_pairs += o.int8_pairs;
         self.rescored_pairs += o.rescored_pairs;
-    }
-}
-
-pub fn resolve_threads(threads: usize) -> usize {
-    if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        threads
     }
 }
 
@@ -206,7 +192,6 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     };
     let wanted = resolve_threads(opts.threads);
     let chunks = chunks(db, wanted);
-    let next = AtomicUsize::new(0);
     let threads = wanted.min(chunks.len().max(1));
     let plan = Plan {
         dim,
@@ -220,34 +205,27 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         shared: Shared::new(nq * tiers.len(), threads),
     };
 
-    let partials: Vec<Result<(Vec<TopK>, Stats)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|me| {
-                let (plan, chunks, next) = (&plan, &chunks, &next);
-                scope.spawn(move || worker(db, plan, me, chunks, next, control))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a search thread panicked")))
-            })
-            .collect()
-    });
+    // the `threads` workers claim chunks in database order
+    let workers = crate::parallel::claims(
+        chunks.len(),
+        1,
+        threads,
+        control,
+        |me| Worker::new(&plan, me),
+        |worker, c, _| worker.chunk(db, chunks[c], control),
+    )?;
     let mut stats = Stats {
         simd: Some(simd),
         int8,
         ..Stats::default()
     };
-    let mut parts = Vec::new();
-    for part in partials {
-        let (part, part_stats) = part?;
-        stats.add(&part_stats);
-        parts.push(part);
+    let mut parts = Vec::with_capacity(workers.len());
+    for worker in workers {
+        stats.add(&worker.stats);
+        parts.push(worker.tops);
     }
     let nt = tiers.len();
-    let merged = crate::topk::merge_sorted(parts, opts.k, nq * nt, threads);
+    let merged = crate::topk::merge_sorted(parts, opts.k, nq * nt, threads)?;
 
     // workers keep [query][tier]; the result is [tier][query]
     let k = opts.k;
@@ -350,20 +328,6 @@ impl Shared {
     }
 }
 
-/// An f32 as a u32 that orders like it (for the atomic `fetch_max` of shared thresholds).
-pub(crate) fn key(v: f32) -> u32 {
-    let b = v.to_bits();
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-pub(crate) fn unkey(k: u32) -> f32 {
-    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
-}
-
 /// Consecutive rows of one shard, as stored: `count` rows of `dtype`, the first at global row
 /// `first`.
 struct Rows<'a> {
@@ -378,40 +342,6 @@ impl Rows<'_> {
         let size = self.bytes.len() / self.count;
         &self.bytes[r * size..(r + 1) * size]
     }
-}
-
-fn worker(
-    db: &Database,
-    plan: &Plan,
-    me: usize,
-    chunks: &[(usize, usize, usize)],
-    next: &AtomicUsize,
-    control: &Control,
-) -> Result<(Vec<TopK>, Stats)> {
-    let mut worker = Worker::new(plan, me);
-    loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&(s, lo, hi)) = chunks.get(c) else {
-            break;
-        };
-        let shard = &db.shards[s];
-        shard.prefetch(lo, hi);
-        for t0 in (lo..hi).step_by(TILE_ROWS) {
-            if control.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let t1 = (t0 + TILE_ROWS).min(hi);
-            worker.tile(&Rows {
-                bytes: shard.row_bytes(t0, t1),
-                dtype: shard.dtype,
-                count: t1 - t0,
-                first: db.starts[s] + t0,
-            });
-        }
-        shard.release(lo, hi);
-        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
-    }
-    Ok((worker.tops, worker.stats))
 }
 
 /// One thread's share of a search: its top k of every (query, tier) list, what it did, and its
@@ -467,6 +397,28 @@ impl<'a> Worker<'a> {
                 ..Scratch::default()
             },
         }
+    }
+
+    /// Scores the rows `lo..hi` of shard `s` tile by tile, then drops their pages from the
+    /// resident set.
+    fn chunk(&mut self, db: &Database, (s, lo, hi): (usize, usize, usize), control: &Control) -> Result<()> {
+        let shard = &db.shards[s];
+        shard.prefetch(lo, hi);
+        for t0 in (lo..hi).step_by(TILE_ROWS) {
+            if control.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let t1 = (t0 + TILE_ROWS).min(hi);
+            self.tile(&Rows {
+                bytes: shard.row_bytes(t0, t1),
+                dtype: shard.dtype,
+                count: t1 - t0,
+                first: db.starts[s] + t0,
+            });
+        }
+        shard.release(lo, hi);
+        control.advance(hi - lo);
+        Ok(())
     }
 
     /// Scores a tile with the int8 pass where it pays (a forced pass always runs, from the
@@ -639,56 +591,7 @@ fn offer(tops: &mut [TopK], plan: &Plan, (q, me): (usize, usize), scores: &[f32]
         }
         let list = q * nt + t;
         let before = (top.threshold(), top.share_score());
-        offer_one(top, &scores[..end], first, tier.keep, plan.shared.floor(list));
+        top.offer(&scores[..end], first, tier.keep, plan.shared.floor(list));
         plan.shared.publish(list, me, top, before);
-    }
-}
-
-/// After the first tiles almost no score reaches the threshold, so groups of 16 are tested
-/// with a branch-free comparison (which compiles to one vector compare) before any work.
-/// `floor`: a score the final k-th score is known to reach (rows below it are skipped).
-#[inline]
-pub(crate) fn offer_one(top: &mut TopK, scores: &[f32], first: usize, keep: Option<&[bool]>, floor: f32) {
-    const GROUP: usize = 16;
-    let mut threshold = top.threshold().max(floor);
-    for (g, group) in scores.chunks(GROUP).enumerate() {
-        if !group.iter().fold(false, |any, &s| any | (s >= threshold)) {
-            continue;
-        }
-        for (j, &s) in group.iter().enumerate() {
-            if s >= threshold {
-                let row = first + g * GROUP + j;
-                if keep.is_none_or(|k| k[row]) {
-                    top.push(s, row as u64);
-                    threshold = top.threshold().max(floor);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{key, unkey};
-
-    #[test]
-    fn keys_order_like_floats() {
-        let v = [
-            f32::NEG_INFINITY,
-            -3.5,
-            -1e-30,
-            -0.0,
-            0.0,
-            1e-30,
-            0.25,
-            7.0,
-            f32::INFINITY,
-        ];
-        for w in v.windows(2) {
-            assert!(key(w[0]) <= key(w[1]), "{} {}", w[0], w[1]);
-        }
-        for x in v {
-            assert_eq!(unkey(key(x)).to_bits(), x.to_bits());
-        }
     }
 }

@@ -11,6 +11,8 @@
 
 use std::cmp::Ordering;
 
+use crate::error::Result;
+
 /// A candidate: score and global row index.
 pub type Hit = (f32, u64);
 
@@ -25,9 +27,25 @@ pub fn rank_order(a: &Hit, b: &Hit) -> Ordering {
 #[inline]
 fn sort_key(h: &Hit) -> (u32, u64) {
     // adding +0 turns -0 into +0 and changes nothing else
-    let bits = (h.0 + 0.0).to_bits();
-    let key = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
-    (key, h.1)
+    (key(h.0 + 0.0), h.1)
+}
+
+/// An f32 as a u32 that orders like it (for the atomic `fetch_max` of thresholds shared between
+/// threads, and for sorting by integer comparisons).
+#[inline]
+pub(crate) fn key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The f32 of a [`key`].
+#[inline]
+pub(crate) fn unkey(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
 }
 
 pub struct TopK {
@@ -115,6 +133,31 @@ impl TopK {
         self.hits
     }
 
+    /// Offers the scores of consecutive rows from `first` (those with `keep[row]`, when given).
+    /// After the first tiles of a pass almost no score reaches the threshold, so groups of 16
+    /// are tested with a branch-free comparison (which compiles to one vector compare) before
+    /// any work. `floor`: a score the final k-th score is known to reach (rows below it are
+    /// skipped).
+    #[inline]
+    pub fn offer(&mut self, scores: &[f32], first: usize, keep: Option<&[bool]>, floor: f32) {
+        const GROUP: usize = 16;
+        let mut threshold = self.threshold().max(floor);
+        for (g, group) in scores.chunks(GROUP).enumerate() {
+            if !group.iter().fold(false, |any, &s| any | (s >= threshold)) {
+                continue;
+            }
+            for (j, &s) in group.iter().enumerate() {
+                if s >= threshold {
+                    let row = first + g * GROUP + j;
+                    if keep.is_none_or(|k| k[row]) {
+                        self.push(s, row as u64);
+                        threshold = self.threshold().max(floor);
+                    }
+                }
+            }
+        }
+    }
+
     /// Merges this with another partial result of the same query.
     pub fn absorb(&mut self, other: TopK) {
         for (s, i) in other.hits {
@@ -138,26 +181,23 @@ pub fn merge(parts: impl IntoIterator<Item = Vec<TopK>>) -> Option<Vec<TopK>> {
 /// Merges the per-thread partial results (`parts[thread][list]`) of `lists` lists and sorts
 /// each, the lists shared among `threads` threads (this runs after a search's pass, so it would
 /// otherwise be a serial tail).
-pub fn merge_sorted(parts: Vec<Vec<TopK>>, k: usize, lists: usize, threads: usize) -> Vec<Vec<Hit>> {
+pub fn merge_sorted(parts: Vec<Vec<TopK>>, k: usize, lists: usize, threads: usize) -> Result<Vec<Vec<Hit>>> {
     let mut parts: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
     let mut groups: Vec<Vec<TopK>> = (0..lists)
         .map(|_| parts.iter_mut().filter_map(Iterator::next).collect())
         .collect();
     let mut out = vec![Vec::new(); lists];
     let per = lists.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        for (groups, out) in groups.chunks_mut(per).zip(out.chunks_mut(per)) {
-            scope.spawn(move || {
-                for (group, out) in groups.iter_mut().zip(out) {
-                    let mut all = std::mem::take(group).into_iter();
-                    let mut top = all.next().unwrap_or_else(|| TopK::new(k));
-                    all.for_each(|other| top.absorb(other));
-                    *out = top.into_sorted();
-                }
-            });
+    crate::parallel::map(groups.chunks_mut(per).zip(out.chunks_mut(per)), |(groups, out)| {
+        for (group, out) in groups.iter_mut().zip(out) {
+            let mut all = std::mem::take(group).into_iter();
+            let mut top = all.next().unwrap_or_else(|| TopK::new(k));
+            all.for_each(|other| top.absorb(other));
+            *out = top.into_sorted();
         }
-    });
-    out
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -199,6 +239,27 @@ mod tests {
                 prop_assert!(reach >= m || shared.share_score() == f32::NEG_INFINITY);
             }
             prop_assert_eq!(b.into_sorted(), reference(&hits, k));
+        }
+    }
+
+    #[test]
+    fn keys_order_like_floats() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            0.25,
+            7.0,
+            f32::INFINITY,
+        ];
+        for w in v.windows(2) {
+            assert!(key(w[0]) <= key(w[1]), "{} {}", w[0], w[1]);
+        }
+        for x in v {
+            assert_eq!(unkey(key(x)).to_bits(), x.to_bits());
         }
     }
 

@@ -17,12 +17,12 @@ pub mod pq;
 pub mod rerank;
 pub mod sq8;
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
-use crate::search::{key, offer_one, resolve_threads, unkey, Control};
+use crate::parallel::{claims, Control};
 use crate::store::Database;
-use crate::topk::{Hit, TopK};
+use crate::topk::{key, unkey, Hit, TopK};
 pub use file::{CodesFile, Header, Kind};
 
 /// Rows a thread claims at once (a multiple of every code layout's block of 32).
@@ -55,7 +55,7 @@ impl Candidates<'_> {
     #[inline]
     pub fn offer(&mut self, q: usize, scores: &[f32], first: usize) {
         let floor = unkey(self.floors[q].load(Ordering::Relaxed));
-        offer_one(&mut self.tops[q], scores, first, self.keep, floor);
+        self.tops[q].offer(scores, first, self.keep, floor);
         self.publish(q);
     }
 
@@ -180,14 +180,14 @@ fn scan_all(
     control: &Control,
 ) -> Result<Vec<TopK>> {
     let floors: Vec<AtomicU32> = (0..nq).map(|_| AtomicU32::new(key(f32::NEG_INFINITY))).collect();
-    let fresh = || Candidates {
+    let fresh = |_: usize| Candidates {
         tops: (0..nq).map(|_| TopK::new(keep_n)).collect(),
         floors: &floors,
         keep: opts.keep,
     };
     let parts = claims(rows, CHUNK_ROWS, opts.threads, control, fresh, |found, lo, hi| {
         scanner.scan(lo, hi, found);
-        control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+        control.advance(hi - lo);
         Ok(())
     })?;
     Ok(crate::topk::merge(parts.into_iter().map(|c| c.tops)).unwrap_or_default())
@@ -206,47 +206,6 @@ pub(crate) fn widen_rows(db: &Database, rows: impl Iterator<Item = usize>, out: 
     }
 }
 
-/// Runs `work(state, lo, hi)` over `0..n` in claims of `claim` on `threads` threads, each with
-/// its own `state` (returned in thread order), stopping promptly on cancellation.
-pub(crate) fn claims<S: Send>(
-    n: usize,
-    claim: usize,
-    threads: usize,
-    control: &Control,
-    state: impl Fn() -> S + Sync,
-    work: impl Fn(&mut S, usize, usize) -> Result<()> + Sync,
-) -> Result<Vec<S>> {
-    let count = n.div_ceil(claim);
-    let next = AtomicUsize::new(0);
-    let threads = resolve_threads(threads).min(count.max(1));
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut own = state();
-                    loop {
-                        let c = next.fetch_add(1, Ordering::Relaxed);
-                        if c >= count {
-                            return Ok(own);
-                        }
-                        if control.cancel.load(Ordering::Relaxed) {
-                            return Err(Error::Cancelled);
-                        }
-                        work(&mut own, c * claim, ((c + 1) * claim).min(n))?;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("internal error: a worker thread panicked")))
-            })
-            .collect()
-    })
-}
-
 /// `work(lo, hi)` over all rows in chunks, on `threads` threads, counting progress.
 pub(crate) fn for_chunks(
     rows: usize,
@@ -259,10 +218,10 @@ pub(crate) fn for_chunks(
         CHUNK_ROWS,
         threads,
         control,
-        || (),
+        |_| (),
         |_, lo, hi| {
             work(lo, hi)?;
-            control.done_rows.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+            control.advance(hi - lo);
             Ok(())
         },
     )

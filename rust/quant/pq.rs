@@ -9,9 +9,9 @@ use std::path::Path;
 
 use super::file::{CodesFile, CodesWriter, Header, Kind};
 use super::kmeans::{kmeans, Codebook, Rng};
-use super::{claims, for_chunks, widen_rows, Candidates, Scan};
+use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::{Error, Result};
-use crate::search::Control;
+use crate::parallel::{claims, Control};
 use crate::store::Database;
 
 /// How codebooks are trained.
@@ -60,15 +60,22 @@ pub fn build(db: &Database, header: &Header, path: &Path, opts: &Training, contr
     let n = rows.len();
 
     // each subquantizer's k-means is independent: threads take them in turn
-    let books = claims(m, 1, opts.threads, control, Vec::new, |done, g, _| {
-        let sub: Vec<f32> = (0..n)
-            .flat_map(|r| &points[r * dim + g * dsub..r * dim + (g + 1) * dsub])
-            .copied()
-            .collect();
-        let mut rng = Rng::new(opts.seed ^ (g as u64).wrapping_mul(0x9E37_79B9));
-        done.push((g, kmeans(&sub, dsub, ksub, opts.iters, &mut rng)));
-        Ok(())
-    })?;
+    let books = claims(
+        m,
+        1,
+        opts.threads,
+        control,
+        |_| Vec::new(),
+        |done, g, _| {
+            let sub: Vec<f32> = (0..n)
+                .flat_map(|r| &points[r * dim + g * dsub..r * dim + (g + 1) * dsub])
+                .copied()
+                .collect();
+            let mut rng = Rng::new(opts.seed ^ (g as u64).wrapping_mul(0x9E37_79B9));
+            done.push((g, kmeans(&sub, dsub, ksub, opts.iters, &mut rng)));
+            Ok(())
+        },
+    )?;
     let mut centroids = vec![0f32; m * ksub * dsub];
     for (g, book) in books.into_iter().flatten() {
         centroids[g * ksub * dsub..(g + 1) * ksub * dsub].copy_from_slice(&book);

@@ -7,10 +7,9 @@
 //! listed some of them scores them (queries in turn, each loaded once per block). Rows are thus
 //! read from memory or disk once, in increasing order, and announced to the kernel beforehand.
 
-use super::claims;
 use crate::error::Result;
 use crate::kernels::{pack_queries, Simd};
-use crate::search::Control;
+use crate::parallel::{claims, resolve_threads, Control};
 use crate::store::{DType, Database};
 use crate::topk::{Hit, TopK};
 
@@ -60,7 +59,7 @@ pub fn rerank(
         }
     }
     prefetch(db, &pairs, &starts);
-    let fresh = || -> Vec<TopK> { (0..nq).map(|_| TopK::new(k)).collect() };
+    let fresh = |_: usize| -> Vec<TopK> { (0..nq).map(|_| TopK::new(k)).collect() };
     let simd = Simd::detect();
     let packed = pack_queries(queries, nq, dim, 1);
     let parts = claims(buckets, CLAIM, threads, control, fresh, |tops, lo, hi| {
@@ -81,12 +80,7 @@ pub fn rerank(
         }
         Ok(())
     })?;
-    Ok(crate::topk::merge_sorted(
-        parts,
-        k,
-        nq,
-        crate::search::resolve_threads(threads),
-    ))
+    crate::topk::merge_sorted(parts, k, nq, resolve_threads(threads))
 }
 
 /// Scores `(query, row, its bytes)` pairs of rows of type `dtype` and offers them to their

@@ -12,7 +12,7 @@ use super::{for_chunks, widen_rows, Candidates, Scan};
 use crate::error::Result;
 use crate::kernels::int8::{self, Int8Kernel, MR, NR};
 use crate::kernels::Simd;
-use crate::search::Control;
+use crate::parallel::Control;
 use crate::store::Database;
 
 /// Rows scored together for all queries while their codes stay in L2.
