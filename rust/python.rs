@@ -125,35 +125,8 @@ fn exact_search<'py>(
     method: &str,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Found<'py>> {
-    let int8 = match method {
-        "exact" => Int8Choice::Auto,
-        "float32" => Int8Choice::Off,
-        "int8-scalar" => Int8Choice::Force(Int8Kernel::Scalar),
-        // the kernel that goes with the requested float32 path, else the CPU's best
-        "int8" => Int8Choice::Force(
-            simd.and_then(Simd::parse)
-                .and_then(Int8Kernel::detect)
-                .or_else(|| Int8Kernel::detect(Simd::detect()))
-                .ok_or_else(|| {
-                    PyValueError::new_err(
-                        "method: \"int8\" needs AVX-512 VNNI or AVX-VNNI, which this CPU lacks (try int8-scalar)",
-                    )
-                })?,
-        ),
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "method: unknown {other:?} (expected exact, float32, int8 or int8-scalar)"
-            )))
-        }
-    };
-    let simd = match simd {
-        None | Some("auto") => None,
-        Some(name) => Some(Simd::parse(name).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "simd: unknown path {name:?} (expected auto, avx512, avx2 or scalar)"
-            ))
-        })?),
-    };
+    let int8 = Int8Choice::parse(method, simd).map_err(to_py)?;
+    let simd = Simd::parse_option(simd).map_err(to_py)?;
     let nq = queries.shape()[0];
     let qdim = queries.shape()[1];
     let qslice = queries
@@ -216,12 +189,7 @@ fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, u
 #[pyfunction]
 #[pyo3(signature = (simd=None, threads=0, millis=300))]
 fn fp32_peak_gflops(py: Python<'_>, simd: Option<&str>, threads: usize, millis: u64) -> PyResult<f64> {
-    let simd = match simd {
-        None | Some("auto") => Simd::detect(),
-        Some(n) => Simd::parse(n)
-            .filter(|s| s.supported())
-            .ok_or_else(|| PyValueError::new_err(format!("simd: {n:?} is not available here")))?,
-    };
+    let simd = Simd::runnable(simd).map_err(to_py)?;
     Ok(py.allow_threads(|| crate::kernels::peak::fp32_peak_gflops(simd, threads, millis)))
 }
 
@@ -448,11 +416,7 @@ fn build_codes(
     seed: u64,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let kind = crate::quant::Kind::parse(kind).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "codes: unknown kind {kind:?} (expected sq8, pq<M> or pq<M>x4, e.g. pq96x4)"
-        ))
-    })?;
+    let kind = crate::quant::Kind::parse(kind).map_err(to_py)?;
     let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
     let training = crate::quant::pq::Training {
         threads,

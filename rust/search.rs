@@ -74,6 +74,36 @@ pub enum Int8Choice {
     Force(Int8Kernel),
 }
 
+impl Int8Choice {
+    /// The choice a search's `method` names: "exact" (the fastest exact path), "float32"
+    /// (plain), "int8" (the int8 pass from the first row, with the kernel that goes with the
+    /// float32 path `simd` names, else with this CPU's best) or "int8-scalar" (the portable
+    /// kernel). `simd` is the option as given; one that names no path is left for
+    /// [`Simd::parse_option`] to report.
+    pub fn parse(method: &str, simd: Option<&str>) -> Result<Int8Choice> {
+        Ok(match method {
+            "exact" => Int8Choice::Auto,
+            "float32" => Int8Choice::Off,
+            "int8-scalar" => Int8Choice::Force(Int8Kernel::Scalar),
+            "int8" => Int8Choice::Force(
+                simd.and_then(Simd::parse)
+                    .and_then(Int8Kernel::detect)
+                    .or_else(|| Int8Kernel::detect(Simd::detect()))
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "method: \"int8\" needs AVX-512 VNNI or AVX-VNNI, which this CPU lacks (try int8-scalar)",
+                        )
+                    })?,
+            ),
+            other => {
+                return Err(Error::invalid(format!(
+                    "method: unknown {other:?} (expected exact, float32, int8 or int8-scalar)"
+                )))
+            }
+        })
+    }
+}
+
 /// The k best rows per tier and query: `scores` and `indices` are `(tiers, nq, k)` row-major;
 /// when fewer than `k` rows can be returned (a tier holds fewer), the rest holds `-inf` and `-1`.
 pub struct Neighbors {
@@ -158,12 +188,7 @@ pub fn validate(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions)
         }
     }
     if let Some(s) = opts.simd {
-        if !s.supported() {
-            return Err(Error::invalid(format!(
-                "simd: this CPU cannot run the {} path",
-                s.name()
-            )));
-        }
+        s.checked()?;
     }
     Ok(())
 }
@@ -593,5 +618,26 @@ fn offer(tops: &mut [TopK], plan: &Plan, (q, me): (usize, usize), scores: &[f32]
         let before = (top.threshold(), top.share_score());
         top.offer(&scores[..end], first, tier.keep, plan.shared.floor(list));
         plan.shared.publish(list, me, top, before);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_parse_into_choices() {
+        assert_eq!(Int8Choice::parse("exact", None).unwrap(), Int8Choice::Auto);
+        assert_eq!(Int8Choice::parse("float32", Some("avx2")).unwrap(), Int8Choice::Off);
+        let scalar = Int8Choice::parse("int8-scalar", None).unwrap();
+        assert_eq!(scalar, Int8Choice::Force(Int8Kernel::Scalar));
+        // "int8" forces the CPU's int8 kernel, or says that it has none
+        match Int8Choice::parse("int8", Some("no such path")) {
+            Ok(Int8Choice::Force(k)) => assert!(k.supported() && k != Int8Kernel::Scalar),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => assert!(e.to_string().contains("int8-scalar"), "{e}"),
+        }
+        let e = Int8Choice::parse("int4", None).unwrap_err().to_string();
+        assert!(e.starts_with("method: unknown \"int4\""), "{e}");
     }
 }

@@ -17,6 +17,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::error::{Error, Result};
 use crate::store::DType;
 
 pub mod int8;
@@ -75,6 +76,35 @@ impl Simd {
             "avx2" => Some(Simd::Avx2),
             "scalar" => Some(Simd::Scalar),
             _ => None,
+        }
+    }
+
+    /// A `simd` option: `None` or "auto" (the fastest path: `None`), else a path's name.
+    pub fn parse_option(option: Option<&str>) -> Result<Option<Simd>> {
+        match option {
+            None | Some("auto") => Ok(None),
+            Some(name) => Simd::parse(name).map(Some).ok_or_else(|| {
+                Error::invalid(format!(
+                    "simd: unknown path {name:?} (expected auto, avx512, avx2 or scalar)"
+                ))
+            }),
+        }
+    }
+
+    /// The path a `simd` option names (the fastest for `None` or "auto"), checked runnable here.
+    pub fn runnable(option: Option<&str>) -> Result<Simd> {
+        Simd::parse_option(option)?.map_or(Ok(Simd::detect()), Simd::checked)
+    }
+
+    /// This path, or an error when this CPU cannot run it.
+    pub fn checked(self) -> Result<Simd> {
+        if self.supported() {
+            Ok(self)
+        } else {
+            Err(Error::invalid(format!(
+                "simd: this CPU cannot run the {} path",
+                self.name()
+            )))
         }
     }
 
@@ -284,6 +314,20 @@ pub(crate) fn widen(src: &[u8], dtype: DType, dst: &mut [f32], f16s: &mut [f16])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simd_options_parse_once() {
+        assert_eq!(Simd::parse_option(None).unwrap(), None);
+        assert_eq!(Simd::parse_option(Some("auto")).unwrap(), None);
+        assert_eq!(Simd::parse_option(Some("avx2")).unwrap(), Some(Simd::Avx2));
+        let e = Simd::parse_option(Some("neon9")).unwrap_err().to_string();
+        assert!(e.starts_with("simd: unknown path \"neon9\""), "{e}");
+        assert_eq!(Simd::runnable(Some("scalar")).unwrap(), Simd::Scalar);
+        assert_eq!(Simd::runnable(None).unwrap(), Simd::detect());
+        for s in [Simd::Avx512, Simd::Avx2] {
+            assert_eq!(Simd::runnable(Some(s.name())).is_ok(), s.supported());
+        }
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -40,16 +40,23 @@ impl Kind {
     }
 
     /// Parses `sq8`, `pq<M>` or `pq<M>x4`.
-    pub fn parse(text: &str) -> Option<Kind> {
-        if text == "sq8" {
-            return Some(Kind::Sq8);
-        }
-        let rest = text.strip_prefix("pq")?;
-        let (m, bits) = match rest.split_once('x') {
-            Some((m, b)) => (m.parse().ok()?, b.parse().ok()?),
-            None => (rest.parse().ok()?, 8),
+    pub fn parse(text: &str) -> Result<Kind> {
+        let pq = || {
+            let rest = text.strip_prefix("pq")?;
+            let (m, bits) = match rest.split_once('x') {
+                Some((m, b)) => (m.parse().ok()?, b.parse().ok()?),
+                None => (rest.parse().ok()?, 8),
+            };
+            (m > 0 && (bits == 8 || bits == 4)).then_some(Kind::Pq { m, bits })
         };
-        (m > 0 && (bits == 8 || bits == 4)).then_some(Kind::Pq { m, bits })
+        match text {
+            "sq8" => Ok(Kind::Sq8),
+            _ => pq().ok_or_else(|| {
+                Error::invalid(format!(
+                    "codes: unknown kind {text:?} (expected sq8, pq<M> or pq<M>x4, e.g. pq96x4)"
+                ))
+            }),
+        }
     }
 }
 
@@ -286,7 +293,7 @@ mod tests {
             assert_eq!(Kind::parse(t).unwrap().name(), t);
         }
         for t in ["sq4", "pq", "pq0", "pq8x3", "pqx4", "pq12x"] {
-            assert!(Kind::parse(t).is_none(), "{t}");
+            assert!(Kind::parse(t).is_err(), "{t}");
         }
     }
 
