@@ -7,7 +7,8 @@
 //! - [`topk`]: bounded top-k with the reference's tie order.
 //! - [`search`]: the exact search driver (one pass over the database, threads, progress, cancel).
 //! - [`quant`]: quantized codes (SQ8, PQ, 4-bit fast-scan) with exact rescoring.
-//! - [`metrics`]: AP@k and oracle with the official ILIAS tie semantics, threaded over queries.
+//! - [`metrics`]: AP@k and oracle with the official ILIAS tie semantics, threaded over queries,
+//!   and the labelling of returned ids as positives.
 //! - [`parallel`]: the threading harness (scoped threads, claims in order, progress and cancel,
 //!   a panicked worker as an internal error).
 

@@ -15,6 +15,10 @@
 //! - `n_positives`: |G| per query (the positives that count for this evaluation).
 //!
 //! Rows are independent, so threads take contiguous blocks of rows.
+//!
+//! The labels come from ids: [`positive_codes`] and [`used_codes`] give each returned id its
+//! index among the positives (the ids as text from any source: the binding borrows them from
+//! Python objects), [`label_ranks`] the items of lists in the official pickle layout.
 
 use crate::error::{Error, Result};
 use crate::parallel::resolve_threads;
@@ -334,7 +338,7 @@ impl std::hash::Hasher for FxHasher {
     }
 }
 
-/// What `PositiveIndex::code` returns for an id that is not a positive.
+/// What `PositiveIndex::lookup` returns for an id that is not a positive.
 pub const NOT_POSITIVE: i32 = -1;
 
 impl PositiveIndex {
@@ -362,6 +366,75 @@ impl PositiveIndex {
 #[inline]
 fn shaped(id: &str) -> bool {
     id.split_once('/').is_some_and(|(_, rest)| rest.starts_with("pos/"))
+}
+
+/// The codes of database ids among the positives (see [`PositiveIndex::lookup`]), with the
+/// foreign ones counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdCodes {
+    /// Per id, its index among the positives or [`NOT_POSITIVE`].
+    pub codes: Vec<i32>,
+    /// Ids shaped like a positive without being one (results of another dataset or version)...
+    pub foreign: usize,
+    /// ...and the first of them.
+    pub first_foreign: Option<String>,
+}
+
+impl IdCodes {
+    #[inline]
+    fn lookup(&mut self, index: &PositiveIndex, id: &str) -> i32 {
+        let (code, is_foreign) = index.lookup(id);
+        if is_foreign {
+            self.foreign += 1;
+            self.first_foreign.get_or_insert_with(|| id.to_string());
+        }
+        code
+    }
+}
+
+/// The code of every id of `ids`. Each item is turned into its text by `text` (the binding
+/// borrows it from a Python object); the first error of either stops the labelling.
+pub fn positive_codes<T, E>(
+    index: &PositiveIndex,
+    ids: impl IntoIterator<Item = std::result::Result<T, E>>,
+    text: impl Fn(&T) -> std::result::Result<&str, E>,
+) -> std::result::Result<IdCodes, E> {
+    let ids = ids.into_iter();
+    let mut out = IdCodes {
+        codes: Vec::with_capacity(ids.size_hint().0),
+        ..IdCodes::default()
+    };
+    for id in ids {
+        let code = out.lookup(index, text(&id?)?);
+        out.codes.push(code);
+    }
+    Ok(out)
+}
+
+/// The codes of a table of `ids` database ids that ranked lists index (`ranks`, the official
+/// pickle layout; -1 and out-of-range entries point nowhere): only the ids some list uses are
+/// read (`text(i)`: the text of id `i`, or an error that stops the labelling), in table order;
+/// the others get [`NOT_POSITIVE`].
+pub fn used_codes<'a, E>(
+    index: &PositiveIndex,
+    ids: usize,
+    ranks: &[i64],
+    text: impl Fn(usize) -> std::result::Result<&'a str, E>,
+) -> std::result::Result<IdCodes, E> {
+    let mut used = vec![false; ids];
+    for &r in ranks {
+        if r >= 0 && (r as usize) < ids {
+            used[r as usize] = true;
+        }
+    }
+    let mut out = IdCodes {
+        codes: vec![NOT_POSITIVE; ids],
+        ..IdCodes::default()
+    };
+    for i in (0..ids).filter(|&i| used[i]) {
+        out.codes[i] = out.lookup(index, text(i)?);
+    }
+    Ok(out)
 }
 
 /// What an item of a ranked list is, besides a positive's index: not a positive, or no item.
@@ -472,6 +545,46 @@ mod tests {
         assert_eq!(ix.lookup("t.tar/key").0, NOT_POSITIVE);
         assert!(ix.lookup("c/pos/P9.jpg").1);
         assert!(!ix.lookup("t.tar/key").1);
+    }
+
+    #[test]
+    fn ids_are_labelled_and_foreign_ones_counted() {
+        let ix = PositiveIndex::new(vec!["a/pos/P0.jpg".into(), "b/pos/P1.jpg".into()]);
+        let ids = ["t.tar/k1", "b/pos/P1.jpg", "x/pos/X.jpg", "a/pos/P0.jpg", "y/pos/Y.jpg"];
+        let got = positive_codes(&ix, ids.iter().map(Ok::<_, String>), |s| Ok(*s)).unwrap();
+        assert_eq!(got.codes, [NOT_POSITIVE, 1, NOT_POSITIVE, 0, NOT_POSITIVE]);
+        assert_eq!((got.foreign, got.first_foreign.as_deref()), (2, Some("x/pos/X.jpg")));
+        // an error of the iterator or of the text stops the labelling with it
+        let items = [Ok("a/pos/P0.jpg"), Err("bad item".to_string()), Ok("b/pos/P1.jpg")];
+        assert_eq!(positive_codes(&ix, items, |s| Ok(*s)), Err("bad item".to_string()));
+        let no_text = positive_codes(&ix, [Ok::<_, String>(7)], |_| Err("not text".to_string()));
+        assert_eq!(no_text, Err("not text".to_string()));
+        assert_eq!(
+            positive_codes(&ix, [], |s: &&str| Ok::<_, ()>(*s)).unwrap(),
+            IdCodes::default()
+        );
+    }
+
+    #[test]
+    fn only_the_ids_that_lists_use_are_read() {
+        let ix = PositiveIndex::new(vec!["a/pos/P0.jpg".into(), "b/pos/P1.jpg".into()]);
+        // entry 2 is not text: reading it would fail, but no list uses it
+        let table = [
+            Some("z/pos/Z.jpg"),
+            Some("b/pos/P1.jpg"),
+            None,
+            Some("a/pos/P0.jpg"),
+            Some("q/pos/Q.jpg"),
+        ];
+        let text = |i: usize| table[i].ok_or("read an unused id");
+        let got = used_codes(&ix, table.len(), &[3, -1, 1, 0, 1, 9], text).unwrap();
+        assert_eq!(got.codes, [NOT_POSITIVE, 1, NOT_POSITIVE, 0, NOT_POSITIVE]);
+        assert_eq!((got.foreign, got.first_foreign.as_deref()), (1, Some("z/pos/Z.jpg")));
+        assert_eq!(used_codes(&ix, table.len(), &[2], text), Err("read an unused id"));
+        // the codes then label the lists
+        let (labels, duplicate) = label_ranks(&got.codes, &[3, 1, -1, 0, 0, 4], 3, 2).unwrap();
+        assert_eq!(labels, [0, 1, EMPTY, NOT_POSITIVE, NOT_POSITIVE, NOT_POSITIVE]);
+        assert_eq!(duplicate, Some((1, 1)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use pyo3::types::PyDict;
 use crate::error::Error;
 use crate::kernels::int8::Int8Kernel;
 use crate::kernels::Simd;
+use crate::metrics::PositiveIndex;
 use crate::parallel::Control;
 use crate::search::{search, Int8Choice, SearchOptions, Tier};
 use crate::store::{Database, Shard};
@@ -307,20 +308,9 @@ fn positive_codes<'py>(
     ids: &Bound<'py, PyAny>,
     positives: Vec<String>,
 ) -> PyResult<(Bound<'py, numpy::PyArray1<i32>>, usize, Option<String>)> {
-    let index = crate::metrics::PositiveIndex::new(positives);
-    let mut codes = Vec::with_capacity(ids.len().unwrap_or(0));
-    let (mut foreign, mut first) = (0usize, None);
-    for item in ids.try_iter()? {
-        let item = item?;
-        let text = id_text(&item, "ids")?;
-        let (code, is_foreign) = index.lookup(text);
-        if is_foreign {
-            foreign += 1;
-            first.get_or_insert_with(|| text.to_string());
-        }
-        codes.push(code);
-    }
-    Ok((codes.into_pyarray(py), foreign, first))
+    let index = PositiveIndex::new(positives);
+    let found = crate::metrics::positive_codes(&index, ids.try_iter()?, |item| id_text(item, "ids"))?;
+    Ok((found.codes.into_pyarray(py), found.foreign, found.first_foreign))
 }
 
 /// Labels the ranked lists of an official pickle: `ranks` int64 (n, L) index `db_ids` (an
@@ -341,31 +331,15 @@ fn label_official<'py>(
     let ids = db_ids.as_slice().map_err(|_| contiguous("db_ids"))?;
     let (rows, width) = (ranks.shape()[0], ranks.shape()[1]);
     let r = ranks.as_slice().map_err(|_| contiguous("ranks"))?;
-    let mut used = vec![false; ids.len()];
-    for &x in r {
-        if x >= 0 && (x as usize) < ids.len() {
-            used[x as usize] = true;
-        }
-    }
-    let index = crate::metrics::PositiveIndex::new(positives);
-    let mut codes = vec![crate::metrics::NOT_POSITIVE; ids.len()];
-    let (mut foreign, mut first) = (0usize, None);
-    for ((obj, code), _) in ids.iter().zip(codes.iter_mut()).zip(&used).filter(|(_, &u)| u) {
-        let text = id_text(obj.bind(py), "db_ids")?;
-        let (found, is_foreign) = index.lookup(text);
-        *code = found;
-        if is_foreign {
-            foreign += 1;
-            first.get_or_insert_with(|| text.to_string());
-        }
-    }
+    let index = PositiveIndex::new(positives);
+    let found = crate::metrics::used_codes(&index, ids.len(), r, |i| id_text(ids[i].bind(py), "db_ids"))?;
     let (positive, duplicate) = py
-        .allow_threads(|| crate::metrics::label_ranks(&codes, r, width, threads))
+        .allow_threads(|| crate::metrics::label_ranks(&found.codes, r, width, threads))
         .map_err(to_py)?;
     Ok((
         positive.into_pyarray(py).reshape([rows, width])?,
-        foreign,
-        first,
+        found.foreign,
+        found.first_foreign,
         duplicate,
     ))
 }
