@@ -478,6 +478,12 @@ fn code_search<'py>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("StoreFormatError", m.py().get_type::<StoreFormatError>())?;
+    // the labels of `average_precision` and the codes of `positive_codes` / `label_official`
+    m.add("NEGATIVE", crate::metrics::NEGATIVE)?;
+    m.add("POSITIVE", crate::metrics::POSITIVE)?;
+    m.add("SKIP", crate::metrics::SKIP)?;
+    m.add("NOT_POSITIVE", crate::metrics::NOT_POSITIVE)?;
+    m.add("EMPTY", crate::metrics::EMPTY)?;
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;

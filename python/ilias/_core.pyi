@@ -1,34 +1,110 @@
-from typing import Callable, Optional
+"""The native core (rust/python.rs). Checked against the built module by tests/test_binding.py."""
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Optional, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
 
+_Path = Union[str, os.PathLike[str]]
+_Progress = Optional[Callable[[int], object]]
+
+__all__ = [
+    "__version__",
+    "StoreFormatError",
+    "NEGATIVE",
+    "POSITIVE",
+    "SKIP",
+    "NOT_POSITIVE",
+    "EMPTY",
+    "exact_search",
+    "inspect_shard",
+    "simd_paths",
+    "int8_kernels",
+    "average_precision",
+    "positive_codes",
+    "label_official",
+    "grouped_average_precision",
+    "fp32_peak_gflops",
+    "int8_peak_gops",
+    "build_codes",
+    "inspect_codes",
+    "code_search",
+]
+
 __version__: str
 
-class StoreFormatError(ValueError): ...
+# labels of `average_precision` (uint8)
+NEGATIVE: Final = 0
+POSITIVE: Final = 1
+SKIP: Final = 2
+# codes of `positive_codes` / `label_official` besides a positive's index (int32)
+NOT_POSITIVE: Final = -1
+EMPTY: Final = -2
+
+class StoreFormatError(ValueError):
+    """A store file is not what it should be (bad header, size, dtype or dimension)."""
+
+class _SearchStats(TypedDict):
+    simd: Optional[str]
+    int8: Optional[str]
+    float_pairs: int
+    int8_pairs: int
+    rescored_pairs: int
+
+class _CodeSearchStats(TypedDict):
+    codes: str
+    shortlist: int
+    rerank: bool
+    scan_seconds: float
+    rerank_seconds: float
+
+class _CodesHeader(TypedDict):
+    kind: str
+    dim: int
+    rows: int
+    fingerprint: str
 
 def exact_search(
-    shards: list[str],
+    shards: Sequence[_Path],
     queries: npt.NDArray[np.float32],
     k: int,
     threads: int = 0,
-    tiers: Optional[list[tuple[int, Optional[npt.NDArray[np.bool_]]]]] = None,
+    tiers: Optional[Sequence[tuple[int, Optional[npt.NDArray[np.bool_]]]]] = None,
     simd: Optional[str] = None,
     method: str = "exact",
-    progress: Optional[Callable[[int], object]] = None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], dict]: ...  # (tiers, nq, k)
-def inspect_shard(path: str, dim: Optional[int] = None) -> tuple[str, int, int]: ...
-def simd_paths() -> list[str]: ...
-def fp32_peak_gflops(simd: Optional[str] = None, threads: int = 0, millis: int = 300) -> float: ...
+    progress: _Progress = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], _SearchStats]:
+    """Exact search of `queries` (nq, dim) against the shards; scores and indices (tiers, nq, k).
+
+    method: "exact", "float32", "int8" or "int8-scalar"; simd: None/"auto", "avx512", "avx2",
+    "scalar"; tiers: `(rows, keep)` each (default: one tier, every row)."""
+
+def inspect_shard(path: _Path, dim: Optional[int] = None) -> tuple[str, int, int]:
+    """Validates one shard without reading its data: `(dtype name, rows, dim)`."""
+
+def simd_paths() -> list[str]:
+    """The SIMD paths this CPU can run, fastest first."""
+
+def int8_kernels() -> list[str]:
+    """The int8 kernels of exact search's first pass this CPU can run, fastest first."""
+
+def fp32_peak_gflops(simd: Optional[str] = None, threads: int = 0, millis: int = 300) -> float:
+    """This machine's float32 FMA peak (GFLOP/s) on `threads` threads (0: all) for a path."""
+
+def int8_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]:
+    """This machine's int8 multiply-add peak (GOP/s, AVX-512 VNNI); None without VNNI."""
+
 def average_precision(
     scores: npt.NDArray[np.float64],
     labels: npt.NDArray[np.uint8],
     n_positives: npt.NDArray[np.int64],
     k: int,
     threads: int = 0,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
-def int8_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]: ...
-def positive_codes(ids: object, positives: list[str]) -> tuple[npt.NDArray[np.int32], int, Optional[str]]: ...
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """AP@k and oracle (fractions) per row of `scores` (n, L) with `labels` (n, L) and |G| per row."""
+
 def grouped_average_precision(
     scores: npt.NDArray[np.float64],
     labels: npt.NDArray[np.uint8],
@@ -37,4 +113,50 @@ def grouped_average_precision(
     n_positives: npt.NDArray[np.int64],
     k: int,
     threads: int = 0,
-) -> npt.NDArray[np.float64]: ...
+) -> npt.NDArray[np.float64]:
+    """AP@k per group of positives (G, n): `positive` (n, L), `member` (G, P), `n_positives` (G, n)."""
+
+def positive_codes(
+    ids: Iterable[Union[str, bytes]], positives: Sequence[str]
+) -> tuple[npt.NDArray[np.int32], int, Optional[str]]:
+    """The index among `positives` of each id (or NOT_POSITIVE), the foreign count, the first foreign id."""
+
+def label_official(
+    db_ids: npt.NDArray[np.object_],
+    ranks: npt.NDArray[np.int64],
+    positives: Sequence[str],
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.int32], int, Optional[str], Optional[tuple[int, int]]]:
+    """Labels the ranked lists of an official pickle (`ranks` (n, L) index `db_ids`, -1: no item).
+
+    Returns per item its positive's index, NOT_POSITIVE or EMPTY; the foreign count and first foreign
+    id; the first list holding an item twice with the number of repeats (or None)."""
+
+def build_codes(
+    shards: Sequence[_Path],
+    kind: str,
+    path: _Path,
+    fingerprint: str,
+    threads: int = 0,
+    sample: int = 0,
+    iters: int = 20,
+    seed: int = 1234,
+    progress: _Progress = None,
+) -> None:
+    """Builds codes of `kind` ("sq8", "pq<M>", "pq<M>x4") for the database `shards` into `path`."""
+
+def inspect_codes(path: _Path) -> _CodesHeader:
+    """The header of a codes file (validated, sizes included)."""
+
+def code_search(
+    codes: _Path,
+    shards: Sequence[_Path],
+    queries: npt.NDArray[np.float32],
+    k: int,
+    shortlist: int,
+    rerank: bool = True,
+    threads: int = 0,
+    keep: Optional[npt.NDArray[np.bool_]] = None,
+    progress: _Progress = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], _CodeSearchStats]:
+    """Search with codes: a shortlist per query, rescored exactly from `shards` when `rerank`; (nq, k)."""
