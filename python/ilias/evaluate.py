@@ -35,8 +35,9 @@ SCALE_GROUPS = [
 CLUTTER_GROUPS = [(0, 18), (18, 33), (33, 53), (53, float("inf"))]
 TASKS = {"i2i": "image-to-image", "t2i": "text-to-image"}
 
-NEGATIVE, POSITIVE, SKIP = 0, 1, 2  # the labels of the Rust core (metrics.rs)
-NOT_POSITIVE, EMPTY = -1, -2  # codes in RankedLists.positive besides a positive's index
+# the labels of the Rust core (metrics.rs): NEGATIVE, POSITIVE, SKIP for AP; NOT_POSITIVE and
+# EMPTY as codes in RankedLists.positive besides a positive's index
+NEGATIVE, POSITIVE, SKIP, NOT_POSITIVE, EMPTY = _core.NEGATIVE, _core.POSITIVE, _core.SKIP, _core.NOT_POSITIVE, _core.EMPTY
 
 
 # ---------------------------------------------------------------- results in one form
@@ -55,6 +56,7 @@ class RankedLists:
     database_rows: int | None = None  # database size, when the source records it
     setting: str | None = None  # the published setting the results answer (mini, full), "" for none
     warnings: list[str] = field(default_factory=list)  # about the data the results came from
+    variant: str = ""  # what was added to the plain search ("adapt", "QE 2"; SearchResults.variant)
 
 
 def read_results(results, gt: GroundTruth) -> RankedLists:
@@ -92,6 +94,7 @@ def _from_search_results(r: SearchResults, gt: GroundTruth, source: str) -> Rank
         r.tier_rows or None,
         r.setting,
         list(r.warnings),
+        r.variant,
     )
 
 
@@ -192,6 +195,7 @@ class Evaluation:
     database_rows: int | None
     warnings: list[str] = field(default_factory=list)
     setting: str | None = None
+    variant: str = ""  # "adapt", "QE 2", ...: reported as its own row, never as the plain model
 
 
 def evaluate(
@@ -263,7 +267,8 @@ def evaluate(
             report = {key: float(np.mean(g_ap[rows][has[rows]])) for key, g_ap, has in per_group if has[rows].any()}
             setattr(res, name, report)
         tasks[task] = res
-    return Evaluation(k, tasks, lists.source, gt.source, lists.k, lists.database_rows, notes, lists.setting)
+    return Evaluation(k, tasks, lists.source, gt.source, lists.k, lists.database_rows, notes, lists.setting,
+                      lists.variant)
 
 
 def _check(lists: RankedLists, gt: GroundTruth, k: int, notes: list[str]) -> None:

@@ -49,6 +49,9 @@ class RunConfig:
     threads: int = 0
     prefixes: tuple[int, ...] = (10**6, 10**7)  # tiers: positives plus the first N distractors
     published: bool = True  # place the results among the published models (False: data that is not ILIAS)
+    adapt: str | None = None  # a linear adaptation layer (.pth): adapted results as their own rows
+    qe: int | None = None  # query expansion with this many neighbours (on the adapted search when adapting)
+    qe_alpha: float = 1.0
 
 
 def _complete(path: Path) -> bool:
@@ -109,6 +112,16 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     mini_list = data / MINI_LIST
     if cfg.distractors == "mini" and cfg.tars and not mini_list.exists():
         raise FileNotFoundError(f"--distractors mini: {mini_list} is missing")
+    if cfg.adapt:
+        from .adapt import load_weights
+
+        load_weights(cfg.adapt)  # a bad weights file is an error before any work
+    if cfg.qe is not None:
+        from .expand import Expansion
+
+        Expansion(cfg.qe, cfg.qe_alpha)
+        if cfg.qe > cfg.k:
+            raise ValueError(f"--qe {cfg.qe}: more neighbours than the k = {cfg.k} results of the first pass")
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": asdict(cfg), "versions": _versions(), "hardware": _hardware(), "steps": {}}
 
@@ -146,25 +159,99 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
         return f"{len(queries)} query stores x {total:,} rows, {len(tiers)} tier(s)"
 
     step("search", search_step)
+    variants = _variant_steps(cfg, out, stores, queries, db, tiers, step)
 
     def report_step():
-        curve, reports = [], {}
-        for t in tiers:
-            res = SearchResults.load(out / f"results.{t.name}.npz")
-            ev = evaluate(res, gt, cfg.k, threads=cfg.threads)
-            rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
-            write_json(rep, out / f"report.{t.name}.json")
-            write_markdown(rep, out / f"report.{t.name}.md")
-            curve.append({"name": t.name, "rows": res.tier_rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
-            reports[t.name] = rep
-        curve.sort(key=lambda c: c["rows"])
-        shown = _qualitative(res, gt, core, cfg.tars)  # the last tier: "all"
-        write_html(reports["all"], out / "report.html", tiers=curve if len(curve) > 1 else None, qualitative=shown)
-        return {c["name"]: {k: c[k] for k in ("rows", "i2i", "t2i") if k in c} for c in curve}
+        # per variant ("" for the plain search): (the curve over the tiers, the report of "all")
+        found, shown = {}, None
+        for suffix in ["", *variants]:
+            curve, reports = [], {}
+            for t in tiers:
+                name = f"{t.name}.{suffix}" if suffix else t.name
+                res = SearchResults.load(out / f"results.{name}.npz")
+                ev = evaluate(res, gt, cfg.k, threads=cfg.threads)
+                rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
+                write_json(rep, out / f"report.{name}.json")
+                write_markdown(rep, out / f"report.{name}.md")
+                curve.append({"name": t.name, "rows": res.tier_rows, **{k: v["map"] for k, v in rep["tasks"].items()}})
+                reports[t.name] = rep
+                if not suffix and t.name == "all":
+                    shown = _qualitative(res, gt, core, cfg.tars)
+            curve.sort(key=lambda c: c["rows"])
+            found[suffix] = (curve, reports["all"])
+        curve, main = found.pop("")
+        write_html(main, out / "report.html", tiers=curve if len(curve) > 1 else None, qualitative=shown,
+                   variants=[{"label": rep["config"]["variant"], "report": rep} for _, rep in found.values()])
+        summary = lambda c: {x["name"]: {k: x[k] for k in ("rows", "i2i", "t2i") if k in x} for x in c}  # noqa: E731
+        record["variants"] = {rep["config"]["variant"]: summary(c) for c, rep in found.values()}
+        return summary(curve)
 
     record["results"] = step("evaluate", report_step)
     _write_json(out / "run.json", record)
     return record
+
+
+def variant_suffix(adapt: bool, qe: int | None, alpha: float = 1.0) -> str:
+    """The results and report file names' part for a variant: "adapt", "qe2", "adapt-qe2-a3"."""
+    parts = ["adapt"] if adapt else []
+    if qe:
+        parts.append(f"qe{qe}" + (f"-a{alpha:g}" if alpha != 1 else ""))
+    return "-".join(parts)
+
+
+def _variant_steps(cfg: RunConfig, out: Path, stores: Path, queries, db: Database, tiers, step) -> list[str]:
+    """The searches added to the plain one, as steps: adapted (`--adapt`: the stores adapted, then
+    searched like the plain ones), and expanded (`--qe`: on top of the adapted search when there
+    is one, else of the plain one, its results serving as the first pass). Returns the suffixes of
+    their results files (results.<tier>.<suffix>.npz), each skipped when current."""
+    from .adapt import adapted_database, default_adapted_dir, load_weights
+    from .expand import search_expanded
+    from .results import SearchResults, write_all
+    from .search import search_tiers
+
+    suffixes, base_q, base_db, base = [], queries, db, ""
+    if cfg.adapt:
+        ad = load_weights(cfg.adapt)
+        given = [s.path for s in queries] + [s.path for s in db.stores]
+        target = default_adapted_dir(ad, out)
+
+        def adapt_step():
+            before = {str(p): (p / "manifest.json").exists() for p in (target / Path(g).name for g in given)}
+            adapted_database(ad, given, target, threads=cfg.threads, progress=True)
+            return "current" if all(before.values()) else f"{len(given)} stores with {ad.label}"
+
+        step("adapt", adapt_step)
+        base_q = [Store.open(target / Path(g).name) for g in given[: len(queries)]]
+        base_db = Database.of([target / Path(g).name for g in given[len(queries):]])
+        base = "adapt"
+
+        def adapted_search():
+            paths = {t.name: out / f"results.{t.name}.adapt.npz" for t in tiers}
+            if all(_current(p, base_db, cfg.k) for p in paths.values()):
+                return "current"
+            found = search_tiers(base_q, base_db, tiers, cfg.k, threads=cfg.threads, progress=True)
+            write_all([(paths[name], res) for name, res in found.items()])
+            return f"{len(base_q)} query stores x {base_db.count:,} adapted rows, {len(tiers)} tier(s)"
+
+        step("search adapt", adapted_search)
+        suffixes.append("adapt")
+    if cfg.qe:
+        suffix = variant_suffix(bool(cfg.adapt), cfg.qe, cfg.qe_alpha)
+
+        def expanded_search():
+            paths = {t.name: out / f"results.{t.name}.{suffix}.npz" for t in tiers}
+            if all(_current(p, base_db, cfg.k, (cfg.qe, cfg.qe_alpha)) for p in paths.values()):
+                return "current"
+            first = {t.name: SearchResults.load(out / f"results.{t.name}{base and '.' + base}.npz") for t in tiers}
+            found = search_expanded(base_q, base_db, tiers, cfg.k, n=cfg.qe, alpha=cfg.qe_alpha, first=first,
+                                    threads=cfg.threads, progress=True)
+            write_all([(paths[name], res) for name, res in found.items()])
+            st = next(iter(found.values())).stats
+            return f"QE {cfg.qe}: {st.qe_passes} scan(s) of {st.qe_queries:,} expanded queries"
+
+        step(f"search {suffix}", expanded_search)
+        suffixes.append(suffix)
+    return suffixes
 
 
 def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:
@@ -216,8 +303,9 @@ def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> l
     return rows
 
 
-def _current(path: Path, db: Database, k: int) -> bool:
-    """Whether a results file exists and was made from exactly these stores with this k."""
+def _current(path: Path, db: Database, k: int, qe: tuple[int, float] | None = None) -> bool:
+    """Whether a results file exists and was made from exactly these stores with this k (and,
+    for expanded results, this query expansion)."""
     from .results import SearchResults
 
     if not path.exists():
@@ -226,7 +314,9 @@ def _current(path: Path, db: Database, k: int) -> bool:
         res = SearchResults.load(path)
     except (OSError, ValueError):
         return False
-    return res.k == k and [p.fingerprint for p in res.database] == [p.fingerprint for p in db.parts]
+    made = (res.stats.qe, res.stats.qe_alpha) if res.stats is not None and res.stats.qe else None
+    return (res.k == k and [p.fingerprint for p in res.database] == [p.fingerprint for p in db.parts]
+            and made == (tuple(qe) if qe else None))
 
 
 def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, say) -> dict:

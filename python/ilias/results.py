@@ -66,6 +66,14 @@ class SearchStats:
     rerank: bool | None = None
     scan_seconds: float | None = None
     rerank_seconds: float | None = None
+    # query expansion (expand.py): neighbours and alpha, the scans of the second pass, the distinct
+    # expanded queries it scored, the first pass's time (`seconds` covers both); the pair counts
+    # above are the second pass's
+    qe: int | None = None
+    qe_alpha: float | None = None
+    qe_passes: int | None = None
+    qe_queries: int | None = None
+    qe_first_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchStats":
@@ -93,6 +101,8 @@ class SearchResults:
     setting: str | None = None
     stats: SearchStats | None = None
     warnings: list[str] = field(default_factory=list)  # about the data searched, carried into reports
+    # the linear adaptation the database was made with (adapt.py: "<weights file>@<sha256[:12]>")
+    adaptation: str | None = None
     db: "Database | None" = None
     # every returned row (sorted) and its id as UTF-8 bytes: a compact table, not 2M Python strings
     _rows: tuple[np.ndarray, np.ndarray] | None = None
@@ -103,6 +113,16 @@ class SearchResults:
 
     def __len__(self) -> int:
         return len(self.query_ids)
+
+    @property
+    def variant(self) -> str:
+        """What was added to the plain global search, as reports label it: "" (nothing),
+        "adapt", "QE 2", "adapt + QE 2 (alpha 3)"."""
+        parts = ["adapt"] if self.adaptation else []
+        if self.stats is not None and self.stats.qe:
+            alpha = self.stats.qe_alpha if self.stats.qe_alpha is not None else 1.0
+            parts.append(f"QE {self.stats.qe}" + (f" (alpha {alpha:g})" if alpha != 1 else ""))
+        return " + ".join(parts)
 
     def returned_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, ids): the sorted distinct global rows of all results and their ids (bytes)."""
@@ -136,6 +156,8 @@ class SearchResults:
             info["setting"] = self.setting
         if self.warnings:
             info["warnings"] = self.warnings
+        if self.adaptation:
+            info["adaptation"] = self.adaptation
         return info
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -197,6 +219,7 @@ class SearchResults:
             setting=info.get("setting"),
             stats=SearchStats.from_dict(info) if "method" in info else None,
             warnings=list(info.get("warnings", [])),
+            adaptation=info.get("adaptation"),
             _rows=rows,
         )
 

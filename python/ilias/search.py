@@ -198,6 +198,8 @@ def available_memory() -> int | None:
 
 def results_of(db: Database, scores, indices, query_ids, k: int, stats: SearchStats, tier: Tier | None = None) -> SearchResults:
     """The one place a search's arrays become a SearchResults over `db` (exact and codes search)."""
+    from .adapt import adaptation_label
+
     tier = tier or Tier("all")
     return SearchResults(
         scores=scores,
@@ -210,5 +212,6 @@ def results_of(db: Database, scores, indices, query_ids, k: int, stats: SearchSt
         setting=tier.setting,
         stats=stats,
         warnings=list(db.warnings),
+        adaptation=adaptation_label(db),
         db=db,
     )

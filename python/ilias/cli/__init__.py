@@ -23,6 +23,7 @@ COMMANDS = {
     "extract": "extract",
     "demo": "demo",
     "run": "run",
+    "adapt": "adapt",
     "bench": "bench",
 }
 

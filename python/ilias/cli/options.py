@@ -33,3 +33,19 @@ K = whole(1, MAX_K)
 POSITIVE = whole(1)
 NON_NEGATIVE = whole(0)
 SEED = whole(0, 2**64 - 1)
+
+
+def number(lo: float, strict: bool = False):
+    """An argparse type: a finite number at least `lo` (above it when `strict`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (value <= lo if strict else value < lo):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'above' if strict else 'at least'} {lo:g}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--workers", type=whole(0, 1024), default=4, help="image decoding workers")
     p.add_argument("--threads", type=THREADS, default=0, help="search and evaluation threads (default 0: all cores)")
+    from .search import add_variant_options
+
+    add_variant_options(p)  # --adapt W.pth, --qe N, --qe-alpha A: their results as their own report rows
     p.set_defaults(run=run)
 
 
@@ -38,10 +41,15 @@ def run(args) -> int:
         model=args.model, data=args.data, out=args.out, tars=args.tars, distractors=args.distractors, k=args.k,
         random_init=args.random_init, weights=args.weights, text_weights=args.text_weights, device=args.device,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+        adapt=args.adapt, qe=args.qe, qe_alpha=args.qe_alpha,
     )
+    if args.qe is None and args.qe_alpha != 1.0:
+        raise ValueError("--qe-alpha: only with --qe N")
     record = run_pipeline(cfg)
     print(f"{'database':<12}{'rows':>14}{'image-to-image':>16}{'text-to-image':>15}")
-    for name, r in record["results"].items():
+    rows = [(name, r) for name, r in record["results"].items()]
+    rows += [(f"{name} + {variant}", r) for variant, found in record.get("variants", {}).items() for name, r in found.items()]
+    for name, r in rows:
         print(f"{name:<12}{r['rows']:>14,}{r.get('i2i', float('nan')):>16.2f}{r.get('t2i', float('nan')):>15.2f}")
     print(f"report: {args.out}/report.html; run record: {args.out}/run.json")
     return 0

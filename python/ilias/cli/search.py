@@ -7,6 +7,10 @@ With --tier, one pass answers several databases, each written to its own file
     --tier mini=image_ids/mini_ilias_yfcc100m_ids.txt   positives + the listed YFCC100M keys
     --tier 10M=+10000000                                positives + the first 10M distractors
     --tier full=all                                     everything
+
+--adapt W.pth searches adapted copies of the stores (`ilias adapt apply`, made where missing, in
+--adapt-dir); --qe N adds alpha-QE: each query moved to normalize(q + sum s_i^alpha x_i) over its
+first N neighbours (alpha 1: the official method), searched again; every tier with its own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import POSITIVE, THREADS, K
+from .options import POSITIVE, THREADS, K, number
 
 
 def add_parser(sub) -> None:
@@ -44,7 +48,18 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=["npz", "json", "pickle"], help="output format (default: from the suffix)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="search stores whose writer did not finish (a warning, carried into the results and reports)")
+    add_variant_options(p)
+    p.add_argument("--adapt-dir", metavar="DIR",
+                   help="with --adapt: where the adapted stores go (default: adapted/<weights>-<sha> beside the first --db)")
     p.set_defaults(run=run)
+
+
+def add_variant_options(p) -> None:
+    """--adapt, --qe, --qe-alpha (shared with `ilias run`)."""
+    p.add_argument("--adapt", metavar="W.pth", help="linear adaptation layer: search normalize(W x + b) of queries and database")
+    p.add_argument("--qe", type=POSITIVE, metavar="N", help="query expansion with the first N neighbours, then a second pass")
+    p.add_argument("--qe-alpha", type=number(0), default=1.0, metavar="A",
+                   help="with --qe: neighbour weights score^A (default 1: the official method; 0: average QE)")
 
 
 def run(args) -> int:
@@ -52,6 +67,10 @@ def run(args) -> int:
     from ..results import check_output, format_of, results_bytes, write_all
     from ..search import Tier, search_tiers
 
+    if args.qe is None and args.qe_alpha != 1.0:
+        raise ValueError("--qe-alpha: only with --qe N")
+    if args.qe and args.measure_recall:
+        raise ValueError("--measure-recall: compares with exact search of the queries as given, not with --qe")
     queries = Database.of(args.queries, args.allow_incomplete).stores
     db = Database.of(args.db, args.allow_incomplete)
     out = Path(args.out)
@@ -66,14 +85,29 @@ def run(args) -> int:
     outputs = {t.name: out.with_name(f"{out.stem}.{t.name}{out.suffix}") if args.tier else out for t in tiers}
     nq = sum(s.count for s in queries)
     check_output(outputs.values(), args.format, len(tiers) * results_bytes(nq, args.k, format_of(out, args.format)))
+    if args.adapt:  # the same rows and ids: the tiers above hold for the adapted database
+        queries, db = _adapted(args, queries, db)
+    from ..adapt import check_same_adaptation
+
+    check_same_adaptation(queries, db)
     if args.codes:
         found = {tiers[0].name: _search_codes(args, queries, db, keep)}
+    elif args.qe:
+        from ..expand import search_expanded
+
+        found = search_expanded(queries, db, tiers, k=args.k, n=args.qe, alpha=args.qe_alpha, threads=args.threads,
+                                simd=args.simd, method=args.method, progress=True)
     else:
         found = search_tiers(queries, db, tiers, k=args.k, threads=args.threads, simd=args.simd, method=args.method,
                              progress=True)
     paths = write_all([(outputs[name], r) for name, r in found.items()], args.format)
     for path, results in zip(paths, found.values()):
-        print(f"{path}: {len(results):,} queries x {results.tier_rows:,} rows, k={args.k}, {results.stats.seconds:.1f}s")
+        label = f" ({results.variant})" if results.variant else ""
+        print(f"{path}: {len(results):,} queries x {results.tier_rows:,} rows, k={args.k}, {results.stats.seconds:.1f}s{label}")
+    st = next(iter(found.values())).stats
+    if st.qe:
+        print(f"QE {st.qe}: first pass {st.qe_first_seconds:.1f}s, second pass {st.seconds - st.qe_first_seconds:.1f}s "
+              f"({st.qe_passes} scan(s) of {st.qe_queries:,} distinct expanded queries)")
     if args.measure_recall:
         from ..index import measure_recall
 
@@ -84,8 +118,27 @@ def run(args) -> int:
     return 0
 
 
+def _adapted(args, queries, db):
+    """The query stores and the database, adapted with --adapt (made where missing)."""
+    from ..adapt import adapted_database, default_adapted_dir, load_weights
+    from ..database import Database
+
+    ad = load_weights(args.adapt)
+    target = Path(args.adapt_dir) if args.adapt_dir else default_adapted_dir(ad, Path(args.db[0]).parent)
+    given = [*args.queries, *args.db]
+    paths = adapted_database(ad, given, target, threads=args.threads, progress=True)
+    nq = len(args.queries)
+    return Database.of(paths[:nq]).stores, Database.of(paths[nq:])
+
+
 def _search_codes(args, queries, db, keep):
     from ..index import search_codes
 
+    if args.qe:
+        from ..expand import search_codes_expanded
+
+        return search_codes_expanded(queries, db, args.codes, args.k, n=args.qe, alpha=args.qe_alpha,
+                                     shortlist=args.shortlist, rerank=not args.no_rerank, keep=keep,
+                                     threads=args.threads, progress=True)
     return search_codes(queries, db, args.codes, args.k, shortlist=args.shortlist, rerank=not args.no_rerank,
                         keep=keep, threads=args.threads, progress=True)

@@ -27,12 +27,16 @@ THUMB_PX = 128
 FONT = 12  # px; SVG text sizes and label widths are derived from it
 
 
-def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dict] | None = None) -> str:
+def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dict] | None = None,
+            variants: list[dict] | None = None) -> str:
     """`tiers`: [{"name", "rows", "i2i", "t2i"}] for the mAP-versus-distractors curve.
     `qualitative`: [{"query_id", "query_image", "results": [{"id", "score", "positive", "image"}]}],
-    images given as paths or encoded bytes."""
+    images given as paths or encoded bytes. `variants`: [{"label", "report"}], reports of the
+    same data with something added to the search ("adapt", "QE 2"): their own labelled rows in
+    the summary and in the published charts."""
     cfg, tasks = report["config"], report["tasks"]
-    sections = [_summary(report)]
+    variants = variants or []
+    sections = [_summary(report, variants)]
     if tiers:
         sections.append(_section("mAP versus distractors", _curve(tiers, list(tasks))))
     for key, title in (("categories", "category"), ("subcategories", "subcategory"),
@@ -40,7 +44,7 @@ def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dic
         chart = _task_bars(key, tasks)
         if chart:
             sections.append(_section(f"mAP per {title}", chart))
-    sections.append(_published_section(report))
+    sections.append(_published_section(report, variants))
     if qualitative:
         sections.append(_section("Top results for chosen queries", _qualitative(qualitative), "qualitative"))
     if report.get("warnings"):
@@ -57,9 +61,9 @@ def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dic
 
 
 def write_html(report: dict, path: str | os.PathLike, tiers: list[dict] | None = None,
-               qualitative: list[dict] | None = None) -> Path:
+               qualitative: list[dict] | None = None, variants: list[dict] | None = None) -> Path:
     """Written whole or not at all: a browser (or a rerun) never sees half a report."""
-    return atomic_write(path, to_html(report, tiers, qualitative))
+    return atomic_write(path, to_html(report, tiers, qualitative, variants))
 
 
 _CSS = """
@@ -86,7 +90,14 @@ def _section(title: str, body: str, anchor: str | None = None) -> str:
     return f"<section{anchor}><h2>{escape(title)}</h2>\n{body}</section>"
 
 
-def _summary(report: dict) -> str:
+def _label(report: dict, fallback: str = "this result") -> str:
+    """The model (or the results file) with what was added to its search: "siglip + adapt"."""
+    cfg = report["config"]
+    base = cfg.get("model") or fallback
+    return f"{base} + {cfg['variant']}" if cfg.get("variant") else base
+
+
+def _summary(report: dict, variants: list[dict] = ()) -> str:
     cfg = report["config"]
     setting = SETTINGS[cfg["setting"]][1] if cfg.get("setting") else "no published setting"
     rows = cfg.get("database_rows")
@@ -99,12 +110,16 @@ def _summary(report: dict) -> str:
     body = [f'<p class="meta">{escape(" · ".join(meta))}</p>',
             ('<table id="map-table"><thead><tr><th>task</th><th>queries</th>'
              f"<th>mAP@{cfg['k']}</th><th>oracle</th><th>among published models</th></tr></thead><tbody>")]
-    for key, t in report["tasks"].items():
-        missing = f" ({t['missing']:,} missing)" if t.get("missing") else ""
-        placed = t["placement"]["text"] if t.get("placement") else "-"
-        body.append(f"<tr><td>{_swatch(key)}{escape(t['name'])}</td><td class=\"n\">{t['queries']:,}{escape(missing)}</td>"
-                    f"<td class=\"n\"><b>{t['map']:.2f}</b></td><td class=\"n\">{t['oracle']:.2f}</td>"
-                    f"<td>{escape(placed)}</td></tr>")
+    # the plain search first, then each variant as its own labelled row (never in place of it)
+    for rep in [report, *(v["report"] for v in variants)]:
+        suffix = f" + {rep['config']['variant']}" if rep["config"].get("variant") else ""
+        for key, t in rep["tasks"].items():
+            missing = f" ({t['missing']:,} missing)" if t.get("missing") else ""
+            placed = t["placement"]["text"] if t.get("placement") else "-"
+            body.append(f"<tr><td>{_swatch(key)}{escape(t['name'] + suffix)}</td>"
+                        f"<td class=\"n\">{t['queries']:,}{escape(missing)}</td>"
+                        f"<td class=\"n\"><b>{t['map']:.2f}</b></td><td class=\"n\">{t['oracle']:.2f}</td>"
+                        f"<td>{escape(placed)}</td></tr>")
     body.append("</tbody></table>")
     body.append(f'<p class="note">source: {escape(str(cfg.get("results", "")))} · ground truth: '
                 f'{escape(str(cfg.get("ground_truth", "")))}</p>')
@@ -148,7 +163,7 @@ def _group_label(key: str) -> str:
     return f"≥ {a:.3g}" if math.isinf(b) else f"{a:.3g} – {b:.3g}"
 
 
-def _published_section(report: dict) -> str:
+def _published_section(report: dict, variants: list[dict] = ()) -> str:
     setting = report["config"].get("setting")
     if not setting:
         rows = report["config"].get("database_rows")
@@ -157,20 +172,27 @@ def _published_section(report: dict) -> str:
                         f'<p class="note">Not compared: the database{escape(size)} is neither mini-ILIAS (5M) '
                         "nor ILIAS (100M), and published numbers are only comparable at those sizes.</p>",
                         "published")
-    ours_label = report["config"].get("model") or "this result"
+    ours = [(_label(r), r["tasks"]) for r in [report, *(v["report"] for v in variants)]
+            if r["config"].get("setting") == setting]
     charts = []
     for name, t in report["tasks"].items():
         table = published(name, setting)
         if not table:
             continue
+        rows = [(model, [(v, PUBLISHED_COLOUR)], False, v) for model, v in table]
+        for label, tasks in ours:
+            if name in tasks:
+                rows.append((f"▶ {label}", [(tasks[name]["map"], OURS_COLOUR)], True, tasks[name]["map"]))
         # ranked as place() ranks: published numbers have one decimal, so ours is compared rounded
-        at = sum(1 for _, v in table if v > round(t["map"], 1))
-        rows = [(model, [(v, PUBLISHED_COLOUR)], False) for model, v in table]
-        rows.insert(at, (f"▶ {ours_label}", [(t["map"], OURS_COLOUR)], True))
+        rows.sort(key=lambda r: -(round(r[3], 1) + 1e-9 if r[2] else r[3]))  # ours above the published ties
         charts.append(f"<h3>{escape(t['name'])}, {escape(SETTINGS[setting][1])}</h3>"
-                      + _hbars(f"published-{name}", f"{t['name']} among published models", rows))
+                      + _hbars(f"published-{name}", f"{t['name']} among published models", [r[:3] for r in rows]))
+    column = SETTINGS[setting][0]
+    note = (f'<p class="note">Published numbers: column {escape(column)} of the ILIAS table (frozen features)'
+            + ("; the adapted or expanded rows are compared with those same frozen-model numbers, not with the "
+               "page's third, unlabelled column" if variants else "") + ".</p>")
     body = "\n".join(charts) or '<p class="note">No published numbers for these tasks.</p>'
-    return _section("Among the published models", body, "published")
+    return _section("Among the published models", body + "\n" + note, "published")
 
 
 def _hbars(svg_id: str, title: str, rows: list[tuple[str, list, bool]], legend=None) -> str:

@@ -26,7 +26,9 @@ def _table() -> tuple[dict, ...]:
 
 def published(task: str, setting: str) -> list[tuple[str, float]]:
     """(checkpoint, mAP) of the published models, best first. The t2i rows whose single score
-    sits in the unlabelled third column are left out: their setting is not stated."""
+    sits in the unlabelled third column are left out: their setting is not stated. The third
+    column is never compared with: it is not clearly the adapted one, so adapted or expanded
+    results are placed among these frozen-model columns, and say so (`VARIANT_NOTE`)."""
     column = SETTINGS[setting][0]
     found = [(r["checkpoint"], float(r[column])) for r in _table() if r["task"] == task and r[column].strip()]
     return sorted(found, key=lambda x: -x[1])
@@ -40,13 +42,19 @@ class Placement:
     of: int  # published models compared with, plus this one
     above: tuple[str, float] | None  # the nearest published model ranked above
     below: tuple[str, float] | None  # the nearest published model at or below
+    column: str = ""  # the column of the published table compared with (map_5M, map_100M; never map_third)
 
     def describe(self) -> str:
-        parts = [f"rank {self.rank} of {self.of} ({SETTINGS[self.setting][1]})"]
+        parts = [f"rank {self.rank} of {self.of} ({SETTINGS[self.setting][1]}; published column {self.column})"]
         for word, near in (("next above", self.above), ("next below", self.below)):
             if near:
                 parts.append(f"{word}: {near[0]} {near[1]:.1f}")
         return "; ".join(parts)
+
+
+# what a placement of an adapted or expanded result (report rows "+ adapt", "+ QE N") says
+VARIANT_NOTE = ("compared with the published frozen-feature numbers (no adaptation, no query expansion); the page's "
+                "third, unlabelled column is not used")
 
 
 def place(map_value: float, task: str, setting: str) -> Placement | None:
@@ -58,7 +66,8 @@ def place(map_value: float, task: str, setting: str) -> Placement | None:
     ours = round(map_value, 1)
     above = [m for m in table if m[1] > ours]
     below = [m for m in table if m[1] <= ours]
-    return Placement(task, setting, len(above) + 1, len(table) + 1, above[-1] if above else None, below[0] if below else None)
+    return Placement(task, setting, len(above) + 1, len(table) + 1, above[-1] if above else None,
+                     below[0] if below else None, SETTINGS[setting][0])
 
 
 def size_matches(setting: str, database_rows: int) -> bool:

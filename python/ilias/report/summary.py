@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .._io import atomic_write
 from ..evaluate import TASKS, Evaluation
-from .published import SETTING_ROWS, SETTINGS, infer_setting, place, size_matches
+from .published import SETTING_ROWS, SETTINGS, VARIANT_NOTE, infer_setting, place, size_matches
 
 REPORT_FORMAT, REPORT_VERSION = "ilias-evaluation", 1
 
@@ -35,15 +35,17 @@ def build_report(ev: Evaluation, setting: str | None = None, config: dict | None
         warnings.warn(msg, stacklevel=2)
         setting = None
     tasks = {}
+    variant = getattr(ev, "variant", "")
     for name, t in ev.tasks.items():
         placement = place(t.map, name, setting) if setting else None
+        text = placement.describe() + (f"; {VARIANT_NOTE}" if variant else "") if placement else None
         tasks[name] = {
             "name": TASKS[name],
             "queries": len(t.query_ids),
             "missing": t.missing,
             "map": t.map,
             "oracle": t.oracle_mean,
-            "placement": vars(placement) | {"text": placement.describe()} if placement else None,
+            "placement": vars(placement) | {"text": text} if placement else None,
             "categories": t.categories,
             "subcategories": t.subcategories,
             "scale": t.scale,
@@ -60,6 +62,7 @@ def build_report(ev: Evaluation, setting: str | None = None, config: dict | None
             "results_k": ev.results_k,
             "database_rows": ev.database_rows,
             "setting": setting,
+            "variant": variant,  # "" for the plain global search, else e.g. "adapt", "adapt + QE 2"
             "ilias_core": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(config or {}),
@@ -73,8 +76,9 @@ def to_markdown(report: dict) -> str:
     cfg = report["config"]
     k = cfg["k"]
     setting = SETTINGS[cfg["setting"]][1] if cfg.get("setting") else "setting unknown"
+    variant = f" ({cfg['variant']})" if cfg.get("variant") else ""
     out = [
-        f"# ILIAS evaluation: `{cfg['results']}`",
+        f"# ILIAS evaluation: `{cfg['results']}`{variant}",
         "",
         f"mAP@{k} (percent, official semantics) · {setting} · ground truth `{cfg['ground_truth']}` · "
         f"ilias-core {cfg['ilias_core']}",
