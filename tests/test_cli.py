@@ -46,7 +46,7 @@ def test_user_errors_are_one_line(tmp_path, argv, message):
 
 
 def test_help_for_every_command():
-    for cmd in ("import", "export", "info", "search", "evaluate", "demo"):
+    for cmd in ("import", "export", "info", "search", "index", "evaluate", "models", "extract", "run", "demo", "bench"):
         proc = subprocess.run([sys.executable, "-m", "ilias", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: ilias" in proc.stdout
 
