@@ -94,19 +94,31 @@ def test_each_tier_expands_with_its_own_rows_only(data):
 def test_scan_plans():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 4)).astype(np.float32)
-    # every tier agrees: one scan of the plain query count, whatever the merge rule
+    sizes = [100, 1000, 10_000]
+    # every tier agrees: one scan of the plain query count, whatever the rule
     for merge in ("auto", "none", "all"):
-        scans = plan_scans([a, a, a], [100, 1000, 10_000], merge)
+        scans = plan_scans([a, a, a], sizes, merge)
         assert len(scans) == 1 and len(scans[0].entries) == 6 and scans[0].tiers == {0, 1, 2}
-    # they differ: one scan per set of tiers without merging; merged scans never hold more
-    # (query, tier) lists than the first pass (3 tiers x 6 queries)
+    # they all differ: one scan per tier, nq queries each (searching each tier alone)
+    scans = plan_scans([a, b, -a], sizes, "auto")
+    assert [(sorted(s.tiers), len(s.entries)) for s in scans] == [([0], 6), ([1], 6), ([2], 6)]
+    # some agree: a vector shared by tiers 0 and 1 is scored once, in tier 1's scan
     mixed = b.copy()
     mixed[:3] = a[:3]
-    none = plan_scans([a, mixed, b], [100, 1000, 10_000], "none")
+    none = plan_scans([a, mixed, b], sizes, "none")
     assert sorted(sorted(s.tiers) for s in none) == [[0], [0, 1], [1, 2], [2]]
-    assert sum(len(s.entries) for s in none) == 12
-    for scan in plan_scans([a, mixed, b], [100, 1000, 10_000], "auto", scan_cost=10**6):
-        assert len(scan.tiers) * len(scan.entries) <= 18
+    auto = plan_scans([a, mixed, b], sizes, "auto")
+    assert len(auto) <= 3 and sum(len(s.entries) for s in auto) == 12
+    for scan in auto:
+        queries = [q for q, _, _ in scan.entries]
+        assert len(queries) == len(set(queries)) <= 6  # no scan holds more than the first pass
+    # one vector of six shared: not worth a list for every query of the larger scan; it is
+    # scored again in the smaller tier's scan, which answers it alone
+    few = b.copy()
+    few[0] = a[0]
+    scans = plan_scans([a, few], sizes[:2], "auto")
+    assert [(sorted(s.tiers), len(s.entries)) for s in scans] == [([0], 6), ([1], 6)]
+    assert all(sig == {1} for _, _, sig in scans[1].entries)
     with pytest.raises(ValueError, match="merge"):
         plan_scans([a], [10], "some")
 

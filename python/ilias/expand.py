@@ -16,13 +16,14 @@ re-normalises the weights away; here the adapted neighbours are weighted.
 
 Tiers. The neighbours come from the same tier as the results they expand, so a query has one
 expanded vector per tier, and each must be scored against its own tier: a one-pass second search
-of every tier is not possible in general. Yet most expanded vectors repeat across tiers (a
+of every tier is not possible in general. Yet expanded vectors often repeat across tiers (a
 query's first neighbours are often the same in +1M and in everything). The second pass therefore
-scores each distinct expanded vector once, for every tier whose neighbours gave it: vectors are
-grouped by the set of tiers they answer, and the groups are merged into scans by a cost model
-(rows read x (queries + SCAN_COST)): where every tier agrees this is one scan of the same cost
-as the first pass, and a scan never holds more top-k lists than the first pass did. A scan reads
-only the shards its tiers reach (a +1M tier's own vectors scan 1M rows, not the whole database).
+scores an expanded vector in the scan of the largest tier whose neighbours gave it, for the
+other tiers that share it too when enough of that scan's vectors do (`plan_scans`): where every
+tier agrees this is one scan of the first pass's cost; where they all differ, one scan per tier,
+the cost of searching each tier alone (measured: benches/bench_adapt.py); never more than one
+scan per tier, nor more top-k lists than the first pass. A scan reads only the shards its tiers
+reach (a +1M tier's scan stops after the shards of its rows).
 
 The first pass keeps only the `n` neighbours (k = n), which is cheaper than a plain search; pass
 `first=` the results of an earlier search of the same queries and database (k >= n) to reuse
@@ -47,9 +48,6 @@ from .progress import Progress
 from .results import SearchResults, SearchStats
 from .search import Tier, as_queries, check_memory, results_of, search_tiers
 
-# what reading one database row costs in a scan, in queries scored against it: a scan of few
-# queries is bound by reading the rows, so small groups of expanded queries join a larger scan
-SCAN_COST = 128
 MERGES = ("auto", "none", "all")
 # neighbour vectors are read for this many queries at a time (n x dim float32 each)
 BLOCK = 512
@@ -119,49 +117,46 @@ def _tier_extents(db: Database, tiers: Sequence[Tier]) -> list[int]:
     return out
 
 
-def plan_scans(vectors: Sequence[np.ndarray], extents: Sequence[int], merge: str = "auto",
-               scan_cost: float = SCAN_COST) -> list[_Scan]:
-    """The second pass's scans: the distinct expanded vectors (`vectors[t]`: tier t's, (nq, dim)),
-    grouped by the tiers they answer, then merged (`merge`: "auto" by the cost model, "none",
-    "all": one scan)."""
+def plan_scans(vectors: Sequence[np.ndarray], sizes: Sequence, merge: str = "auto") -> list[_Scan]:
+    """The second pass's scans. `vectors[t]`: tier t's expanded queries (nq, dim); `sizes[t]`:
+    how large tier t is (any sortable key; larger: scans more). Each distinct vector of a query
+    is scored once, for the tiers whose neighbours gave it (its signature). `merge`:
+
+    - "auto": at most one scan per tier. A vector goes to the scan of the largest tier of its
+      signature; the other tiers of its signature are answered there too when at least half of
+      that scan's vectors need them (a tier added to a scan gives every query of it one more
+      top-k list, which costs far less than scoring them again, but not nothing), else the vector
+      is scored again in the smaller tier's own scan. So where the tiers agree it is one scan of
+      nq queries and all tiers (the first pass's cost); where they differ, one scan per tier of
+      nq queries (the cost of searching each tier alone); no scan holds more than nq queries;
+    - "none": one scan per signature; "all": one scan of every distinct vector (for tests)."""
     if merge not in MERGES:
         raise ValueError(f"merge: expected one of {', '.join(MERGES)}, got {merge!r}")
     nt, nq = len(vectors), len(vectors[0])
-    groups: dict[frozenset, list] = {}
+    rank = lambda t: (sizes[t], t)  # noqa: E731
+    groups: dict = {}
     for q in range(nq):
         seen: dict[bytes, list[int]] = {}
         for t in range(nt):
             seen.setdefault(vectors[t][q].tobytes(), []).append(t)
         for ts in seen.values():
             sig = frozenset(ts)
-            groups.setdefault(sig, []).append((q, ts[0], sig))
-    scans = [_Scan(sig, entries) for sig, entries in sorted(groups.items(), key=lambda g: sorted(g[0]))]
-    if merge == "all":
-        return [_Scan(frozenset(range(nt)), [e for s in scans for e in s.entries])]
-    if merge == "none":
-        return scans
-    budget = nt * nq  # top-k lists of the first pass: no scan holds more
-
-    def cost(tiers, count):
-        return max(extents[t] for t in tiers) * (count + scan_cost)
-
-    while len(scans) > 1:
-        best = None
-        for i in range(len(scans)):
-            for j in range(i + 1, len(scans)):
-                a, b = scans[i], scans[j]
-                tiers, count = a.tiers | b.tiers, len(a.entries) + len(b.entries)
-                if len(tiers) * count > budget:
-                    continue
-                gain = cost(tiers, count) - cost(a.tiers, len(a.entries)) - cost(b.tiers, len(b.entries))
-                if gain < 0 and (best is None or gain < best[0]):
-                    best = (gain, i, j)
-        if best is None:
-            break
-        _, i, j = best
-        merged = _Scan(scans[i].tiers | scans[j].tiers, scans[i].entries + scans[j].entries)
-        scans = [s for m, s in enumerate(scans) if m not in (i, j)] + [merged]
-    return scans
+            key = max(ts, key=rank) if merge == "auto" else (sig if merge == "none" else 0)
+            groups.setdefault(key, []).append((q, ts[0], sig))
+    if merge == "auto":
+        # largest tiers first: what a scan hands down lands in a smaller tier's scan, done later
+        for t in sorted(groups, key=rank, reverse=True):
+            entries = groups[t]
+            need = {u: sum(u in sig for _, _, sig in entries) for u in range(nt) if u != t}
+            shared = {u for u, c in need.items() if c and 2 * c >= len(entries)}
+            kept = []
+            for q, src, sig in entries:
+                for u in sig - shared - {t}:
+                    groups.setdefault(u, []).append((q, src, frozenset([u])))
+                kept.append((q, src, sig & (shared | {t})))
+            groups[t] = kept
+    scans = [_Scan(frozenset().union(*(e[2] for e in entries)), entries) for entries in groups.values()]
+    return sorted(scans, key=lambda s: sorted(s.tiers))
 
 
 def _check_first(first: dict, db: Database, tiers: Sequence[Tier], qids: list[str], n: int) -> None:
@@ -219,7 +214,7 @@ def search_expanded(
     t1 = time.monotonic()
     vectors = [expand_queries(q, db, first[t.name].indices, first[t.name].scores, exp.n, exp.alpha) for t in tiers]
     extents = _tier_extents(db, tiers)
-    scans = plan_scans(vectors, extents, merge)
+    scans = plan_scans(vectors, [(e, t.held(db)) for e, t in zip(extents, tiers)], merge)
     counts = np.cumsum(db.shard_counts)
     paths = db.shard_paths
     nq, nt = len(q), len(tiers)

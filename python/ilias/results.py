@@ -66,9 +66,9 @@ class SearchStats:
     rerank: bool | None = None
     scan_seconds: float | None = None
     rerank_seconds: float | None = None
-    # query expansion (expand.py): neighbours and alpha, the scans of the second pass, the distinct
-    # expanded queries it scored, the first pass's time (`seconds` covers both); the pair counts
-    # above are the second pass's
+    # query expansion (expand.py): neighbours and alpha, the scans of the second pass and the
+    # expanded queries they scored (a vector shared by tiers in one scan counts once), the first
+    # pass's time (`seconds` covers both); the pair counts above are the second pass's
     qe: int | None = None
     qe_alpha: float | None = None
     qe_passes: int | None = None

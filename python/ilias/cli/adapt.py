@@ -58,10 +58,13 @@ def add_parser(sub) -> None:
 def run_apply(args) -> int:
     import time
 
-    from ..adapt import apply_many, load_weights
+    from ..adapt import apply_many, blas_hint, load_weights
     from ..store import open_stores
 
     ad = load_weights(args.weights)
+    hint = blas_hint()
+    if hint:
+        print(f"ilias adapt: note: {hint}", file=sys.stderr)
     t0 = time.monotonic()
     outs = apply_many(ad, args.stores, args.out, dtype=args.dtype, replace=args.replace, threads=args.threads,
                       progress=True)

@@ -107,7 +107,7 @@ def run(args) -> int:
     st = next(iter(found.values())).stats
     if st.qe:
         print(f"QE {st.qe}: first pass {st.qe_first_seconds:.1f}s, second pass {st.seconds - st.qe_first_seconds:.1f}s "
-              f"({st.qe_passes} scan(s) of {st.qe_queries:,} distinct expanded queries)")
+              f"({st.qe_passes} scan(s), {st.qe_queries:,} expanded queries scored)")
     if args.measure_recall:
         from ..index import measure_recall
 
