@@ -422,16 +422,6 @@ def test_run_with_adapt_and_qe_adds_labelled_rows(tmp_path, rng):
 
 
 def _make_run_dir(tmp_path):
-    """The tiny ILIAS of tests/test_run.py."""
-    from .test_extract import make_core, make_tars
+    from .test_run import make_run_dir
 
-    root = tmp_path / "ilias"
-    make_core(root / "ilias_core")
-    ids = root / "image_ids"
-    ids.mkdir()
-    core = sorted(p.relative_to(root / "ilias_core").as_posix() for p in (root / "ilias_core").rglob("*.jpg"))
-    (ids / "image_query_ids.txt").write_text("".join(f"{c},x\n" for c in core if "/query/" in c))
-    (ids / "text_query_ids.txt").write_text("")
-    (ids / "positive_ids.txt").write_text("".join(f"{c},0.2,{10 * i}\n" for i, c in enumerate(c for c in core if "/pos/" in c)))
-    make_tars(root / "tars")
-    return root
+    return make_run_dir(tmp_path / "ilias")

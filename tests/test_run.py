@@ -16,7 +16,11 @@ from .test_extract import TINY_VIT, make_core, make_tars  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ilias_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ilias")
+    return make_run_dir(tmp_path_factory.mktemp("ilias"))
+
+
+def make_run_dir(root):
+    """A tiny ILIAS: core images, their id lists, and distractor tars."""
     make_core(root / "ilias_core")
     ids = root / "image_ids"
     ids.mkdir()
