@@ -69,7 +69,7 @@ pub fn average_precision(lists: Lists<'_>, k: usize, threads: usize) -> Result<(
     let rows = lists.rows();
     let mut ap = vec![0.0; rows];
     let mut oracle = vec![0.0; rows];
-    let block = rows.div_ceil(resolve_threads(threads)).max(1);
+    let block = rows.div_ceil(resolve_threads(threads)?).max(1);
     let w = lists.width;
     let blocks = ap.chunks_mut(block).zip(oracle.chunks_mut(block)).enumerate();
     crate::parallel::map(blocks, |(b, (ap, oracle))| {
@@ -115,7 +115,7 @@ pub fn grouped_average_precision(
     if positive.iter().any(|&p| p >= n_total as i32) {
         return Err(Error::invalid("grouped lists: a positive index is out of range"));
     }
-    let block = rows.div_ceil(resolve_threads(threads)).max(1);
+    let block = rows.div_ceil(resolve_threads(threads)?).max(1);
     let mut out = vec![0.0; groups * rows];
     // rows are split between threads; each thread writes its rows of every group at the end
     let parts = crate::parallel::map(0..rows.div_ceil(block), |b| {
@@ -456,7 +456,7 @@ pub fn label_ranks(codes: &[i32], ranks: &[i64], width: usize, threads: usize) -
         )));
     }
     let width = width.max(1);
-    let per = ranks.len().div_ceil(width).div_ceil(resolve_threads(threads)).max(1) * width;
+    let per = ranks.len().div_ceil(width).div_ceil(resolve_threads(threads)?).max(1) * width;
     // a repeat is an item already stamped with the current list's number
     let parts = crate::parallel::map(ranks.chunks(per), |block| {
         let labels: Vec<i32> = block

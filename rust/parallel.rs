@@ -34,12 +34,17 @@ impl Control {
     }
 }
 
-/// The threads a `threads` argument asks for: 0 means all cores.
-pub fn resolve_threads(threads: usize) -> usize {
-    if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        threads
+/// The most threads a `threads` argument may ask for (more is a mistake, such as a negative
+/// number wrapped around, not a machine).
+pub const MAX_THREADS: usize = 1024;
+
+/// The threads a `threads` argument asks for: 0 means all cores; more than [`MAX_THREADS`] is
+/// refused.
+pub fn resolve_threads(threads: usize) -> Result<usize> {
+    match threads {
+        0 => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        t if t > MAX_THREADS => Err(Error::invalid(format!("threads: at most 1,024, got {t}"))),
+        t => Ok(t),
     }
 }
 
@@ -85,7 +90,7 @@ pub fn claims<S: Send>(
 ) -> Result<Vec<S>> {
     let count = n.div_ceil(claim);
     let next = AtomicUsize::new(0);
-    let threads = resolve_threads(threads).min(count.max(1));
+    let threads = resolve_threads(threads)?.min(count.max(1));
     map(0..threads, |me| {
         let mut own = state(me);
         loop {
@@ -139,6 +144,16 @@ mod tests {
             },
         );
         assert!(matches!(got, Err(Error::Internal(_))));
+    }
+
+    #[test]
+    fn thread_counts_are_bounded() {
+        assert!(resolve_threads(0).unwrap() >= 1);
+        assert_eq!(resolve_threads(1024).unwrap(), 1024);
+        let e = resolve_threads(1025).unwrap_err().to_string();
+        assert_eq!(e, "threads: at most 1,024, got 1025");
+        let got = claims(10, 1, usize::MAX, &Control::default(), |_| (), |_, _, _| Ok(()));
+        assert!(matches!(got, Err(Error::Invalid(_))));
     }
 
     #[test]

@@ -111,9 +111,11 @@ fn run_watched<T: Send>(
 /// kernel or the portable one: for tests).
 /// `tiers`: the databases answered in the same pass, each `(rows, keep)`: the first `rows` rows,
 /// of which those with `keep` True (all when None); default: one tier, the whole database.
+/// `checksums`: per shard, the fast checksum its manifest records (`shard_checksum`) or None;
+/// a shard whose data gives another one is a `StoreFormatError` naming it, and nothing is returned.
 /// Returns `(scores float32 (tiers, nq, k), indices int64 (tiers, nq, k), stats dict)`.
 #[pyfunction]
-#[pyo3(signature = (shards, queries, k, threads=0, tiers=None, simd=None, method="exact", progress=None))]
+#[pyo3(signature = (shards, queries, k, threads=0, tiers=None, simd=None, method="exact", progress=None, checksums=None))]
 #[allow(clippy::too_many_arguments)]
 fn exact_search<'py>(
     py: Python<'py>,
@@ -125,6 +127,7 @@ fn exact_search<'py>(
     simd: Option<&str>,
     method: &str,
     progress: Option<Bound<'py, PyAny>>,
+    checksums: Option<Vec<Option<u64>>>,
 ) -> PyResult<Found<'py>> {
     let int8 = Int8Choice::parse(method, simd).map_err(to_py)?;
     let simd = Simd::parse_option(simd).map_err(to_py)?;
@@ -147,7 +150,19 @@ fn exact_search<'py>(
             Ok(Tier { rows: *rows, keep })
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    let mut db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    if let Some(sums) = checksums {
+        if sums.len() != db.shards.len() {
+            return Err(PyValueError::new_err(format!(
+                "checksums: {} values for {} shards",
+                sums.len(),
+                db.shards.len()
+            )));
+        }
+        for (shard, sum) in db.shards.iter_mut().zip(sums) {
+            shard.expected = sum;
+        }
+    }
     if qdim != db.dim {
         return Err(PyValueError::new_err(format!(
             "queries have dimension {qdim} but the database has dimension {}",
@@ -184,6 +199,15 @@ fn exact_search<'py>(
 fn inspect_shard(path: PathBuf, dim: Option<usize>) -> PyResult<(&'static str, usize, usize)> {
     let s = Shard::open(&path, dim).map_err(to_py)?;
     Ok((s.dtype.name(), s.rows, s.dim))
+}
+
+/// The fast checksum of a shard's data section (blocks of 128 rows, see `store::block_hash`),
+/// on `threads` threads: what the writer records in the manifest and exact search compares.
+#[pyfunction]
+#[pyo3(signature = (path, threads=1))]
+fn shard_checksum(py: Python<'_>, path: PathBuf, threads: usize) -> PyResult<u64> {
+    py.allow_threads(|| Shard::open(&path, None)?.checksum(threads))
+        .map_err(to_py)
 }
 
 /// Measures this machine's float32 FMA peak (GFLOP/s) on `threads` threads for a given path.
@@ -486,6 +510,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EMPTY", crate::metrics::EMPTY)?;
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(int8_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(average_precision, m)?)?;

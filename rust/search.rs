@@ -19,6 +19,11 @@
 //! Several tiers (prefixes and subsets of the database) can be answered by the same pass.
 //! The caller observes progress through `Control::done_rows` and stops the work by setting
 //! `Control::cancel`; workers look at it after every tile (a few milliseconds of work).
+//!
+//! Integrity for free: every tile is one checksum block of its shard (`store::CHECK_ROWS`
+//! rows), hashed right after it was scored, while it is still in cache; each worker sums the
+//! block hashes per shard, and a shard whose sum differs from the checksum its manifest
+//! recorded is an error at the end, so no result comes from data that changed.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -26,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
 use crate::parallel::{resolve_threads, Control};
-use crate::store::{DType, Database};
+use crate::store::{block_hash, DType, Database, CHECK_ROWS};
 use crate::topk::{key, unkey, TopK};
 
 /// Rows a thread claims at once (its pages are released together), at most and at least.
@@ -39,8 +44,13 @@ const MIN_CHUNK_ROWS: usize = 1024;
 const MAX_RESCORED: f64 = 0.2;
 const PROBE_EVERY: usize = 64;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
-/// and of every path's `nr`).
-const TILE_ROWS: usize = 128;
+/// and of every path's `nr`). A tile is one checksum block of its shard: `chunks` starts and
+/// ends work items only at multiples of it (or at the shard's end), so the tiles of a chunk
+/// are whole blocks, each hashed once by the one thread that scores it.
+const TILE_ROWS: usize = CHECK_ROWS;
+const _: () = assert!(
+    TILE_ROWS.is_multiple_of(32) && MIN_CHUNK_ROWS.is_multiple_of(TILE_ROWS) && CHUNK_ROWS.is_multiple_of(TILE_ROWS)
+);
 
 pub struct SearchOptions<'a> {
     pub k: usize,
@@ -215,8 +225,9 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     } else {
         &opts.tiers[..]
     };
-    let wanted = resolve_threads(opts.threads);
-    let chunks = chunks(db, wanted);
+    let wanted = resolve_threads(opts.threads)?;
+    let sizes: Vec<usize> = db.shards.iter().map(|s| s.rows).collect();
+    let chunks = chunks(&sizes, wanted);
     let threads = wanted.min(chunks.len().max(1));
     let plan = Plan {
         dim,
@@ -228,6 +239,7 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         nq,
         tiers,
         shared: Shared::new(nq * tiers.len(), threads),
+        shards: db.shards.len(),
     };
 
     // the `threads` workers claim chunks in database order
@@ -245,9 +257,22 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         ..Stats::default()
     };
     let mut parts = Vec::with_capacity(workers.len());
+    let mut sums = vec![0u64; db.shards.len()];
     for worker in workers {
         stats.add(&worker.stats);
         parts.push(worker.tops);
+        for (sum, w) in sums.iter_mut().zip(&worker.sums) {
+            *sum = sum.wrapping_add(*w);
+        }
+    }
+    // every block of every shard was hashed exactly once, by whichever thread scored it
+    if let Some(bad) = db
+        .shards
+        .iter()
+        .zip(&sums)
+        .find(|(s, &sum)| s.expected.is_some_and(|e| e != sum))
+    {
+        return Err(bad.0.mismatch());
     }
     let nt = tiers.len();
     let merged = crate::topk::merge_sorted(parts, opts.k, nq * nt, threads)?;
@@ -271,16 +296,18 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     })
 }
 
-/// The work items of `threads` threads: (shard, first row, end row), in database order. They
-/// shrink towards the end (a share of what is left per thread) so that threads finish together.
-fn chunks(db: &Database, threads: usize) -> Vec<(usize, usize, usize)> {
+/// The work items of `threads` threads over shards of `sizes` rows: (shard, first row, end row),
+/// in database order. They shrink towards the end (a share of what is left per thread) so that
+/// threads finish together. Invariant (the checksums rely on it): an item starts at a multiple
+/// of `CHECK_ROWS` and ends at one or at its shard's end, so it covers whole blocks of one shard.
+fn chunks(sizes: &[usize], threads: usize) -> Vec<(usize, usize, usize)> {
     let mut chunks = Vec::new();
-    let mut left = db.rows;
-    for (s, shard) in db.shards.iter().enumerate() {
+    let mut left: usize = sizes.iter().sum();
+    for (s, &rows) in sizes.iter().enumerate() {
         let mut r = 0;
-        while r < shard.rows {
-            let size = (left / (4 * threads)).clamp(MIN_CHUNK_ROWS, CHUNK_ROWS);
-            let end = (r + size).min(shard.rows);
+        while r < rows {
+            let size = (left / (4 * threads)).clamp(MIN_CHUNK_ROWS, CHUNK_ROWS) / CHECK_ROWS * CHECK_ROWS;
+            let end = (r + size).min(rows);
             chunks.push((s, r, end));
             left -= end - r;
             r = end;
@@ -302,6 +329,8 @@ struct Plan<'a> {
     nq: usize,
     tiers: &'a [Tier<'a>],
     shared: Shared,
+    /// Shards of the database (workers sum block hashes per shard).
+    shards: usize,
 }
 
 /// What the threads tell each other about every (query, tier) list, so that each prunes with
@@ -383,6 +412,8 @@ struct Worker<'a> {
     rescored_share: f64,
     tiles: usize,
     scratch: Scratch,
+    /// Per shard, the wrapping sum of the hashes of the blocks this thread scored.
+    sums: Vec<u64>,
 }
 
 /// Buffers reused from tile to tile.
@@ -417,6 +448,7 @@ impl<'a> Worker<'a> {
             warm: false,
             rescored_share: 0.0,
             tiles: 0,
+            sums: vec![0; plan.shards],
             scratch: Scratch {
                 block_scores: vec![0f32; plan.simd.mr() * TILE_ROWS],
                 ..Scratch::default()
@@ -434,12 +466,17 @@ impl<'a> Worker<'a> {
                 return Err(Error::Cancelled);
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
+            let bytes = shard.row_bytes(t0, t1);
             self.tile(&Rows {
-                bytes: shard.row_bytes(t0, t1),
+                bytes,
                 dtype: shard.dtype,
                 count: t1 - t0,
                 first: db.starts[s] + t0,
             });
+            if shard.expected.is_some() {
+                // the tile's rows are still in cache: hashing them costs no memory traffic
+                self.sums[s] = self.sums[s].wrapping_add(block_hash(bytes, (t0 / CHECK_ROWS) as u64));
+            }
         }
         shard.release(lo, hi);
         control.advance(hi - lo);
@@ -639,5 +676,35 @@ mod tests {
         }
         let e = Int8Choice::parse("int4", None).unwrap_err().to_string();
         assert!(e.starts_with("method: unknown \"int4\""), "{e}");
+    }
+
+    #[test]
+    fn work_items_cover_whole_checksum_blocks_of_one_shard() {
+        let mut seed = 12345u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        for case in 0..200 {
+            let sizes: Vec<usize> = (0..1 + next(6))
+                .map(|_| next(if case % 2 == 0 { 3000 } else { 300_000 }) as usize)
+                .collect();
+            let threads = 1 + next(16) as usize;
+            let items = chunks(&sizes, threads);
+            let mut at = vec![0usize; sizes.len()];
+            for &(s, lo, hi) in &items {
+                assert!(lo < hi && hi <= sizes[s], "{sizes:?} {threads}: ({s}, {lo}, {hi})");
+                assert_eq!(lo % CHECK_ROWS, 0, "{sizes:?} {threads}: ({s}, {lo}, {hi})");
+                assert!(
+                    hi % CHECK_ROWS == 0 || hi == sizes[s],
+                    "{sizes:?} {threads}: ({s}, {lo}, {hi})"
+                );
+                assert_eq!(at[s], lo, "items of a shard in order, without gaps");
+                at[s] = hi;
+            }
+            assert_eq!(at, sizes, "every row once");
+        }
     }
 }

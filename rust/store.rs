@@ -4,6 +4,14 @@
 //! float16 or float32. Before a shard is mapped its header is parsed and checked against the
 //! file size, so that a truncated or foreign file is an error naming the file, never a read past
 //! the end of a mapping. Python writes the shards (python/ilias/store.py); this side only reads.
+//!
+//! Integrity on the search path: sha256 over a 205 GB store costs more than the search itself,
+//! and reading the store twice (verify, then search) is not an option. So each shard also
+//! carries a fast checksum of our own ([`block_hash`], non-cryptographic, 64 bits: it catches
+//! damage, not an adversary) over blocks of [`CHECK_ROWS`] rows aligned to the shard's first
+//! row. The shard checksum is the wrapping sum of its block hashes, so threads that see the
+//! blocks in any order add them up to the same value, and exact search hashes every tile while
+//! it is hot in cache (search.rs) and compares at the end.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -117,12 +125,103 @@ fn dict_value(text: &str, key: &str) -> std::result::Result<String, String> {
     Ok(value.trim().to_string())
 }
 
+/// Rows per checksum block of a shard. Exact search hashes one tile of rows at a time, so its
+/// tiles are exactly these blocks (search.rs: `TILE_ROWS`, and `chunks` cuts shards only at
+/// multiples of it).
+pub const CHECK_ROWS: usize = 128;
+
+/// Independent accumulator lanes of [`block_hash`] (eight u64 words, one 64-byte stripe, per
+/// step: enough independent multiplies to keep the multiplier busy, and the loop vectorizes).
+const LANES: usize = 8;
+const KEYS: [u64; LANES] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x85eb_ca77_c2b2_ae63,
+    0x27d4_eb2f_1656_67c5,
+    0xd6e8_feb8_6659_fd93,
+    0xff51_afd7_ed55_8ccd,
+    0xc4ce_b9fe_1a85_ec53,
+];
+/// Stripes between two scrambles of the lanes (1 KiB): their order matters across segments.
+const SEGMENT: usize = 16;
+
+/// The splitmix64 finalizer: every input bit reaches every output bit.
+#[inline]
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A fast 64-bit hash of one block of bytes, the `index`-th of its sequence (so that equal
+/// blocks at different places hash differently). Eight lanes take one u64 word each per
+/// 64-byte stripe: the word, keyed by its lane and its stripe's place in the segment, is
+/// multiplied half by half (32 x 32 -> 64 bits) into its lane, and the raw word is added to the
+/// neighbouring lane, so a changed word always changes a lane; every 1 KiB the lanes are
+/// scrambled by a multiply-xorshift, and at the end they are finalized, mixed with the
+/// length and the index into one value. About 1 instruction per byte, from cache.
+pub fn block_hash(bytes: &[u8], index: u64) -> u64 {
+    let mut acc = KEYS.map(|k| k ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let stripes = bytes.chunks_exact(64);
+    let tail = stripes.remainder();
+    for (n, stripe) in stripes.enumerate() {
+        let salt = ((n % SEGMENT) as u64).wrapping_mul(0xa076_1d64_78bd_642f);
+        let mut words = [0u64; LANES];
+        for (w, b) in words.iter_mut().zip(stripe.chunks_exact(8)) {
+            *w = u64::from_le_bytes(b.try_into().unwrap());
+        }
+        for l in 0..LANES {
+            let x = words[l] ^ KEYS[l] ^ salt;
+            acc[l] = acc[l].wrapping_add((x & 0xffff_ffff).wrapping_mul(x >> 32));
+            acc[l ^ 1] = acc[l ^ 1].wrapping_add(words[l]);
+        }
+        if n % SEGMENT == SEGMENT - 1 {
+            for (a, k) in acc.iter_mut().zip(KEYS) {
+                *a = (*a ^ (*a >> 47) ^ k).wrapping_mul(0x9e37_79b1);
+            }
+        }
+    }
+    // the last, partial stripe: zero-padded (the length below tells the padding apart)
+    let mut last = [0u8; 64];
+    last[..tail.len()].copy_from_slice(tail);
+    for (l, b) in last.chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(b.try_into().unwrap());
+        acc[l] = mix64(acc[l] ^ w ^ KEYS[l]);
+    }
+    let mut h = mix64(index ^ (bytes.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd));
+    for a in acc {
+        h = mix64(h.rotate_left(23) ^ a);
+    }
+    h
+}
+
+/// The checksum of `bytes` cut into blocks of `block` bytes (the last one shorter): the wrapping
+/// sum of their [`block_hash`]es, computed on up to `threads` threads (0: all cores).
+pub fn checksum(bytes: &[u8], block: usize, threads: usize) -> Result<u64> {
+    let block = block.max(1);
+    let blocks = bytes.len().div_ceil(block);
+    let threads = crate::parallel::resolve_threads(threads)?.min(blocks.max(1));
+    let per = blocks.div_ceil(threads).max(1);
+    let parts = crate::parallel::map(0..threads, |t| {
+        let sum = (t * per..((t + 1) * per).min(blocks)).fold(0u64, |sum, b| {
+            let piece = &bytes[b * block..((b + 1) * block).min(bytes.len())];
+            sum.wrapping_add(block_hash(piece, b as u64))
+        });
+        Ok(sum)
+    })?;
+    Ok(parts.into_iter().fold(0u64, u64::wrapping_add))
+}
+
 /// One memory-mapped, validated `(rows, dim)` shard.
 pub struct Shard {
     pub path: PathBuf,
     pub dtype: DType,
     pub rows: usize,
     pub dim: usize,
+    /// The checksum its store's manifest records ([`Shard::checksum`]), when it records one:
+    /// exact search compares it with what it read.
+    pub expected: Option<u64>,
     map: Mmap,
     offset: usize,
 }
@@ -192,9 +291,28 @@ impl Shard {
             dtype,
             rows,
             dim,
+            expected: None,
             map,
             offset: header.data_offset,
         })
+    }
+
+    /// The fast checksum of the data section: blocks of [`CHECK_ROWS`] rows from the first.
+    pub fn checksum(&self, threads: usize) -> Result<u64> {
+        checksum(self.row_bytes(0, self.rows), self.block_bytes(), threads)
+    }
+
+    /// Bytes of one checksum block (the last block of a shard may be shorter).
+    pub fn block_bytes(&self) -> usize {
+        CHECK_ROWS * self.dim * self.dtype.size()
+    }
+
+    /// The error of a shard whose data does not give the checksum its manifest recorded.
+    pub fn mismatch(&self) -> Error {
+        Error::format(
+            &self.path,
+            "checksum mismatch: the data changed since it was written; `ilias info --verify` checks the whole store",
+        )
     }
 
     /// The raw little-endian bytes of rows `start..end`.
@@ -348,6 +466,64 @@ mod tests {
             .contains("dimension"));
         let missing = Shard::open(&d.join("nope.npy"), None).err().unwrap();
         assert!(matches!(missing, Error::Io { .. }));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn block_hashes_sum_in_any_order_and_see_every_byte() {
+        let data: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let block = 700;
+        let want = checksum(&data, block, 1).unwrap();
+        // any thread count, any order of the blocks: the same sum
+        for threads in [2, 3, 8] {
+            assert_eq!(checksum(&data, block, threads).unwrap(), want);
+        }
+        let mut order: Vec<usize> = (0..data.len().div_ceil(block)).collect();
+        order.reverse();
+        order.swap(1, 5);
+        let by_hand = order.iter().fold(0u64, |s, &b| {
+            s.wrapping_add(block_hash(
+                &data[b * block..((b + 1) * block).min(data.len())],
+                b as u64,
+            ))
+        });
+        assert_eq!(by_hand, want);
+        // one flipped bit anywhere, a zeroed range, swapped stripes, a shorter input: all seen
+        for pos in (0..data.len()).step_by(37) {
+            for bit in [0, 3, 7] {
+                let mut d = data.clone();
+                d[pos] ^= 1 << bit;
+                assert_ne!(checksum(&d, block, 1).unwrap(), want, "byte {pos} bit {bit}");
+            }
+        }
+        let mut d = data.clone();
+        d[100..300].fill(0);
+        assert_ne!(checksum(&d, block, 1).unwrap(), want);
+        let mut d = data.clone();
+        let (a, b) = d.split_at_mut(64);
+        a.swap_with_slice(&mut b[..64]);
+        assert_ne!(checksum(&d, block, 1).unwrap(), want);
+        assert_ne!(checksum(&data[..data.len() - 2], block, 1).unwrap(), want);
+        // equal blocks at different places hash differently; the hash is stable across versions
+        assert_ne!(block_hash(&[0u8; 64], 0), block_hash(&[0u8; 64], 1));
+        assert_eq!(block_hash(b"", 0), block_hash(b"", 0));
+        assert_eq!(checksum(&[], block, 4).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_shard_checksum_sees_a_flipped_data_byte() {
+        let d = tmpdir("checksum");
+        let data: Vec<u8> = (0..300 * 3 * 2).map(|i| (i % 251) as u8).collect();
+        let path = write(&d, "s.npy", &npy_bytes("<f2", "(300, 3)", &data));
+        let want = Shard::open(&path, None).unwrap().checksum(1).unwrap();
+        assert_eq!(Shard::open(&path, None).unwrap().checksum(2).unwrap(), want);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 1000;
+        bytes[at] ^= 0x10;
+        let bad = write(&d, "bad.npy", &bytes);
+        assert_ne!(Shard::open(&bad, None).unwrap().checksum(1).unwrap(), want);
         std::fs::remove_dir_all(d).unwrap();
     }
 }

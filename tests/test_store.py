@@ -133,6 +133,52 @@ def test_checksum_catches_changed_data(tmp_path, rng):
         Store.open(store.path).verify()
 
 
+def test_search_verifies_the_fast_checksum_of_every_shard(tmp_path, rng, capsys):
+    from ilias import _core, search
+    from ilias.cli import main
+
+    store = _store(tmp_path, rng)
+    assert all(len(s.fast_checksum) == 16 for s in store.manifest.shards)
+    assert _core.shard_checksum(str(store.shard_path(1))) == store.manifest.shards[1].fast_checksum_int
+    q = unit_rows(rng, 3, 16)
+    want = search(q, store, k=5, threads=2)
+    # one flipped bit in the data section of shard 1 (the last byte of its rows): no results
+    path = store.shard_path(1)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    for method in ("exact", "float32"):
+        with pytest.raises(StoreFormatError, match=r"00001\.npy: checksum mismatch.*ilias info --verify"):
+            search(q, Store.open(store.path), k=5, threads=2, method=method)
+    assert main(["info", str(store.path), "--verify"]) == 1
+    assert "00001.npy" in capsys.readouterr().err
+    # a store written before the fast checksums is searched (and not verified) as before
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    m = json.loads((store.path / "manifest.json").read_text())
+    for s in m["shards"]:
+        del s["fast_checksum"]
+    (store.path / "manifest.json").write_text(json.dumps(m))
+    old = Store.open(store.path)
+    assert old.manifest.shards[0].fast_checksum is None
+    got = search(q, old, k=5, threads=2)
+    assert np.array_equal(got.indices, want.indices) and np.array_equal(got.scores, want.scores)
+    old.verify()
+    # a manifest whose checksum is not 16 hex digits is damaged
+    m["shards"][0]["fast_checksum"] = "xyz"
+    (store.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreFormatError, match="fast_checksum"):
+        Store.open(store.path)
+
+
+def test_thread_counts_are_bounded(tmp_path, rng):
+    from ilias import search
+
+    store = _store(tmp_path, rng)
+    with pytest.raises(ValueError, match="threads: at most 1,024, got 5000"):
+        search(unit_rows(rng, 2, 16), store, k=5, threads=5000)
+
+
 def test_official_id_escapes():
     assert encode_official_id("café/query/Q000_00.jpg") == "caf#U00e9/query/Q000_00.jpg"
     assert decode_official_id(b"caf#U00e9/query/Q000_00.jpg") == "café/query/Q000_00.jpg"

@@ -20,6 +20,7 @@ __all__ = [
     "EMPTY",
     "exact_search",
     "inspect_shard",
+    "shard_checksum",
     "simd_paths",
     "int8_kernels",
     "average_precision",
@@ -75,14 +76,22 @@ def exact_search(
     simd: Optional[str] = None,
     method: str = "exact",
     progress: _Progress = None,
+    checksums: Optional[Sequence[Optional[int]]] = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], _SearchStats]:
     """Exact search of `queries` (nq, dim) against the shards; scores and indices (tiers, nq, k).
+
+    checksums: per shard the fast checksum its manifest records (or None); a shard that reads
+    otherwise is a StoreFormatError naming it, and nothing is returned.
 
     method: "exact", "float32", "int8" or "int8-scalar"; simd: None/"auto", "avx512", "avx2",
     "scalar"; tiers: `(rows, keep)` each (default: one tier, every row)."""
 
 def inspect_shard(path: _Path, dim: Optional[int] = None) -> tuple[str, int, int]:
     """Validates one shard without reading its data: `(dtype name, rows, dim)`."""
+
+def shard_checksum(path: _Path, threads: int = 1) -> int:
+    """The fast checksum of a shard's data section (64 bits; blocks of 128 rows): what writers
+    record in the manifest (`fast_checksum`) and exact search compares as it reads."""
 
 def simd_paths() -> list[str]:
     """The SIMD paths this CPU can run, fastest first."""

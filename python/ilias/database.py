@@ -92,6 +92,12 @@ class Database:
         return [str(p) for s in self.stores for p in s.shard_paths]
 
     @property
+    def shard_checksums(self) -> list[int | None]:
+        """Per shard, in row order, the fast checksum its manifest records (None where it records
+        none): exact search verifies each shard against it as it reads."""
+        return [sh.fast_checksum_int for s in self.stores for sh in s.manifest.shards]
+
+    @property
     def shard_counts(self) -> list[int]:
         return [sh.count for s in self.stores for sh in s.manifest.shards]
 

@@ -161,7 +161,8 @@ def search_tiers(
     t0 = time.monotonic()
     with Progress("search", total=db.count, enabled=progress) as bar:
         scores, indices, stats = _core.exact_search(
-            db.shard_paths, q, k, threads, specs, simd, method, bar.set if progress else None
+            db.shard_paths, q, k, threads, specs, simd, method, bar.set if progress else None,
+            db.shard_checksums,
         )
         bar.set(db.count)
     st = SearchStats(method=method, seconds=time.monotonic() - t0, threads=threads, **stats)

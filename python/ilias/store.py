@@ -90,6 +90,13 @@ class ShardInfo:
     count: int
     sha256: str | None = None  # of the vectors' data section
     ids_sha256: str | None = None  # of the whole ids file
+    # the fast 64-bit checksum of the data section (`_core.shard_checksum`, 16 hex digits) that
+    # exact search verifies as it streams the shard; stores written before it are not verified
+    fast_checksum: str | None = None
+
+    @property
+    def fast_checksum_int(self) -> int | None:
+        return None if self.fast_checksum is None else int(self.fast_checksum, 16)
 
 
 @dataclass
@@ -122,7 +129,8 @@ class Manifest:
                 "normalized": self.normalized,
                 "complete": self.complete,
                 "expected": self.expected,
-                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256, "ids_sha256": s.ids_sha256}
+                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256, "ids_sha256": s.ids_sha256,
+                            **({"fast_checksum": s.fast_checksum} if s.fast_checksum is not None else {})}
                            for s in self.shards],
                 "source": self.source,
                 "provenance": self.provenance,
@@ -149,7 +157,8 @@ class Manifest:
                 )
             if m["dtype"] not in _DTYPES:
                 raise StoreFormatError(f"{path}: dtype {m['dtype']!r} (expected float16 or float32)")
-            shards = [ShardInfo(s["name"], int(s["count"]), s.get("sha256"), s.get("ids_sha256")) for s in m["shards"]]
+            shards = [ShardInfo(s["name"], int(s["count"]), s.get("sha256"), s.get("ids_sha256"),
+                                _hex64(s.get("fast_checksum"))) for s in m["shards"]]
             expected = None if m.get("expected") is None else int(m["expected"])
             man = cls(int(m["dim"]), m["dtype"], shards, m.get("normalized"), m.get("provenance") or {},
                       m.get("source"), expected, bool(m.get("complete", True)))
@@ -336,6 +345,18 @@ class Store:
                 h.update(flat[lo : lo + (1 << 26)])
             if h.hexdigest() != s.sha256:
                 raise StoreFormatError(f"{self.shard_path(i)}: checksum mismatch (the data changed or is corrupt)")
+        for i, s in enumerate(self.manifest.shards):
+            if s.fast_checksum is not None and _core.shard_checksum(str(self.shard_path(i)), 0) != s.fast_checksum_int:
+                raise StoreFormatError(f"{self.shard_path(i)}: fast checksum mismatch (the data changed or is corrupt)")
+
+
+def _hex64(value) -> str | None:
+    """A manifest's `fast_checksum`: None, or 16 hex digits (anything else is a damaged manifest)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 16 or not all(c in "0123456789abcdef" for c in value):
+        raise ValueError(f"fast_checksum {value!r} is not 16 hex digits")
+    return value
 
 
 def _regular_file(path: Path) -> None:
@@ -517,9 +538,11 @@ class StoreWriter:
         with atomic_path(shards / f"{name}.ids.npy") as tmp:
             np.save(tmp, np.array(self._ids, dtype=f"S{width}"), allow_pickle=False)
             ids_sha256 = _file_sha256(tmp)
+        # from the file just written (in the page cache): what exact search verifies as it reads
+        fast = f"{_core.shard_checksum(str(self._tmp_path()), 0):016x}"
         os.replace(self._tmp_path(), shards / f"{name}.npy")
         fsync_dir(shards)
-        self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest(), ids_sha256))
+        self.manifest.shards.append(ShardInfo(name, self._rows, self._hash.hexdigest(), ids_sha256, fast))
         self._write_manifest()
         self._rows = 0
         self._ids = []

@@ -52,7 +52,7 @@ fn for_millis(millis: u64, mut step: impl FnMut() -> f64) -> f64 {
 }
 
 fn on_threads(threads: usize, work: impl Fn() -> f64 + Send + Sync + Copy) -> f64 {
-    let threads = crate::parallel::resolve_threads(threads);
+    let threads = crate::parallel::resolve_threads(threads.min(crate::parallel::MAX_THREADS)).unwrap_or(1);
     let start = std::time::Instant::now();
     // the kernels cannot fail; a panicked thread (a bug) measures nothing
     let ops = crate::parallel::map(0..threads, |_| Ok(work())).map_or(0.0, |ops| ops.iter().sum());

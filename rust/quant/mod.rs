@@ -136,6 +136,8 @@ pub fn search(
     }
     let shortlist = opts.shortlist.clamp(opts.k, db.rows);
     let t0 = std::time::Instant::now();
+    // every section, from the page cache where the codes live: a few percent of the scan
+    codes.verify(opts.threads)?;
     let scanner: Box<dyn Scan> = match h.kind {
         Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
         Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
@@ -245,6 +247,7 @@ pub fn build(
         dim: db.dim,
         rows: db.rows,
         fingerprint: fingerprint.to_string(),
+        checksums: Vec::new(),
     };
     match kind {
         Kind::Sq8 => sq8::build(db, &header, path, opts.threads, control),

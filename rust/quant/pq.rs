@@ -114,7 +114,7 @@ pub fn build(db: &Database, header: &Header, path: &Path, opts: &Training, contr
         }
         writer.write(1, lo / BLOCK * m_even * 16, &packed)
     })?;
-    writer.finish()
+    writer.finish(opts.threads)
 }
 
 /// The float tables of all queries: `tables[q][g][c] = q_g . centroid_g[c]`.

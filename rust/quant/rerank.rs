@@ -80,7 +80,7 @@ pub fn rerank(
         }
         Ok(())
     })?;
-    crate::topk::merge_sorted(parts, k, nq, resolve_threads(threads))
+    crate::topk::merge_sorted(parts, k, nq, resolve_threads(threads)?)
 }
 
 /// Scores `(query, row, its bytes)` pairs of rows of type `dtype` and offers them to their

@@ -57,7 +57,7 @@ pub fn build(db: &Database, header: &Header, path: &Path, threads: usize, contro
             &offset.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
         )
     })?;
-    writer.finish()
+    writer.finish(threads)
 }
 
 pub struct Sq8Scan<'a> {
