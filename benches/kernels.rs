@@ -1,6 +1,6 @@
 //! Micro-benchmark of the search kernels alone (no Python): each float32 SIMD path (its block
 //! kernel and its single-pair rescoring kernel) and the int8 VNNI kernel, on cached operands,
-//! against this machine's measured peak.
+//! against this machine's measured peak; and the per-tile shard checksum (`block_hash`).
 //!
 //!     cargo bench --bench kernels
 //!
@@ -12,7 +12,7 @@ use std::time::Instant;
 use ilias_core::kernels::int8::{self, Int8Kernel};
 use ilias_core::kernels::peak::{bf16_peak_gflops, fp32_peak_gflops, int8_peak_gops};
 use ilias_core::kernels::{pack_queries, padded, widen_tile, Simd};
-use ilias_core::store::DType;
+use ilias_core::store::{block_hash, DType};
 
 const DIM: usize = 768;
 /// Rows per timed tile (the search's tile size).
@@ -105,6 +105,18 @@ fn main() {
             100.0 * gops / peak
         );
     }
+    // the shard checksum that exact search computes per tile, on a cached tile (128 rows)
+    let calls = 20_000;
+    let t0 = Instant::now();
+    let mut sink = 0u64;
+    for c in 0..calls {
+        sink = sink.wrapping_add(block_hash(std::hint::black_box(&x), c as u64));
+    }
+    let gbs = (calls * x.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+    println!(
+        "block_hash of one {ROWS}-row float16 tile ({} KiB, cached): {gbs:5.1} GB/s per thread ({sink:x})",
+        x.len() / 1024
+    );
     if let Some(bf16) = bf16_peak_gflops(threads, 300) {
         // why there is no bf16 pass: it would run at half the int8 rate
         println!("bf16 (AVX512_BF16) 1-thread peak: {bf16:.0} GFLOP/s, against the int8 VNNI peak above");

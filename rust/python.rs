@@ -428,10 +428,20 @@ fn build_codes(
     })
 }
 
-/// The header of a codes file: `{kind, dim, rows, fingerprint}` (validated, sizes included).
+/// The header of a codes file: `{kind, dim, rows, fingerprint}` (validated, sizes included);
+/// with `verify`, every section is also checked against its checksum (as a code search does).
 #[pyfunction]
-fn inspect_codes(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
-    let c = crate::quant::CodesFile::open(&path).map_err(to_py)?;
+#[pyo3(signature = (path, verify=false, threads=0))]
+fn inspect_codes(py: Python<'_>, path: PathBuf, verify: bool, threads: usize) -> PyResult<Bound<'_, PyDict>> {
+    let c = py
+        .allow_threads(|| {
+            let c = crate::quant::CodesFile::open(&path)?;
+            if verify {
+                c.verify(threads)?;
+            }
+            Ok(c)
+        })
+        .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("kind", c.header.kind.name())?;
     d.set_item("dim", c.header.dim)?;

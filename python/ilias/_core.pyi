@@ -154,8 +154,9 @@ def build_codes(
 ) -> None:
     """Builds codes of `kind` ("sq8", "pq<M>", "pq<M>x4") for the database `shards` into `path`."""
 
-def inspect_codes(path: _Path) -> _CodesHeader:
-    """The header of a codes file (validated, sizes included)."""
+def inspect_codes(path: _Path, verify: bool = False, threads: int = 0) -> _CodesHeader:
+    """The header of a codes file (validated, sizes included); with `verify`, every section is
+    also checked against its checksum, as a code search does before it scans."""
 
 def code_search(
     codes: _Path,
