@@ -21,7 +21,7 @@
 //! `Control::cancel`; workers look at it after every tile (a few milliseconds of work).
 //!
 //! Integrity for free: every tile is one checksum block of its shard (`store::CHECK_ROWS`
-//! rows), hashed right after it was scored, while it is still in cache; each worker sums the
+//! rows), hashed just before it is scored (the hash loads it into cache for the scoring); each worker sums the
 //! block hashes per shard, and a shard whose sum differs from the checksum its manifest
 //! recorded is an error at the end, so no result comes from data that changed.
 
@@ -467,16 +467,18 @@ impl<'a> Worker<'a> {
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
             let bytes = shard.row_bytes(t0, t1);
+            if shard.expected.is_some() {
+                // before scoring: the hash brings the tile's rows into L2 (192 KiB at 768-d
+                // float16), where widening finds them; after scoring they would have been
+                // pushed out by the queries streaming through the int8 pass
+                self.sums[s] = self.sums[s].wrapping_add(block_hash(bytes, (t0 / CHECK_ROWS) as u64));
+            }
             self.tile(&Rows {
                 bytes,
                 dtype: shard.dtype,
                 count: t1 - t0,
                 first: db.starts[s] + t0,
             });
-            if shard.expected.is_some() {
-                // the tile's rows are still in cache: hashing them costs no memory traffic
-                self.sums[s] = self.sums[s].wrapping_add(block_hash(bytes, (t0 / CHECK_ROWS) as u64));
-            }
         }
         shard.release(lo, hi);
         control.advance(hi - lo);
