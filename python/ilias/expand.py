@@ -240,7 +240,8 @@ def search_expanded(
             qmat = np.ascontiguousarray(np.stack([vectors[src][qi] for qi, src, _ in scan.entries]))
             check_memory(len(qmat), k, len(order), threads)
             s, i, st = _core.exact_search(paths[:shards], qmat, k, threads, specs, simd, method,
-                                          (lambda done, b=base: bar.set(b + done)) if progress else None)
+                                          (lambda done, b=base: bar.set(b + done)) if progress else None,
+                                          db.shard_checksums[:shards])
             base += covered
             bar.set(base)
             pos = {t: j for j, t in enumerate(order)}
