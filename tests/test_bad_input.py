@@ -223,6 +223,18 @@ def test_the_tier_files_of_one_pass_are_written_together(stores):
         (["index", "build", "x", "--codes", "sq8", "--seed", "-1"], "argument --seed"),
         (["evaluate", "r.json", "--gt", "x", "--k", "0"], "argument --k"),
         (["import", "x.npy", "--out", "s", "--shard-rows", "0"], "argument --shard-rows"),
+        (["search", "--qe", "-1"], "argument --qe"),
+        (["search", "--qe", "two"], "argument --qe"),
+        (["adapt", "train", "f", "--labels", "l.txt", "--out", "w.pth", "--epochs", "0"], "argument --epochs"),
+        (["adapt", "train", "f", "--labels", "l.txt", "--out", "w.pth", "--lr", "-1e-3"], "argument --lr"),
+        (["adapt", "train", "f", "--labels", "l.txt", "--out", "w.pth", "--lr", ""], "argument --lr"),
+        (["adapt", "train", "f", "--labels", "l.txt", "--out", "w.pth", "--dim", "-5"], "argument --dim"),
+        (["adapt", "train", "f", "--labels", "l.txt", "--out", "w.pth", "--scale", "0"], "argument --scale"),
+        (["adapt", "apply", "s", "--weights", "w.pth", "--out", "o", "--threads", "-1"], "argument --threads"),
+        (["demo", "--distractors", "-1"], "argument --distractors"),
+        (["demo", "--threads", "x"], "argument --threads"),
+        (["bench", "--n", "-10"], "argument --n"),
+        (["run", "--model", "m", "--data", "d", "--out", "o", "-k", "0"], "argument -k"),
     ],
 )
 def test_numeric_options_out_of_range_are_one_line(tmp_path, argv, option):
