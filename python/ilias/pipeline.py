@@ -43,6 +43,7 @@ class RunConfig:
     random_init: bool = False
     weights: str | None = None
     text_weights: str | None = None
+    text_tower: str | None = None  # a label of the model's text towers (default: the published one)
     device: str | None = None
     batch_size: int = 32
     workers: int = 4
@@ -52,6 +53,11 @@ class RunConfig:
     adapt: str | None = None  # a linear adaptation layer (.pth): adapted results as their own rows
     qe: int | None = None  # query expansion with this many neighbours (on the adapted search when adapting)
     qe_alpha: float = 1.0
+
+
+def _text_tower(path: Path) -> str | None:
+    """The text tower a finished text store was made with."""
+    return Store.open(path).manifest.provenance.get("text_tower")
 
 
 def _complete(path: Path) -> bool:
@@ -326,24 +332,25 @@ def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, sa
 
     spec = spec or get_spec(cfg.model)
 
-    def build(factory, weights):
+    def build(factory, weights, **kwargs):
         if cfg.random_init:
             import torch
 
             torch.manual_seed(0)  # the same random weights in every run, so that resumed runs agree
-        return factory(spec, pretrained=not cfg.random_init, weights=weights)
+        return factory(spec, pretrained=not cfg.random_init, weights=weights, **kwargs)
 
     jobs = [("image_queries", False), ("positives", False)] + ([("text_queries", True)] if spec.text else [])
     done = {}
     encoder = text_encoder = None
     common = dict(device=cfg.device, progress=True)
+    tower = "/".join(spec.text_tower(cfg.text_tower)) if spec.text else None
     for kind, is_text in jobs:
-        if _complete(stores / kind):
+        if _complete(stores / kind) and (not is_text or _text_tower(stores / kind) == tower):
             done[kind] = "current"
             continue
         items = list_items(core_sources(core, kind), exif=True, text=is_text)
         if is_text:
-            text_encoder = text_encoder or build(build_text_encoder, cfg.text_weights)
+            text_encoder = text_encoder or build(build_text_encoder, cfg.text_weights, tower=cfg.text_tower)
             extract_texts(items, text_encoder, stores / kind, **common)
         else:
             encoder = encoder or build(build_image_encoder, cfg.weights)

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                    help="with --core: which partitions (default: all three; text only for vision-language models)")
     p.add_argument("--weights", metavar="PATH", help="local weights file for the image tower")
     p.add_argument("--text-weights", metavar="PATH", help="local weights file for the open_clip text model")
+    p.add_argument("--text-tower", metavar="LABEL",
+                   help="which text tower where a model has several (`ilias models -v`; default: published)")
     p.add_argument("--random-init", action="store_true", help="random weights (testing, benchmarks)")
     p.add_argument("--transform", choices=["resize_large", "model"], default="resize_large",
                    help="the paper's RESIZE_LARGE (default) or the model's own eval transform")
@@ -114,7 +116,7 @@ def run(args) -> int:
             dest = piece.out_dir(out)
             if items.text:
                 text_encoder = text_encoder or build_text_encoder(
-                    spec, pretrained=not args.random_init, weights=args.text_weights)
+                    spec, pretrained=not args.random_init, weights=args.text_weights, tower=args.text_tower)
                 store = extract_texts(items, text_encoder, dest, **common)
             else:
                 encoder = encoder or build_image_encoder(spec, pretrained=not args.random_init, weights=args.weights)

@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("-k", type=K, default=1000, help="neighbours per query (default 1000)")
     p.add_argument("--weights", help="image tower weights file (offline use)")
     p.add_argument("--text-weights", help="text tower weights file (offline use)")
+    p.add_argument("--text-tower", metavar="LABEL",
+                   help="which text tower where a model has several (`ilias models -v`; default: published)")
     p.add_argument("--random-init", action="store_true", help="random weights (testing the pipeline only)")
     p.add_argument("--device", help="torch device (default: cuda when available)")
     p.add_argument("--batch-size", type=POSITIVE, default=32)
@@ -39,7 +41,7 @@ def run(args) -> int:
 
     cfg = RunConfig(
         model=args.model, data=args.data, out=args.out, tars=args.tars, distractors=args.distractors, k=args.k,
-        random_init=args.random_init, weights=args.weights, text_weights=args.text_weights, device=args.device,
+        random_init=args.random_init, weights=args.weights, text_weights=args.text_weights, text_tower=args.text_tower, device=args.device,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads,
         adapt=args.adapt, qe=args.qe, qe_alpha=args.qe_alpha,
     )

@@ -124,7 +124,7 @@ def extract_texts(
     spec = text_encoder.spec
     prov = {
         "model": spec.name,
-        "text_tower": "/".join(filter(None, spec.text)),
+        "text_tower": "/".join(filter(None, text_encoder.tower)),
         "weights": text_encoder.weights,
         "transform": "open_clip tokenizer",
         "resolution": None,

@@ -9,6 +9,7 @@ file given with `weights=`; a failed download becomes one OSError that says how 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .registry import ModelSpec, get_spec
@@ -134,18 +135,30 @@ def _timm_model(arch, spec, pretrained, weights, **kwargs):
 
     if spec.patch:
         kwargs["dynamic_img_size"] = True  # positional embeddings interpolated to any padded size
+    if spec.global_pool:
+        kwargs["global_pool"] = spec.global_pool
     if weights is not None:
         # timm's own loader applies the checkpoint conversions (e.g. OpenAI CLIP -> timm names)
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         pretrained = True
     name = f"{arch}.{spec.tag}" if spec.tag else arch
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        m = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if weights is None or "state_dict" not in str(e):
+            raise
+        raise ValueError(f"--weights {weights}: not a checkpoint of {name}: {_key_mismatch(str(e))}") from None
+    if spec.pos_embed == "hub":
+        from .pos_embed import use_hub_rule
+
+        use_hub_rule(m)
+    return m
 
 
 def _build_timm(spec, pretrained, weights):
-    if spec.pooling == "gem":
+    if spec.pooling in ("gem", "cls"):
         m = _timm_model(spec.arch, spec, pretrained, weights, num_classes=0)
-        return m, nn.Sequential(_Call(m.forward_features), GeM())
+        return m, nn.Sequential(_Call(m.forward_features), GeM() if spec.pooling == "gem" else _ClassToken())
     # vision-language towers keep their projection head; the others drop the classifier
     kwargs = {} if spec.text else {"num_classes": 0}
     m = _timm_model(spec.arch, spec, pretrained, weights, **kwargs)
@@ -199,6 +212,13 @@ def _torchvision_head(m, spec):
     return m
 
 
+class _ClassToken(nn.Module):
+    """The first token of a ViT's normed output sequence (official `cls` pooling)."""
+
+    def forward(self, x):
+        return x[:, 0]
+
+
 class _Call(nn.Module):
     """A bound method as a module (a timm model's `forward_features`)."""
 
@@ -226,11 +246,33 @@ def _load_state_dict(m, state, spec):
     if spec.prefix:
         state = {k[len(spec.prefix):]: v for k, v in state.items() if k.startswith(spec.prefix)}
     # classifiers are not used: features come from before them
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
-    missing, _ = m.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("fc.", "head."))]
-    if missing:
-        raise ValueError(f"{spec.name}: the weights lack {len(missing)} tensors of the model (first: {missing[0]})")
+    unused = ("fc.", "head.")
+    state = {k: v for k, v in state.items() if not k.startswith(unused)}
+    expected = {k: v.shape for k, v in m.state_dict().items() if not k.startswith(unused)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = [f"{len(keys)} {what} (first: {keys[0]})"
+                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("keys of another shape", wrong)) if keys]
+        raise ValueError(f"{spec.name}: the weights are not of this architecture: {', '.join(parts)}")
+    m.load_state_dict(state, strict=False)
+
+
+def _key_mismatch(message: str) -> str:
+    """One line out of torch's many-line report of a state dict that does not fit the model."""
+    parts = []
+    for label, pattern in (("missing keys", r"Missing key\(s\) in state_dict: (.*?)\.\s*$"),
+                           ("unexpected keys", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$")):
+        found = re.search(pattern, message, re.MULTILINE)
+        if found:
+            keys = [k.strip().strip('"') for k in found.group(1).split(",")]
+            parts.append(f"{len(keys)} {label} (first: {keys[0]})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", message)
+    if shapes:
+        parts.append(f"{len(shapes)} keys of another shape (first: {shapes[0]})")
+    return ", ".join(parts) or message.splitlines()[0]
 
 
 _BUILDERS = {
@@ -244,8 +286,9 @@ _BUILDERS = {
 class TextEncoder:
     """The open_clip text tower and tokenizer that match a vision-language entry."""
 
-    def __init__(self, spec: ModelSpec, model, tokenizer, weights: str):
+    def __init__(self, spec: ModelSpec, model, tokenizer, weights: str, tower: tuple[str, str] | None = None):
         self.spec, self.model, self.tokenizer, self.weights = spec, model, tokenizer, weights
+        self.tower = tower or spec.text  # the open_clip (model, pretrained) it was built from
 
     @property
     def device(self):
@@ -265,15 +308,20 @@ class TextEncoder:
 
 
 def build_text_encoder(
-    model: str | ModelSpec, pretrained: bool = True, weights: str | os.PathLike | None = None
+    model: str | ModelSpec,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    tower: str | None = None,
 ) -> TextEncoder:
-    """The text tower of a vision-language entry (ValueError for image-only models)."""
+    """The text tower of a vision-language entry (ValueError for image-only models).
+
+    `tower` picks one of the entry's text towers by label: "published" (the default, the one the
+    published numbers were computed with) or a label of `spec.text_variants`.
+    """
     import open_clip
 
     spec = get_spec(model) if isinstance(model, str) else model
-    if spec.text is None:
-        raise ValueError(f"{spec.name}: not a vision-language model, it has no text tower")
-    arch, tag = spec.text
+    arch, tag = spec.text_tower(tower)
     source = str(weights) if weights else (tag if pretrained else None)
     label = str(weights) if weights else ("pretrained" if pretrained else "random-init")
     try:
@@ -288,4 +336,4 @@ def build_text_encoder(
         ) from None
     clip.visual = None  # the text side only: halves the memory of big models
     clip.eval()
-    return TextEncoder(spec, clip, tokenizer, label)
+    return TextEncoder(spec, clip, tokenizer, label, (arch, tag))
