@@ -32,6 +32,8 @@ __all__ = [
     "build_codes",
     "inspect_codes",
     "code_search",
+    "code_shortlist",
+    "rescore",
 ]
 
 __version__: str
@@ -170,3 +172,28 @@ def code_search(
     progress: _Progress = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], _CodeSearchStats]:
     """Search with codes: a shortlist per query, rescored exactly from `shards` when `rerank`; (nq, k)."""
+
+def code_shortlist(
+    codes: _Path,
+    queries: npt.NDArray[np.float32],
+    shortlist: int,
+    lo: int,
+    hi: int,
+    keep: Optional[npt.NDArray[np.bool_]] = None,
+    threads: int = 0,
+    progress: _Progress = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The approximate shortlists of the codes' rows `lo..hi` (one part of a split code search): per
+    query the best `shortlist` (score, global row) in rank order, (nq, min(shortlist, hi - lo)),
+    padded with -inf and -1; `keep` covers the range. The codes are not verified here."""
+
+def rescore(
+    shards: Sequence[_Path],
+    queries: npt.NDArray[np.float32],
+    candidates: npt.NDArray[np.int64],
+    k: int,
+    threads: int = 0,
+    progress: _Progress = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact rescoring: per query the `k` best of its `candidates` rows (global rows of `shards`,
+    -1 ignored) by exact search's score, in rank order; (nq, k) padded with -inf and -1."""

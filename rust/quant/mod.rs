@@ -36,10 +36,15 @@ pub trait Scan: Sync {
 
 /// One thread's candidates: a top list per query, whose thresholds are shared with the other
 /// threads (a row below any thread's k-th score cannot be in the final shortlist).
+///
+/// The lists hold rows counted from `first` (the first row of the range scanned): a range that
+/// does not start on a block of 32 is scanned from the block's start, the rows before `first`
+/// dropped, and `keep` covers the range only.
 pub struct Candidates<'a> {
     pub tops: Vec<TopK>,
     floors: &'a [AtomicU32],
     keep: Option<&'a [bool]>,
+    first: usize,
 }
 
 impl Candidates<'_> {
@@ -54,16 +59,17 @@ impl Candidates<'_> {
     /// Offers query `q`'s scores of consecutive rows from `first`.
     #[inline]
     pub fn offer(&mut self, q: usize, scores: &[f32], first: usize) {
+        let skip = self.first.saturating_sub(first).min(scores.len());
         let floor = unkey(self.floors[q].load(Ordering::Relaxed));
-        self.tops[q].offer(scores, first, self.keep, floor);
+        self.tops[q].offer(&scores[skip..], first + skip - self.first, self.keep, floor);
         self.publish(q);
     }
 
     /// Offers one row's score to query `q` (call `publish` after a batch).
     #[inline]
     pub fn push(&mut self, q: usize, score: f32, row: usize) {
-        if score >= self.threshold(q) && self.keep.is_none_or(|k| k[row]) {
-            self.tops[q].push(score, row as u64);
+        if row >= self.first && score >= self.threshold(q) && self.keep.is_none_or(|k| k[row - self.first]) {
+            self.tops[q].push(score, (row - self.first) as u64);
         }
     }
 
@@ -143,7 +149,7 @@ pub fn search(
         Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
         Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
     };
-    let tops = scan_all(&*scanner, db.rows, nq, shortlist, opts, control)?;
+    let tops = scan_all(&*scanner, 0..db.rows, nq, shortlist, opts.keep, opts.threads, control)?;
     let scan_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let hits = if opts.rerank {
@@ -172,23 +178,79 @@ pub fn search(
     })
 }
 
-/// One pass over all rows: threads claim chunks and keep their own top lists, merged at the end.
+/// The approximate shortlist of every query among the rows `rows` of the codes (those with
+/// `keep[row - rows.start]`, when given), in rank order, as global rows. The rows of a whole
+/// database split into ranges give, merged in rank order, exactly the shortlists of `search`:
+/// a range's best `shortlist` hold every row of the whole's best that falls in it. The codes
+/// are not verified here: a caller that splits the work checks them once (`CodesFile::verify`).
+pub fn shortlist(
+    codes: &CodesFile,
+    queries: &[f32],
+    nq: usize,
+    shortlist: usize,
+    rows: std::ops::Range<usize>,
+    keep: Option<&[bool]>,
+    threads: usize,
+    control: &Control,
+) -> Result<Vec<Vec<Hit>>> {
+    let h = &codes.header;
+    if rows.start >= rows.end || rows.end > h.rows {
+        return Err(Error::invalid(format!(
+            "rows {}..{}: expected a non-empty range of the codes' {} rows",
+            rows.start, rows.end, h.rows
+        )));
+    }
+    if queries.len() != nq * h.dim || queries.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!(
+            "queries: expected {nq} finite rows of dimension {}",
+            h.dim
+        )));
+    }
+    if let Some(keep) = keep.filter(|k| k.len() != rows.len()) {
+        return Err(Error::invalid(format!(
+            "keep: {} flags for a range of {} rows",
+            keep.len(),
+            rows.len()
+        )));
+    }
+    if shortlist == 0 {
+        return Err(Error::invalid("shortlist must be at least 1"));
+    }
+    let scanner: Box<dyn Scan> = match h.kind {
+        Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
+        Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
+        Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
+    };
+    let first = rows.start as u64;
+    let tops = scan_all(&*scanner, rows, nq, shortlist, keep, threads, control)?;
+    Ok(tops
+        .into_iter()
+        .map(|t| t.into_sorted().into_iter().map(|(s, r)| (s, r + first)).collect())
+        .collect())
+}
+
+/// One pass over `rows`: threads claim chunks and keep their own top lists (of rows counted
+/// from `rows.start`), merged at the end.
 fn scan_all(
     scanner: &dyn Scan,
-    rows: usize,
+    rows: std::ops::Range<usize>,
     nq: usize,
     keep_n: usize,
-    opts: &CodeSearch,
+    keep: Option<&[bool]>,
+    threads: usize,
     control: &Control,
 ) -> Result<Vec<TopK>> {
     let floors: Vec<AtomicU32> = (0..nq).map(|_| AtomicU32::new(key(f32::NEG_INFINITY))).collect();
     let fresh = |_: usize| Candidates {
         tops: (0..nq).map(|_| TopK::new(keep_n)).collect(),
         floors: &floors,
-        keep: opts.keep,
+        keep,
+        first: rows.start,
     };
-    let parts = claims(rows, CHUNK_ROWS, opts.threads, control, fresh, |found, lo, hi| {
-        scanner.scan(lo, hi, found);
+    // chunks start on blocks of 32 rows (every code layout's block), from the range's block
+    let base = rows.start / 32 * 32;
+    let parts = claims(rows.end - base, CHUNK_ROWS, threads, control, fresh, |found, lo, hi| {
+        scanner.scan(base + lo, base + hi, found);
         control.advance(hi - lo);
         Ok(())
     })?;

@@ -250,6 +250,7 @@ fn exact_search_equals_the_brute_force() {
                     simd,
                     tiers: tiers.clone(),
                     int8,
+                    progressive: None,
                 };
                 let control = Control::default();
                 let found = search::search(&db, &d.queries, NQ, &opts, &control).unwrap();
@@ -294,6 +295,7 @@ fn code_search_rescores_exactly_with_high_recall() {
             simd: None,
             tiers: vec![],
             int8: Int8Choice::Off,
+            progressive: None,
         },
         &Control::default(),
     )
@@ -361,5 +363,64 @@ fn code_search_rescores_exactly_with_high_recall() {
             .hits
             .iter()
             .all(|h| h.len() == k && h.iter().all(|&(_, r)| keep[r as usize])));
+    }
+}
+
+#[test]
+fn code_shortlists_of_row_ranges_merge_into_the_whole_search() {
+    let d = data("ranges");
+    let db = Database::open(&d.paths, None).unwrap();
+    let keep: Vec<bool> = (0..db.rows).map(|r| r % 5 != 2).collect();
+    let training = Training {
+        threads: 2,
+        sample: 0,
+        iters: 4,
+        seed: 3,
+    };
+    let (k, shortlist) = (10, 40);
+    // range ends off the blocks of 32 rows, and a range shorter than the shortlist
+    let cuts = [0, 900, 917, 1600, db.rows];
+    for kind in ["sq8", "pq8", "pq8x4"] {
+        let kind = Kind::parse(kind).unwrap();
+        let path = d.dir.0.join(format!("{}.codes", kind.name()));
+        quant::build(&db, kind, &path, "fingerprint", &training, &Control::default()).unwrap();
+        let codes = CodesFile::open(&path).unwrap();
+        for keep in [None, Some(&keep[..])] {
+            let control = Control::default();
+            let whole = quant::shortlist(&codes, &d.queries, NQ, shortlist, 0..db.rows, keep, 2, &control).unwrap();
+            let mut merged: Vec<Vec<(f32, u64)>> = vec![Vec::new(); NQ];
+            for w in cuts.windows(2) {
+                let part_keep = keep.map(|k| &k[w[0]..w[1]]);
+                let part =
+                    quant::shortlist(&codes, &d.queries, NQ, shortlist, w[0]..w[1], part_keep, 2, &control).unwrap();
+                for (m, p) in merged.iter_mut().zip(part) {
+                    assert!(p.iter().all(|&(_, r)| (w[0]..w[1]).contains(&(r as usize))));
+                    m.extend(p);
+                }
+            }
+            for m in merged.iter_mut() {
+                m.sort_by(ilias_core::topk::rank_order);
+                m.truncate(shortlist);
+            }
+            let what = format!("{} keep {}", kind.name(), keep.is_some());
+            let bits = |l: &Vec<Vec<(f32, u64)>>| -> Vec<Vec<(u32, u64)>> {
+                l.iter()
+                    .map(|h| h.iter().map(|&(s, r)| (s.to_bits(), r)).collect())
+                    .collect()
+            };
+            assert_eq!(bits(&merged), bits(&whole), "{what}");
+            // the merged shortlists rescored: the whole code search, bit for bit
+            let lists: Vec<Vec<u64>> = merged.iter().map(|h| h.iter().map(|&(_, r)| r).collect()).collect();
+            let rescored = quant::rerank::rerank(&db, &d.queries, &lists, k, 2, &control).unwrap();
+            let opts = CodeSearch {
+                k,
+                shortlist,
+                rerank: true,
+                threads: 2,
+                keep,
+            };
+            let found = quant::search(&codes, &db, &d.queries, NQ, &opts, &control).unwrap();
+            assert_eq!(bits(&rescored), bits(&found.hits), "{what}");
+        }
     }
 }
