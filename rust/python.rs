@@ -19,6 +19,8 @@ use crate::kernels::int8::Int8Kernel;
 use crate::kernels::Simd;
 use crate::metrics::PositiveIndex;
 use crate::parallel::Control;
+use crate::quant::progressive::{Progressive, StageKernel};
+use crate::quant::CodesFile;
 use crate::search::{search, Int8Choice, SearchOptions, Tier};
 use crate::store::{Database, Shard};
 
@@ -108,14 +110,16 @@ fn run_watched<T: Send>(
 /// Exact inner-product search of float32 `queries` (nq x dim, C order) against the shards,
 /// in order. `method`: "exact" (the fastest exact path: int8 first pass where the CPU has VNNI),
 /// "float32" (plain), "int8" / "int8-scalar" (the int8 pass from the first row, with this CPU's
-/// kernel or the portable one: for tests).
+/// kernel or the portable one: for tests), "progressive" (the stages of the progressive `codes`
+/// from the first row, with the int8 kernel that goes with `simd`). With `codes` (a progressive
+/// codes file of these shards), "exact" runs their stages where they pay.
 /// `tiers`: the databases answered in the same pass, each `(rows, keep)`: the first `rows` rows,
 /// of which those with `keep` True (all when None); default: one tier, the whole database.
 /// `checksums`: per shard, the fast checksum its manifest records (`shard_checksum`) or None;
 /// a shard whose data gives another one is a `StoreFormatError` naming it, and nothing is returned.
 /// Returns `(scores float32 (tiers, nq, k), indices int64 (tiers, nq, k), stats dict)`.
 #[pyfunction]
-#[pyo3(signature = (shards, queries, k, threads=0, tiers=None, simd=None, method="exact", progress=None, checksums=None))]
+#[pyo3(signature = (shards, queries, k, threads=0, tiers=None, simd=None, method="exact", progress=None, checksums=None, codes=None))]
 #[allow(clippy::too_many_arguments)]
 fn exact_search<'py>(
     py: Python<'py>,
@@ -128,8 +132,20 @@ fn exact_search<'py>(
     method: &str,
     progress: Option<Bound<'py, PyAny>>,
     checksums: Option<Vec<Option<u64>>>,
+    codes: Option<PathBuf>,
 ) -> PyResult<Found<'py>> {
-    let int8 = Int8Choice::parse(method, simd).map_err(to_py)?;
+    let forced = method == "progressive";
+    if forced && codes.is_none() {
+        return Err(PyValueError::new_err(
+            "method: \"progressive\" needs progressive codes (ilias index build --codes progressive)",
+        ));
+    }
+    if codes.is_some() && !matches!(method, "exact" | "progressive") {
+        return Err(PyValueError::new_err(format!(
+            "codes: progressive codes serve the methods exact and progressive, not {method:?}"
+        )));
+    }
+    let int8 = Int8Choice::parse(if forced { "exact" } else { method }, simd).map_err(to_py)?;
     let simd = Simd::parse_option(simd).map_err(to_py)?;
     let nq = queries.shape()[0];
     let qdim = queries.shape()[1];
@@ -170,12 +186,29 @@ fn exact_search<'py>(
         )));
     }
     let nt = tier_specs.len().max(1);
+    let file = match &codes {
+        Some(path) => Some(
+            py.allow_threads(|| {
+                let f = CodesFile::open(path)?;
+                f.verify(threads)?;
+                Ok(f)
+            })
+            .map_err(to_py)?,
+        ),
+        None => None,
+    };
+    let kernel = StageKernel::for_simd(simd.unwrap_or_else(Simd::detect));
+    let prog = match &file {
+        Some(f) => Some(Progressive::open(f, &db, kernel, forced).map_err(to_py)?),
+        None => None,
+    };
     let opts = SearchOptions {
         k,
         threads,
         simd,
         tiers: tier_specs,
         int8,
+        progressive: prog.as_ref(),
     };
     let control = Control::default();
     let found = run_watched(py, &control, progress.as_ref(), || {
@@ -188,6 +221,13 @@ fn exact_search<'py>(
     stats.set_item("float_pairs", st.float_pairs)?;
     stats.set_item("int8_pairs", st.int8_pairs)?;
     stats.set_item("rescored_pairs", st.rescored_pairs)?;
+    if st.stages.is_some() {
+        stats.set_item("stage_kernel", st.stages.map(StageKernel::name))?;
+        let used = prog.as_ref().map_or(0, |p| p.stages());
+        stats.set_item("stage_pairs", st.stage_pairs[..used].to_vec())?;
+        stats.set_item("codes_bytes", st.codes_bytes)?;
+        stats.set_item("store_bytes", st.store_bytes)?;
+    }
     let scores = found.scores.into_pyarray(py).reshape([nt, nq, k])?;
     let indices = found.indices.into_pyarray(py).reshape([nt, nq, k])?;
     Ok((scores, indices, stats))
@@ -428,7 +468,33 @@ fn build_codes(
     })
 }
 
+/// Builds progressive codes for the database `shards` into `path`: `rotation` float32
+/// (dim, dim), row `i` the `i`-th axis; `boundaries` the stage ends (multiples of 32); `meta`
+/// values recorded as they are (what the build measured).
+#[pyfunction]
+#[pyo3(signature = (shards, path, fingerprint, rotation, boundaries, meta, threads=0, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn build_progressive(
+    py: Python<'_>,
+    shards: Vec<PathBuf>,
+    path: PathBuf,
+    fingerprint: &str,
+    rotation: PyReadonlyArray2<'_, f32>,
+    boundaries: Vec<usize>,
+    meta: Vec<f32>,
+    threads: usize,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let r = rotation.as_slice().map_err(|_| contiguous("rotation"))?;
+    let db = py.allow_threads(|| Database::open(&shards, None)).map_err(to_py)?;
+    let control = Control::default();
+    run_watched(py, &control, progress.as_ref(), || {
+        crate::quant::progressive::build(&db, &path, fingerprint, r, &boundaries, &meta, threads, &control)
+    })
+}
+
 /// The header of a codes file: `{kind, dim, rows, fingerprint}` (validated, sizes included);
+/// progressive codes add `boundaries`, `eta` and `meta`;
 /// with `verify`, every section is also checked against its checksum (as a code search does).
 #[pyfunction]
 #[pyo3(signature = (path, verify=false, threads=0))]
@@ -447,6 +513,12 @@ fn inspect_codes(py: Python<'_>, path: PathBuf, verify: bool, threads: usize) ->
     d.set_item("dim", c.header.dim)?;
     d.set_item("rows", c.header.rows)?;
     d.set_item("fingerprint", &c.header.fingerprint)?;
+    if let crate::quant::Kind::Progressive { .. } = c.header.kind {
+        let p = crate::quant::progressive::Params::read(&c).map_err(to_py)?;
+        d.set_item("boundaries", p.bounds)?;
+        d.set_item("eta", p.eta)?;
+        d.set_item("meta", p.meta)?;
+    }
     Ok(d)
 }
 
@@ -638,6 +710,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
     m.add_function(wrap_pyfunction!(build_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(build_progressive, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_codes, m)?)?;
     m.add_function(wrap_pyfunction!(code_search, m)?)?;
     m.add_function(wrap_pyfunction!(code_shortlist, m)?)?;

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
 use crate::parallel::{resolve_threads, Control};
+use crate::quant::progressive::{self, Progressive, StageKernel, StageQueries, MAX_STAGES, QOFF};
 use crate::store::{block_hash, DType, Database, CHECK_ROWS};
 use crate::topk::{key, unkey, TopK};
 
@@ -43,6 +44,12 @@ const MIN_CHUNK_ROWS: usize = 1024;
 /// and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
 const MAX_RESCORED: f64 = 0.2;
 const PROBE_EVERY: usize = 64;
+/// The progressive pass pays while its work (int8 products per dimension read, rescored pairs
+/// at four times a float32 pair) stays under this share of scoring every pair in float32.
+const MAX_PROGRESSIVE_WORK: f64 = 0.5;
+/// A later stage runs the block kernel over a query block and panel when at least this many of
+/// its 256 pairs survive (else one pair at a time).
+const BLOCK_PAIRS: u32 = 24;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
 /// and of every path's `nr`). A tile is one checksum block of its shard: `chunks` starts and
 /// ends work items only at multiples of it (or at the shard's end), so the tiles of a chunk
@@ -62,6 +69,9 @@ pub struct SearchOptions<'a> {
     pub tiers: Vec<Tier<'a>>,
     /// The approximate int8 first pass: `Auto` uses it where the CPU has a fast int8 kernel.
     pub int8: Int8Choice,
+    /// Progressive codes of the database: their pass replaces the int8 one (forced, or where
+    /// it pays).
+    pub progressive: Option<&'a Progressive<'a>>,
 }
 
 /// One database answered by a search: the rows `r < rows` with `keep[r]` (when given). Several
@@ -132,8 +142,15 @@ pub struct Stats {
     pub float_pairs: u64,
     /// (query, row) pairs scored by the int8 pass...
     pub int8_pairs: u64,
-    /// ...of which rescored exactly in float32.
+    /// ...of which rescored exactly in float32 (with the progressive pass too).
     pub rescored_pairs: u64,
+    /// The progressive pass: its kernel, the pairs entering each stage, the bytes of codes it
+    /// read (panels of each stage that some query block needed) and of the store (tiles scored
+    /// in float32 or holding a rescored row).
+    pub stages: Option<StageKernel>,
+    pub stage_pairs: [u64; MAX_STAGES],
+    pub codes_bytes: u64,
+    pub store_bytes: u64,
 }
 
 impl Stats {
@@ -141,6 +158,11 @@ impl Stats {
         self.float_pairs += o.float_pairs;
         self.int8_pairs += o.int8_pairs;
         self.rescored_pairs += o.rescored_pairs;
+        for (a, b) in self.stage_pairs.iter_mut().zip(o.stage_pairs) {
+            *a += b;
+        }
+        self.codes_bytes += o.codes_bytes;
+        self.store_bytes += o.store_bytes;
     }
 }
 
@@ -209,12 +231,16 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     let simd = opts.simd.unwrap_or_else(Simd::detect);
     let dim = db.dim;
     let int8 = match opts.int8 {
-        _ if dim > int8::MAX_DIM => None,
+        _ if dim > int8::MAX_DIM || opts.progressive.is_some() => None,
         Int8Choice::Auto => Int8Kernel::detect(simd),
         Int8Choice::Off => None,
         Int8Choice::Force(k) => Some(k),
     };
     let packed = pack_queries(queries, nq, dim, simd.mr());
+    let stage_queries = match opts.progressive {
+        Some(p) => Some(p.queries(queries, nq, opts.threads, control)?),
+        None => None,
+    };
     let quantized = int8.map(|_| int8::quantize_queries(queries, nq, dim, int8::MR));
     let all = [Tier {
         rows: db.rows,
@@ -235,6 +261,7 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
         simd,
         int8: int8.zip(quantized.as_ref()),
         adaptive: opts.int8 == Int8Choice::Auto,
+        prog: opts.progressive.zip(stage_queries.as_ref()),
         packed: &packed,
         nq,
         tiers,
@@ -254,8 +281,12 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
     let mut stats = Stats {
         simd: Some(simd),
         int8,
+        stages: opts.progressive.map(|p| p.kernel),
         ..Stats::default()
     };
+    if let Some(s) = workers.iter().find_map(|w| w.bad) {
+        return Err(db.shards[s].mismatch());
+    }
     let mut parts = Vec::with_capacity(workers.len());
     let mut sums = vec![0u64; db.shards.len()];
     for worker in workers {
@@ -265,12 +296,13 @@ pub fn search(db: &Database, queries: &[f32], nq: usize, opts: &SearchOptions, c
             *sum = sum.wrapping_add(*w);
         }
     }
-    // every block of every shard was hashed exactly once, by whichever thread scored it
+    // every block of every shard was hashed exactly once, by whichever thread scored it (the
+    // progressive pass instead checks each block it reads against the hash its codes recorded)
     if let Some(bad) = db
         .shards
         .iter()
         .zip(&sums)
-        .find(|(s, &sum)| s.expected.is_some_and(|e| e != sum))
+        .find(|(s, &sum)| plan.prog.is_none() && s.expected.is_some_and(|e| e != sum))
     {
         return Err(bad.0.mismatch());
     }
@@ -325,6 +357,8 @@ struct Plan<'a> {
     int8: Option<(Int8Kernel, &'a int8::Queries)>,
     /// ...by itself where it pays (else from the first row: tests).
     adaptive: bool,
+    /// The progressive codes and the queries their stages read.
+    prog: Option<(&'a Progressive<'a>, &'a StageQueries)>,
     packed: &'a [f32],
     nq: usize,
     tiers: &'a [Tier<'a>],
@@ -389,6 +423,10 @@ struct Rows<'a> {
     dtype: DType,
     count: usize,
     first: usize,
+    /// Its shard, its block in the shard, and among all shards' blocks (progressive codes).
+    shard: usize,
+    local_block: usize,
+    block: usize,
 }
 
 impl Rows<'_> {
@@ -414,6 +452,8 @@ struct Worker<'a> {
     scratch: Scratch,
     /// Per shard, the wrapping sum of the hashes of the blocks this thread scored.
     sums: Vec<u64>,
+    /// A shard one of whose blocks differs from the hash the progressive codes recorded.
+    bad: Option<usize>,
 }
 
 /// Buffers reused from tile to tile.
@@ -449,6 +489,7 @@ impl<'a> Worker<'a> {
             rescored_share: 0.0,
             tiles: 0,
             sums: vec![0; plan.shards],
+            bad: None,
             scratch: Scratch {
                 block_scores: vec![0f32; plan.simd.mr() * TILE_ROWS],
                 ..Scratch::default()
@@ -467,7 +508,7 @@ impl<'a> Worker<'a> {
             }
             let t1 = (t0 + TILE_ROWS).min(hi);
             let bytes = shard.row_bytes(t0, t1);
-            if shard.expected.is_some() {
+            if shard.expected.is_some() && self.plan.prog.is_none() {
                 // before scoring: the hash brings the tile's rows into L2 (192 KiB at 768-d
                 // float16), where widening finds them; after scoring they would have been
                 // pushed out by the queries streaming through the int8 pass
@@ -478,6 +519,9 @@ impl<'a> Worker<'a> {
                 dtype: shard.dtype,
                 count: t1 - t0,
                 first: db.starts[s] + t0,
+                shard: s,
+                local_block: t0 / CHECK_ROWS,
+                block: self.plan.prog.map_or(0, |(p, _)| p.block_starts[s]) + t0 / CHECK_ROWS,
             });
         }
         shard.release(lo, hi);
@@ -489,6 +533,21 @@ impl<'a> Worker<'a> {
     /// first row), else with the float32 block kernel.
     fn tile(&mut self, rows: &Rows) {
         let plan = self.plan;
+        if let Some((pr, sq)) = plan.prog {
+            if !pr.forced && !self.warm {
+                self.warm = (0..plan.nq).all(|q| threshold(&self.tops, plan, q, rows.first) > f32::NEG_INFINITY);
+            }
+            let pays = pr.forced
+                || (self.warm
+                    && (self.rescored_share < MAX_PROGRESSIVE_WORK || self.tiles.is_multiple_of(PROBE_EVERY)));
+            self.tiles += 1;
+            if pays {
+                self.progressive_tile(rows, pr, sq);
+            } else if self.verify(rows, pr) {
+                self.float_tile(rows);
+            }
+            return;
+        }
         if plan.adaptive && plan.int8.is_some() && !self.warm {
             // until their top-k buffers first fill (the first ~k rows), every score is computed
             self.warm = (0..plan.nq).all(|q| threshold(&self.tops, plan, q, rows.first) > f32::NEG_INFINITY);
@@ -528,6 +587,163 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Checks a tile of the store against the hash its progressive codes recorded before the
+    /// tile is read for scores: false (and the shard noted) when it differs.
+    fn verify(&mut self, rows: &Rows, pr: &Progressive) -> bool {
+        self.stats.store_bytes += rows.bytes.len() as u64;
+        if block_hash(rows.bytes, rows.local_block as u64) == pr.block_hash(rows.block) {
+            return true;
+        }
+        self.bad.get_or_insert(rows.shard);
+        false
+    }
+
+    /// The progressive pass over a tile: stage 1 for every (query, row) pair, panel by panel
+    /// and query block by query block; each later stage only where pairs survive (the block
+    /// kernel when many of a block's pairs do, else pair by pair); the survivors of the last
+    /// stage scored exactly from the stored rows, as the int8 pass does.
+    fn progressive_tile(&mut self, rows: &Rows, pr: &Progressive, sq: &StageQueries) {
+        let plan = self.plan;
+        let (nq, dim) = (plan.nq, plan.dim);
+        let (mr, nr) = (int8::MR, int8::NR);
+        let stages = pr.stages();
+        let panel0 = rows.block * (CHECK_ROWS / nr);
+        let widths: [usize; MAX_STAGES] = std::array::from_fn(|j| if j < stages { pr.width(j) } else { 0 });
+        let before = self.stats;
+        kept_masks(rows, plan, &mut self.scratch.kept);
+        let Worker {
+            tops,
+            stats,
+            scratch: s,
+            ..
+        } = self;
+        s.jobs.clear();
+        s.row_codes.resize(progressive::MAX_WIDTH, 0);
+        let mut touched = [0u32; MAX_STAGES];
+        let mut raw = [0i32; int8::MR * int8::NR];
+        let mut partial = [[0f32; int8::NR]; int8::MR];
+        for qb in 0..nq.div_ceil(mr) {
+            let live = qb * mr..((qb + 1) * mr).min(nq);
+            let n_live = live.len();
+            let limits: [(f32, f32); int8::MR] = std::array::from_fn(|i| match qb * mr + i {
+                q if live.contains(&q) => thresholds(tops, plan, q, rows.first),
+                _ => (f32::INFINITY, f32::INFINITY),
+            });
+            for (p, &kept) in s.kept.iter().enumerate() {
+                let gp = panel0 + p;
+                let valid = (rows.count - p * nr).min(nr);
+                let real = if valid == nr { u32::MAX } else { (1u32 << valid) - 1 };
+                let w = widths[0];
+                pr.kernel.block(
+                    &sq.blocks[0][qb * w * mr..(qb + 1) * w * mr],
+                    pr.panel_codes(0, gp),
+                    w / 4,
+                    &mut raw,
+                );
+                touched[0] |= 1 << p;
+                stats.stage_pairs[0] += (n_live * valid) as u64;
+                let terms = pr.panel_terms(0, gp);
+                let mut masks = [0u32; int8::MR];
+                for (i, q) in live.clone().enumerate() {
+                    let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
+                    masks[i] = real
+                        & stage_mask_fast(
+                            r,
+                            terms,
+                            sq.scale[q][0],
+                            sq.consts[q][0],
+                            limits[i],
+                            kept,
+                            &mut partial[i],
+                            true,
+                        );
+                }
+                for (j, &w) in widths.iter().enumerate().take(stages).skip(1) {
+                    let count: u32 = masks.iter().map(|m| m.count_ones()).sum();
+                    if count == 0 {
+                        break;
+                    }
+                    stats.stage_pairs[j] += count as u64;
+                    touched[j] |= 1 << p;
+                    let (codes, terms) = (pr.panel_codes(j, gp), pr.panel_terms(j, gp));
+                    if count >= BLOCK_PAIRS {
+                        pr.kernel
+                            .block(&sq.blocks[j][qb * w * mr..(qb + 1) * w * mr], codes, w / 4, &mut raw);
+                        for (i, q) in live.clone().enumerate() {
+                            if masks[i] != 0 {
+                                let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
+                                let c = sq.consts[q][j];
+                                masks[i] &= stage_mask_fast(
+                                    r,
+                                    terms,
+                                    sq.scale[q][j],
+                                    c,
+                                    limits[i],
+                                    kept,
+                                    &mut partial[i],
+                                    false,
+                                );
+                            }
+                        }
+                        continue;
+                    }
+                    for (i, q) in live.clone().enumerate() {
+                        let (mut m, t, c) = (masks[i], sq.scale[q][j], sq.consts[q][j]);
+                        while m != 0 {
+                            let b = m.trailing_zeros() as usize;
+                            m &= m - 1;
+                            progressive::gather(codes, b, &mut s.row_codes[..w]);
+                            let dot = pr.kernel.dot(&sq.rows[j][q * w..(q + 1) * w], &s.row_codes[..w]);
+                            let sum = terms[nr + b].to_bits() as i32;
+                            let v = partial[i][b] + (dot - QOFF * sum) as f32 * (t * terms[b]);
+                            partial[i][b] = v;
+                            let ub = progressive::bound(
+                                v,
+                                c,
+                                terms[2 * nr + b],
+                                terms[3 * nr + b],
+                                terms[4 * nr + b],
+                                terms[5 * nr + b],
+                            );
+                            let thr = if kept >> b & 1 == 1 {
+                                limits[i].0.min(limits[i].1)
+                            } else {
+                                limits[i].0
+                            };
+                            if !(ub >= thr || ub.is_nan()) {
+                                masks[i] &= !(1 << b);
+                            }
+                        }
+                    }
+                }
+                for (i, q) in live.clone().enumerate() {
+                    let mut m = masks[i];
+                    while m != 0 {
+                        s.jobs.push((q, p * nr + m.trailing_zeros() as usize));
+                        m &= m - 1;
+                    }
+                }
+            }
+        }
+        for (j, t) in touched.iter().enumerate().take(stages) {
+            stats.codes_bytes += (t.count_ones() as usize * nr * (widths[j] + progressive::TERMS * 4)) as u64;
+        }
+        let pairs = (nq * rows.count) as u64;
+        stats.rescored_pairs += s.jobs.len() as u64;
+        let work = (0..stages)
+            .map(|j| (stats.stage_pairs[j] - before.stage_pairs[j]) as f64 * widths[j] as f64)
+            .sum::<f64>()
+            + 4.0 * s.jobs.len() as f64 * dim as f64;
+        self.rescored_share = work / (pairs as f64 * dim as f64);
+        if self.scratch.jobs.is_empty() || !self.verify(rows, pr) {
+            return;
+        }
+        let Worker {
+            me, tops, scratch: s, ..
+        } = self;
+        rescore(tops, plan, *me, rows, &s.jobs, &mut s.job_scores);
+    }
+
     /// The int8 pass: approximate scores of whole panels, then exact scores of the pairs whose
     /// bound may still reach their query's threshold, one query block at a time.
     fn int8_tile(&mut self, rows: &Rows, kernel: Int8Kernel, qs: &int8::Queries) {
@@ -547,17 +763,7 @@ impl<'a> Worker<'a> {
             widen(rows.row(r), rows.dtype, &mut s.row, &mut s.f16s);
             s.codes.set_row(r, &s.row, nr, &mut s.row_codes);
         }
-        // per panel, the rows held by some tier that keeps a subset (they answer to its lower
-        // threshold; the other rows only to the tiers that hold every row)
-        s.kept.clear();
-        s.kept.extend((0..rows.count.div_ceil(nr)).map(|p| {
-            let held = |j: usize| {
-                let row = rows.first + p * nr + j;
-                let keeps = |t: &Tier| t.keep.is_some_and(|k| row < t.rows && k[row]);
-                p * nr + j < rows.count && plan.tiers.iter().any(keeps)
-            };
-            (0..nr).fold(0u32, |m, j| m | (held(j) as u32) << j)
-        }));
+        kept_masks(rows, plan, &mut s.kept);
         let steps = int8::d4(dim);
         let before = stats.rescored_pairs;
         s.pending.clear();
@@ -603,6 +809,94 @@ impl<'a> Worker<'a> {
         stats.int8_pairs += pairs;
         self.rescored_share = (stats.rescored_pairs - before) as f64 / pairs as f64;
     }
+}
+
+/// Per int8 panel of the tile, the rows held by some tier that keeps a subset (they answer to its
+/// lower threshold; the other rows only to the tiers that hold every row).
+fn kept_masks(rows: &Rows, plan: &Plan, kept: &mut Vec<u32>) {
+    let nr = int8::NR;
+    kept.clear();
+    kept.extend((0..rows.count.div_ceil(nr)).map(|p| {
+        let held = |j: usize| {
+            let row = rows.first + p * nr + j;
+            let keeps = |t: &Tier| t.keep.is_some_and(|k| row < t.rows && k[row]);
+            p * nr + j < rows.count && plan.tiers.iter().any(keeps)
+        };
+        (0..nr).fold(0u32, |m, j| m | (held(j) as u32) << j)
+    }));
+}
+
+/// One stage's bound for one query against a panel: adds the stage's partial scores (products
+/// `raw`, terms `[TERMS][32]`, the query's scale `t` and constants `c`) to `partial` and says
+/// which rows may still reach the thresholds `(dense, sparse)` (the sparse one for `kept` rows;
+/// a NaN bound counts as a yes).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn stage_mask(
+    raw: &[i32; int8::NR],
+    terms: &[f32],
+    t: f32,
+    c: [f32; 4],
+    (dense, sparse): (f32, f32),
+    kept: u32,
+    partial: &mut [f32; int8::NR],
+    first: bool,
+) -> u32 {
+    let nr = int8::NR;
+    let terms: &[f32; progressive::TERMS * int8::NR] = terms.try_into().expect("a panel's terms");
+    let mut mask = 0u32;
+    for j in 0..nr {
+        let sum = terms[nr + j].to_bits() as i32;
+        let add = (raw[j] - QOFF * sum) as f32 * (t * terms[j]);
+        let p = if first { add } else { partial[j] + add };
+        partial[j] = p;
+        let ub = progressive::bound(
+            p,
+            c,
+            terms[2 * nr + j],
+            terms[3 * nr + j],
+            terms[4 * nr + j],
+            terms[5 * nr + j],
+        );
+        let thr = if kept >> j & 1 == 1 { dense.min(sparse) } else { dense };
+        mask |= ((ub >= thr || ub.is_nan()) as u32) << j;
+    }
+    mask
+}
+
+/// `stage_mask` compiled for AVX2 where the CPU has it (the same float operations: no fused
+/// multiply-adds are formed).
+#[allow(clippy::too_many_arguments)]
+fn stage_mask_fast(
+    raw: &[i32; int8::NR],
+    terms: &[f32],
+    t: f32,
+    c: [f32; 4],
+    limits: (f32, f32),
+    kept: u32,
+    partial: &mut [f32; int8::NR],
+    first: bool,
+) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(
+            raw: &[i32; int8::NR],
+            terms: &[f32],
+            t: f32,
+            c: [f32; 4],
+            limits: (f32, f32),
+            kept: u32,
+            partial: &mut [f32; int8::NR],
+            first: bool,
+        ) -> u32 {
+            stage_mask(raw, terms, t, c, limits, kept, partial, first)
+        }
+        // SAFETY: AVX2 was just detected.
+        return unsafe { avx2(raw, terms, t, c, limits, kept, partial, first) };
+    }
+    stage_mask(raw, terms, t, c, limits, kept, partial, first)
 }
 
 /// Scores the (query, row in tile) pairs `jobs` exactly, from the stored rows, and offers them.

@@ -30,6 +30,7 @@ __all__ = [
     "fp32_peak_gflops",
     "int8_peak_gops",
     "build_codes",
+    "build_progressive",
     "inspect_codes",
     "code_search",
     "code_shortlist",
@@ -49,12 +50,17 @@ EMPTY: Final = -2
 class StoreFormatError(ValueError):
     """A store file is not what it should be (bad header, size, dtype or dimension)."""
 
-class _SearchStats(TypedDict):
+class _SearchStats(TypedDict, total=False):
     simd: Optional[str]
     int8: Optional[str]
     float_pairs: int
     int8_pairs: int
     rescored_pairs: int
+    # with progressive codes only
+    stage_kernel: str
+    stage_pairs: list[int]
+    codes_bytes: int
+    store_bytes: int
 
 class _CodeSearchStats(TypedDict):
     codes: str
@@ -63,11 +69,15 @@ class _CodeSearchStats(TypedDict):
     scan_seconds: float
     rerank_seconds: float
 
-class _CodesHeader(TypedDict):
+class _CodesHeader(TypedDict, total=False):
     kind: str
     dim: int
     rows: int
     fingerprint: str
+    # progressive codes only
+    boundaries: list[int]
+    eta: float
+    meta: list[float]
 
 def exact_search(
     shards: Sequence[_Path],
@@ -79,14 +89,17 @@ def exact_search(
     method: str = "exact",
     progress: _Progress = None,
     checksums: Optional[Sequence[Optional[int]]] = None,
+    codes: Optional[_Path] = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], _SearchStats]:
     """Exact search of `queries` (nq, dim) against the shards; scores and indices (tiers, nq, k).
 
     checksums: per shard the fast checksum its manifest records (or None); a shard that reads
     otherwise is a StoreFormatError naming it, and nothing is returned.
 
-    method: "exact", "float32", "int8" or "int8-scalar"; simd: None/"auto", "avx512", "avx2",
-    "scalar"; tiers: `(rows, keep)` each (default: one tier, every row)."""
+    method: "exact", "float32", "int8", "int8-scalar" or "progressive" (the stages of the
+    progressive `codes` from the first row); with `codes`, "exact" runs their stages where they
+    pay. simd: None/"auto", "avx512", "avx2", "scalar"; tiers: `(rows, keep)` each (default: one
+    tier, every row)."""
 
 def inspect_shard(path: _Path, dim: Optional[int] = None) -> tuple[str, int, int]:
     """Validates one shard without reading its data: `(dtype name, rows, dim)`."""
@@ -155,6 +168,19 @@ def build_codes(
     progress: _Progress = None,
 ) -> None:
     """Builds codes of `kind` ("sq8", "pq<M>", "pq<M>x4") for the database `shards` into `path`."""
+
+def build_progressive(
+    shards: Sequence[_Path],
+    path: _Path,
+    fingerprint: str,
+    rotation: npt.NDArray[np.float32],
+    boundaries: Sequence[int],
+    meta: Sequence[float],
+    threads: int = 0,
+    progress: _Progress = None,
+) -> None:
+    """Builds progressive codes of the database `shards` into `path`: `rotation` (dim, dim) with
+    the axes as rows, stage `boundaries` (multiples of 32), `meta` recorded as given."""
 
 def inspect_codes(path: _Path, verify: bool = False, threads: int = 0) -> _CodesHeader:
     """The header of a codes file (validated, sizes included); with `verify`, every section is

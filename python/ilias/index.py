@@ -7,6 +7,12 @@ tables in SIMD registers). `search_codes` scans the codes for a shortlist of can
 query and rescores them exactly from the float16 store, so returned scores are exact; only rows
 that the codes rank outside the shortlist can be missed (`measure_recall` says how many).
 
+`progressive` codes serve exact search instead (`ilias search --method exact` uses them where
+they pay, `--method progressive` forces them): the rows rotated onto the principal axes of the
+database's second moment, int8 codes in dimension blocks with tail norms, read a block at a time
+while a rigorous bound lets a pair reach the top k; the survivors are rescored exactly, so results
+are bit-identical to `method="float32"` (`plan_progressive` picks the rotation and the stages).
+
 A codes file records the fingerprint of the database it was built from; opening it against any
 other database, or against the same stores after they changed, is an error.
 """
@@ -27,7 +33,7 @@ from .progress import Progress
 from .results import SearchResults, SearchStats
 from .search import Tier, as_queries, check_memory, results_of, search
 
-KIND = re.compile(r"^(sq8|pq[1-9]\d*(x4)?)$")
+KIND = re.compile(r"^(sq8|pq[1-9]\d*(x4)?|progressive)$")
 # shortlist sizes (x k) that reach recall@1000 >= 0.999 (sq8) and >= 0.95 (pq) on our benchmarks
 DEFAULT_SHORTLIST = {"sq8": 2, "pq": 10}
 
@@ -39,7 +45,7 @@ def default_path(db: Database, kind: str) -> Path:
 
 def check_kind(kind: str) -> str:
     if not KIND.match(kind):
-        raise ValueError(f"codes: unknown kind {kind!r} (expected sq8, pq<M> or pq<M>x4, e.g. pq96x4)")
+        raise ValueError(f"codes: unknown kind {kind!r} (expected sq8, pq<M>, pq<M>x4 (e.g. pq96x4) or progressive)")
     return kind
 
 
@@ -57,10 +63,13 @@ def build_index(
     """Builds codes of `kind` for the database (a store, a path or an ordered list of them).
 
     PQ codebooks are trained by k-means on `sample` rows (0: 64 per centroid, at least 16,384),
-    `iters` iterations, seeded. The file is written beside `out` and renamed into place when
+    `iters` iterations, seeded; progressive codes learn their rotation and stages on `sample`
+    rows (0: 20,000). The file is written beside `out` and renamed into place when
     complete. Returns its path (default: `codes/<kind>.codes` in the last store)."""
     db = Database.of(database)
     check_kind(kind)
+    if kind == "progressive":
+        return _build_progressive(db, out, threads=threads, sample=sample, seed=seed, progress=progress)
     m = re.match(r"pq(\d+)", kind)
     if m and (int(m.group(1)) > db.dim or db.dim % int(m.group(1))):
         raise ValueError(f"codes {kind}: the dimension {db.dim} is not a multiple of {m.group(1)} subquantizers")
@@ -160,3 +169,109 @@ def measure_recall(
         shares.append(len(np.intersect1d(want, got)) / max(len(want), 1))
     return {"recall": float(np.mean(shares)), "min": float(np.min(shares)), "queries": len(rows),
             "k": results.k, "exact_seconds": exact.stats.seconds}
+
+
+# ---- progressive codes for exact search
+
+# the rotation and stages are learnt on this many rows, against a database of the full size
+PROGRESSIVE_SAMPLE = 20_000
+# the k the stages are chosen for (survival depends on it; any k is searched exactly)
+PROGRESSIVE_K = 1000
+# cost model, in int8 products per pair and dimension: a later stage run pair by pair, a pair
+# rescored exactly from float16 (per dimension), and how much less work than the plain int8 pass
+# the stages must promise to be used by `--method exact`
+PAIR_STAGE_COST = 1.5
+RESCORE_COST = 4.0
+PAYS_BELOW = 0.5
+STEP = 32
+
+
+def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, queries: int = 256) -> dict:
+    """The rotation and stage boundaries of progressive codes, from a sample `x` of the rows of a
+    database of `n_total` rows: the principal axes of the sample's second moment (an orthogonal
+    rotation: dot products are unchanged), then the boundaries (multiples of 32, at most 4 stages)
+    minimising the expected work, measured on the sample: its first `queries` rows serve as
+    queries against the others, with the k-th score a database of `n_total` rows would give
+    (the `k * len / n_total`-th of the sample) as threshold. Returns the rotation (float32,
+    rows = axes, largest first), the boundaries, the energy and the survival at each boundary,
+    the expected work as a share of the plain int8 pass, and whether the codes pay."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x).all(axis=1)]
+    n, d = x.shape
+    if n < 2 * queries:
+        queries = max(1, n // 4)
+    w, v = np.linalg.eigh(x.T @ x / max(n, 1))
+    order = np.argsort(w)[::-1]
+    rotation = np.ascontiguousarray(v[:, order].T, dtype=np.float32)
+    energy = np.cumsum(np.maximum(w[order], 0)) / max(float(np.sum(np.maximum(w, 0))), 1e-300)
+    y = (x @ rotation.T.astype(np.float64)).astype(np.float32)
+    qy, dy = y[:queries], y[queries:]
+    kk = int(np.clip(round(k * len(dy) / max(n_total, 1)), 1, max(len(dy), 1)))
+    full = qy @ dy.T
+    thr = -np.partition(-full, kk - 1, axis=1)[:, kk - 1 : kk] if len(dy) else np.zeros((len(qy), 1))
+    qn2, dn2 = np.sum(qy.astype(np.float64) ** 2, axis=1), np.sum(dy.astype(np.float64) ** 2, axis=1)
+    cands = list(range(STEP, d - d % STEP + 1, STEP)) if d >= STEP else []
+    survival = {}
+    partial = np.zeros_like(full)
+    lo_q, lo_d = np.zeros(len(qy)), np.zeros(len(dy))
+    prev = 0
+    for m in cands:
+        partial += qy[:, prev:m] @ dy[:, prev:m].T
+        lo_q += np.sum(qy[:, prev:m].astype(np.float64) ** 2, axis=1)
+        lo_d += np.sum(dy[:, prev:m].astype(np.float64) ** 2, axis=1)
+        prev = m
+        tail = np.sqrt(np.maximum(qn2 - lo_q, 0))[:, None] * np.sqrt(np.maximum(dn2 - lo_d, 0))[None, :]
+        # the int8 error (7-bit query, 8-bit row codes): about 2.5% of |q_<=m| |x_<=m|
+        quant = 0.025 * np.sqrt(lo_q)[:, None] * np.sqrt(lo_d)[None, :]
+        survival[m] = float(np.mean(partial + tail + quant >= thr)) if len(dy) else 1.0
+    best, best_cost = [], float("inf")
+    from itertools import combinations
+
+    for s in range(1, 5):
+        for bounds in combinations(cands, s):
+            cost, prev_m, alive = 0.0, 0, 1.0
+            for j, m in enumerate(bounds):
+                width = m - prev_m
+                cost += alive * width * (1.0 if j == 0 or alive > 0.1 else PAIR_STAGE_COST)
+                alive, prev_m = survival[m], m
+            cost += alive * RESCORE_COST * d
+            if cost < best_cost:
+                best, best_cost = list(bounds), cost
+    plain = d + survival.get(cands[-1], 1.0) * RESCORE_COST * d if cands else float("inf")
+    work = best_cost / plain if best else 1.0
+    return {
+        "rotation": rotation,
+        "boundaries": best,
+        "energy": [float(energy[m - 1]) for m in best],
+        "survival": [survival[m] for m in best],
+        "work": work,
+        "pays": bool(best) and work <= PAYS_BELOW,
+        "k": k,
+        "sample": n,
+    }
+
+
+def _build_progressive(db: Database, out, *, threads: int, sample: int, seed: int, progress: bool) -> Path:
+    if db.dim < STEP:
+        raise ValueError(f"codes progressive: the dimension {db.dim} is below {STEP}, the smallest stage")
+    path = Path(out) if out is not None else default_path(db, "progressive")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = min(db.count, sample or PROGRESSIVE_SAMPLE)
+    rows = np.sort(np.random.default_rng(seed).choice(db.count, size=n, replace=False))
+    plan = plan_progressive(db.vectors_of(rows).astype(np.float32), db.count)
+    bounds = plan["boundaries"] or [STEP]
+    meta = [plan["k"], plan["sample"], float(plan["pays"]), plan["work"], *plan["energy"], *plan["survival"]]
+    with Progress("codes progressive", total=db.count, enabled=progress) as bar:
+        _core.build_progressive(db.shard_paths, str(path), db.fingerprint, plan["rotation"], bounds,
+                                [float(v) for v in meta], threads, bar.set if progress else None)
+        bar.set(db.count)
+    return path
+
+
+def progressive_info(info: dict) -> dict:
+    """What the build of progressive codes measured, from `_core.inspect_codes`: boundaries,
+    energy and expected survival at each, expected work (share of the plain int8 pass), pays."""
+    meta, b = info["meta"], info["boundaries"]
+    s = len(b)
+    return {"boundaries": b, "k": int(meta[0]), "sample": int(meta[1]), "pays": meta[2] > 0,
+            "work": meta[3], "energy": meta[4:4 + s], "survival": meta[4 + s:4 + 2 * s], "dim": info["dim"]}

@@ -60,6 +60,14 @@ class SearchStats:
     float_pairs: int = 0  # (query, row) pairs scored in float32 blocks
     int8_pairs: int = 0  # pairs scored by the int8 pass...
     rescored_pairs: int = 0  # ...of which rescored exactly
+    # exact search's path ("float32", "int8", "progressive") and why it was taken; with the
+    # progressive codes: their stage kernel, the pairs entering each stage, the bytes read
+    path: str | None = None
+    path_reason: str | None = None
+    stage_kernel: str | None = None
+    stage_pairs: list | None = None
+    codes_bytes: int | None = None
+    store_bytes: int | None = None
     codes: str | None = None  # codes search: the kind, the file, the shortlist per query
     codes_path: str | None = None
     shortlist: int | None = None

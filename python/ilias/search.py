@@ -121,9 +121,11 @@ def search(
     threads: worker threads (0: all cores). keep: optional bool mask over the global rows: only
     rows with True can be returned (see `Database.mini_ilias_keep`). simd: force "avx512", "avx2"
     or "scalar" (default: the fastest this CPU has). method: "exact" (default) takes the fastest
-    exact path: an int8 first pass with exact float32 rescoring where the CPU has AVX-512 VNNI or
-    AVX-VNNI; "float32" scores every row in float32; "int8" / "int8-scalar" force the int8 pass
-    from the first row (for tests). All return identical results.
+    exact path: the progressive codes of the database where they exist and pay (`ilias index
+    build --codes progressive`), else an int8 first pass with exact float32 rescoring where the
+    CPU has AVX-512 VNNI or AVX-VNNI; "float32" scores every row in float32; "progressive"
+    forces the codes' stages from the first row, "int8" / "int8-scalar" the int8 pass (for
+    tests). All return identical results; `stats.path` and `stats.path_reason` say which ran.
     """
     tier = Tier("all", None, keep)
     return search_tiers(
@@ -158,18 +160,49 @@ def search_tiers(
         for t in tiers
     ]
     check_memory(len(q), k, len(tiers), threads)
+    codes, reason = exact_path(db, method)
     t0 = time.monotonic()
     with Progress("search", total=db.count, enabled=progress) as bar:
         scores, indices, stats = _core.exact_search(
             db.shard_paths, q, k, threads, specs, simd, method, bar.set if progress else None,
-            db.shard_checksums,
+            db.shard_checksums, codes,
         )
         bar.set(db.count)
-    st = SearchStats(method=method, seconds=time.monotonic() - t0, threads=threads, **stats)
+    path = "progressive" if codes else ("int8" if stats.get("int8") else "float32")
+    if not codes and method == "exact" and not stats.get("int8"):
+        reason += "; no int8 pass: this CPU has neither AVX-512 VNNI nor AVX-VNNI" if reason else ""
+    st = SearchStats(method=method, seconds=time.monotonic() - t0, threads=threads, path=path,
+                     path_reason=reason or None, **stats)
     return {
         t.name: results_of(db, scores[i], indices[i], qids, k, st, tier=t)
         for i, t in enumerate(tiers)
     }
+
+
+def exact_path(db: Database, method: str) -> tuple[str | None, str]:
+    """The progressive codes an exact search of `db` uses (None: none) and why: `method`
+    "progressive" needs them, "exact" takes them when their build found that they pay (a flat
+    spectrum, such as whitened features, makes them step aside). Stale codes are refused."""
+    if method not in ("exact", "progressive"):
+        return None, ""
+    from .index import default_path, open_codes, progressive_info
+
+    path = default_path(db, "progressive")
+    if not path.exists():
+        if method == "progressive":
+            raise FileNotFoundError(
+                f"{path}: no progressive codes for this database (build them with `ilias index build --codes progressive`)"
+            )
+        return None, "no progressive codes (ilias index build --codes progressive)"
+    info = progressive_info(open_codes(path, db))
+    b, e = info["boundaries"], info["energy"]
+    measured = (f"the first {b[0]} of {info['dim']} rotated dimensions hold {e[0]:.0%} of the energy; expected work "
+                f"{info['work']:.0%} of the plain int8 pass")
+    if method == "progressive":
+        return str(path), f"forced (method progressive): {measured}"
+    if info["pays"]:
+        return str(path), f"progressive codes pay: {measured}"
+    return None, f"progressive codes step aside (flat spectrum): {measured}"
 
 
 def check_memory(nq: int, k: int, tiers: int, threads: int) -> None:

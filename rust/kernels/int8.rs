@@ -248,12 +248,17 @@ pub fn encode_row(row: &[f32], codes: &mut [i8]) -> Option<(f32, i32)> {
 
 /// What quantizing one row gives: its scale, the sum of its codes and the squared norms of the
 /// row, its residual and its quantized value (float32 lane sums, added up in f64).
-struct Sums {
-    scale: f32,
-    sum: i32,
-    x2: f64,
-    e2: f64,
-    h2: f64,
+pub(crate) struct Sums {
+    pub scale: f32,
+    pub sum: i32,
+    pub x2: f64,
+    pub e2: f64,
+    pub h2: f64,
+}
+
+/// `quantize` for the progressive codes' blocks.
+pub(crate) fn quantize_block(row: &[f32], codes: &mut [i8]) -> Option<Sums> {
+    quantize(row, codes)
 }
 
 /// Quantizes `row` into `codes` (same length); None when the row holds NaN or Inf.

@@ -27,7 +27,7 @@ pub const MAGIC: &[u8; 8] = b"ILIASCOD";
 pub const VERSION: u32 = 2;
 /// Where the section checksums start in the header, and the bytes of one checksum block.
 const CHECKSUMS_AT: usize = 176;
-const MAX_SECTIONS: usize = 3;
+const MAX_SECTIONS: usize = 4;
 pub const SECTION_BLOCK: usize = 1 << 20;
 pub const HEADER_BYTES: usize = 256;
 const MAX_FINGERPRINT: usize = 128;
@@ -39,6 +39,9 @@ pub enum Kind {
     Sq8,
     /// `m` subquantizers of `2^bits` centroids each (bits: 8, or 4 for fast-scan).
     Pq { m: usize, bits: u32 },
+    /// Rotated int8 codes in `stages` dimension blocks (the first `depth` dimensions) of rows
+    /// numbered per shard in `blocks` blocks of 128 (`progressive`).
+    Progressive { stages: usize, depth: usize, blocks: usize },
 }
 
 impl Kind {
@@ -47,6 +50,7 @@ impl Kind {
             Kind::Sq8 => "sq8".into(),
             Kind::Pq { m, bits: 8 } => format!("pq{m}"),
             Kind::Pq { m, bits } => format!("pq{m}x{bits}"),
+            Kind::Progressive { .. } => "progressive".into(),
         }
     }
 
@@ -105,14 +109,18 @@ impl Header {
                 };
                 Some(vec![centroids, codes])
             }
+            Kind::Progressive { stages, depth, blocks } => {
+                super::progressive::sections(self.dim, stages, depth, blocks)
+            }
         }
     }
 
     fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut h = [0u8; HEADER_BYTES];
-        let (kind, m, bits) = match self.kind {
-            Kind::Sq8 => (1u32, 0u32, 8u32),
-            Kind::Pq { m, bits } => (2, m as u32, bits),
+        let (kind, m, bits, blocks) = match self.kind {
+            Kind::Sq8 => (1u32, 0u32, 8u32, 0u32),
+            Kind::Pq { m, bits } => (2, m as u32, bits, 0),
+            Kind::Progressive { stages, depth, blocks } => (3, stages as u32, depth as u32, blocks as u32),
         };
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -124,6 +132,7 @@ impl Header {
         let fp = self.fingerprint.as_bytes();
         h[40..44].copy_from_slice(&(fp.len() as u32).to_le_bytes());
         h[44..44 + fp.len()].copy_from_slice(fp);
+        h[172..176].copy_from_slice(&blocks.to_le_bytes());
         for (i, c) in self.checksums.iter().enumerate().take(MAX_SECTIONS) {
             h[CHECKSUMS_AT + 8 * i..CHECKSUMS_AT + 8 * i + 8].copy_from_slice(&c.to_le_bytes());
         }
@@ -147,6 +156,13 @@ impl Header {
         let kind = match u32_at(12) {
             1 => Kind::Sq8,
             2 if m > 0 && (bits == 8 || bits == 4) && dim % m == 0 => Kind::Pq { m, bits },
+            3 if (1..=super::progressive::MAX_STAGES).contains(&m) && bits > 0 && bits as usize <= dim => {
+                Kind::Progressive {
+                    stages: m,
+                    depth: bits as usize,
+                    blocks: u32_at(172) as usize,
+                }
+            }
             k => return Err(bad(format!("unknown code kind {k} (m = {m}, bits = {bits})"))),
         };
         let len = u32_at(40) as usize;

@@ -14,6 +14,7 @@ pub mod fastscan;
 pub mod file;
 pub mod kmeans;
 pub mod pq;
+pub mod progressive;
 pub mod rerank;
 pub mod sq8;
 
@@ -148,6 +149,10 @@ pub fn search(
         Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
         Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
         Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
+        Kind::Progressive { .. } => return Err(Error::format(
+            &codes.path,
+            "progressive codes serve exact search (`ilias search --method exact` or `progressive`), not a shortlist",
+        )),
     };
     let tops = scan_all(&*scanner, 0..db.rows, nq, shortlist, opts.keep, opts.threads, control)?;
     let scan_seconds = t0.elapsed().as_secs_f64();
@@ -220,6 +225,10 @@ pub fn shortlist(
         Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
         Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
         Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
+        Kind::Progressive { .. } => return Err(Error::format(
+            &codes.path,
+            "progressive codes serve exact search (`ilias search --method exact` or `progressive`), not a shortlist",
+        )),
     };
     let first = rows.start as u64;
     let tops = scan_all(&*scanner, rows, nq, shortlist, keep, threads, control)?;
@@ -322,5 +331,8 @@ pub fn build(
             }
             pq::build(db, &header, path, opts, control)
         }
+        Kind::Progressive { .. } => Err(Error::invalid(
+            "codes: progressive codes are built with their rotation (ilias.index.build_index)",
+        )),
     }
 }

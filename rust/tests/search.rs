@@ -250,6 +250,7 @@ fn exact_search_equals_the_brute_force() {
                     simd,
                     tiers: tiers.clone(),
                     int8,
+                    progressive: None,
                 };
                 let control = Control::default();
                 let found = search::search(&db, &d.queries, NQ, &opts, &control).unwrap();
@@ -294,6 +295,7 @@ fn code_search_rescores_exactly_with_high_recall() {
             simd: None,
             tiers: vec![],
             int8: Int8Choice::Off,
+            progressive: None,
         },
         &Control::default(),
     )

@@ -36,8 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--mini", metavar="KEYS.txt", help="keep only positives (the first --db store) and these keys: mini-ILIAS")
     p.add_argument("--tier", action="append", default=[], metavar="NAME=SPEC",
                    help="a database answered in the same pass: SPEC is all, +N (positives + N rows after them) or a keys file")
-    p.add_argument("--method", choices=["exact", "float32"], default="exact",
-                   help="exact: fastest exact path (int8 first pass where the CPU has AVX-512 VNNI or AVX-VNNI); float32: plain (same results)")
+    p.add_argument("--method", choices=["exact", "float32", "progressive"], default="exact",
+                   help="exact: fastest exact path (progressive codes where built and paying, else an int8 first pass where "
+                        "the CPU has AVX-512 VNNI or AVX-VNNI); float32: plain; progressive: force the progressive codes "
+                        "(same results)")
     p.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto", help="kernel path")
     p.add_argument("--codes", metavar="KIND|PATH",
                    help="search with quantized codes (see `ilias index`): a shortlist rescored exactly")
@@ -105,6 +107,12 @@ def run(args) -> int:
         label = f" ({results.variant})" if results.variant else ""
         print(f"{path}: {len(results):,} queries x {results.tier_rows:,} rows, k={args.k}, {results.stats.seconds:.1f}s{label}")
     st = next(iter(found.values())).stats
+    if st.path and not args.codes:
+        print(f"path: {st.path}" + (f" ({st.path_reason})" if st.path_reason else ""))
+    if st.stage_pairs:
+        shares = ", ".join(f"{p / st.stage_pairs[0]:.2%}" for p in st.stage_pairs[1:])
+        print(f"progressive stages ({st.stage_kernel}): pairs entering stages 2+: {shares or '-'} of stage 1, "
+              f"rescored {st.rescored_pairs / st.stage_pairs[0]:.3%}")
     if st.qe:
         print(f"QE {st.qe}: first pass {st.qe_first_seconds:.1f}s, second pass {st.seconds - st.qe_first_seconds:.1f}s "
               f"({st.qe_passes} scan(s), {st.qe_queries:,} expanded queries scored)")
