@@ -59,17 +59,18 @@ def build_index(
     iters: int = 20,
     seed: int = 1234,
     progress: bool = False,
+    k: int = 1000,
 ) -> Path:
     """Builds codes of `kind` for the database (a store, a path or an ordered list of them).
 
     PQ codebooks are trained by k-means on `sample` rows (0: 64 per centroid, at least 16,384),
     `iters` iterations, seeded; progressive codes learn their rotation and stages on `sample`
-    rows (0: 20,000). The file is written beside `out` and renamed into place when
+    rows (0: 20,000), for searches of `k` neighbours (any k is searched exactly). The file is written beside `out` and renamed into place when
     complete. Returns its path (default: `codes/<kind>.codes` in the last store)."""
     db = Database.of(database)
     check_kind(kind)
     if kind == "progressive":
-        return _build_progressive(db, out, threads=threads, sample=sample, seed=seed, progress=progress)
+        return _build_progressive(db, out, threads=threads, sample=sample, seed=seed, progress=progress, k=k)
     m = re.match(r"pq(\d+)", kind)
     if m and (int(m.group(1)) > db.dim or db.dim % int(m.group(1))):
         raise ValueError(f"codes {kind}: the dimension {db.dim} is not a multiple of {m.group(1)} subquantizers")
@@ -251,14 +252,14 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     }
 
 
-def _build_progressive(db: Database, out, *, threads: int, sample: int, seed: int, progress: bool) -> Path:
+def _build_progressive(db: Database, out, *, threads: int, sample: int, seed: int, progress: bool, k: int) -> Path:
     if db.dim < STEP:
         raise ValueError(f"codes progressive: the dimension {db.dim} is below {STEP}, the smallest stage")
     path = Path(out) if out is not None else default_path(db, "progressive")
     path.parent.mkdir(parents=True, exist_ok=True)
     n = min(db.count, sample or PROGRESSIVE_SAMPLE)
     rows = np.sort(np.random.default_rng(seed).choice(db.count, size=n, replace=False))
-    plan = plan_progressive(db.vectors_of(rows).astype(np.float32), db.count)
+    plan = plan_progressive(db.vectors_of(rows).astype(np.float32), db.count, k=k)
     bounds = plan["boundaries"] or [STEP]
     meta = [plan["k"], plan["sample"], float(plan["pays"]), plan["work"], *plan["energy"], *plan["survival"]]
     with Progress("codes progressive", total=db.count, enabled=progress) as bar:
