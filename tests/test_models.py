@@ -22,13 +22,49 @@ def seed_rows():
     return list(csv.DictReader(lines, delimiter="\t"))
 
 
+OFFICIAL = Path(__file__).parents[1] / "python/ilias/data/official_models.tsv"
+# where the seed table's test resolution is not what the official extraction runs (the official one wins)
+SEED_DIFFERS = {"superglobal_resnet50": (384, 724), "uscrr_64-vit_base_patch16_clip_224.openai": (724, 384)}
+
+
+def official_rows():
+    lines = [line for line in OFFICIAL.read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines, delimiter="\t"))
+
+
 def test_every_seed_checkpoint_is_registered_with_its_test_resolution():
     for row in seed_rows():
         spec = get_spec(row["checkpoint"])
         if row["task"] == "i2i":
-            assert spec.resolution == int(row["test_res"]), row["checkpoint"]
+            seed, official = SEED_DIFFERS.get(spec.name, (spec.resolution, spec.resolution))
+            assert int(row["test_res"]) == seed and spec.resolution == official, row["checkpoint"]
         else:
             assert spec.text is not None, f"{row['checkpoint']}: t2i model without a text tower"
+
+
+def test_registry_has_the_official_settings():
+    rows = official_rows()
+    assert len(rows) == len({r["name"] for r in rows}) >= 72
+    for row in rows:
+        spec = get_spec(row["name"])  # official names resolve, as aliases where ours differ
+        assert spec.official in (None, row["name"]) and (spec.official or spec.name) == row["name"]
+        assert spec.resolution == int(row["resolution"]), row["name"]
+        assert spec.pooling == row["pooling"], row["name"]
+        assert (spec.text is not None) == (row["text"] == "true"), row["name"]
+        if row["pad"] != "?":
+            assert spec.patch == (None if row["pad"] == "-" else int(row["pad"])), row["name"]
+        if row["library"] == "timm" and spec.buildable:
+            assert spec.framework == "timm" and spec.hub_name == row["name"], row["name"]
+    # every buildable entry is one the official extraction lists
+    listed = {get_spec(r["name"]).name for r in rows}
+    assert {m.name for m in REGISTRY.values() if m.buildable} <= listed
+
+
+def test_official_names_work_on_the_command_line(capsys):
+    assert get_spec("mocov3_vitb16") is get_spec("moco_v3_vitb")
+    assert main(["models", "mocov3"]) == 0
+    out = capsys.readouterr().out
+    assert "moco_v3_vitb" in out and "mocov3_vitb16" in out and "2 models" in out
 
 
 def test_normalisation_and_patch_agree_with_timm_configs():
@@ -134,7 +170,40 @@ def test_local_weights_file_is_loaded(tmp_path):
 def test_cli_models(capsys):
     assert main(["models", "siglip"]) == 0
     out = capsys.readouterr().out
-    assert "vit_large_patch16_siglip_384.webli" in out and "6 models" in out
+    assert "vit_large_patch16_siglip_384.webli" in out and "10 models" in out
+    assert "ViT-L-16-SigLIP2-512" in out  # the text tower
+    assert main(["models", "-v", "eva02_large_patch14_clip_336"]) == 0
+    out = capsys.readouterr().out
+    assert "text tower published: EVA02-L-14/merged2b_s4b_b131k" in out
+    assert "text tower matching: EVA02-L-14-336/merged2b_s6b_b61k" in out
     assert main(["models", "cvnet"]) == 0
     assert "not served by a public hub" in capsys.readouterr().out
     assert main(["models", "no-such-model"]) == 1
+
+
+def test_eva02_text_tower_is_the_published_one_unless_asked(tmp_path):
+    spec = get_spec("eva02_large_patch14_clip_336.merged2b")
+    assert spec.text_tower() == ("EVA02-L-14", "merged2b_s4b_b131k")
+    assert spec.text_tower("matching") == ("EVA02-L-14-336", "merged2b_s6b_b61k")
+    with pytest.raises(ValueError, match="--text-tower: .* has no 'other' text tower .*published, matching"):
+        spec.text_tower("other")
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        get_spec("dinov3_vitb16").text_tower()
+
+
+def test_weights_of_another_architecture_name_the_keys(tmp_path):
+    # a timm entry: timm's strict loader, its report condensed to one line
+    other = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    torch.save(other.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match=r"--weights .*small.pth: not a checkpoint of vit_base_patch16_224.dino: "
+                                         r".*keys of another shape \(first: "):
+        build_image_encoder("dino_vitb16", weights=tmp_path / "small.pth")
+    # a torchvision architecture with a state dict URL: missing and unexpected keys counted
+    spec = ModelSpec("moco-like", "url", "resnet18", None, 64, url="unused")
+    state = build_image_encoder(spec, pretrained=False).backbone.state_dict()
+    state.pop("layer4.1.bn2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"not of this architecture: 1 missing keys \(first: layer4.1.bn2.weight\), "
+                                         r"1 unexpected keys \(first: extra.weight\)"):
+        build_image_encoder(spec, weights=tmp_path / "r18.pth")

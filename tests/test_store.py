@@ -217,6 +217,24 @@ def test_hdf5_import_export_roundtrip(tmp_path, rng):
     assert index[:700] == [i for i in parts[0][1]]
 
 
+def test_float32_text_features_stay_float32_through_import_and_export(tmp_path, rng):
+    h5py = pytest.importorskip("h5py")
+    x = unit_rows(rng, 50, 12)  # float32, with digits float16 would drop
+    ids = [f"inst_{i}/query/T{i:03d}.txt" for i in range(50)]
+    with h5py.File(tmp_path / "features_text_queries.hdf5", "w") as h:
+        h["features"] = x
+        h["index"] = np.array([i.encode() for i in ids])
+    store = import_hdf5([tmp_path / "features_text_queries.hdf5"], tmp_path / "texts")
+    assert store.manifest.dtype == "float32"
+    np.testing.assert_array_equal(store.read_all(), x)
+    written = write_store(tmp_path / "extracted", x, ids, dtype="float32")  # as text extraction writes them
+    for src in (store, written):
+        out = export_hdf5(src, tmp_path / f"{src.path.name}.hdf5")
+        with h5py.File(out, "r") as h:
+            assert h["features"].dtype == np.float32
+            np.testing.assert_array_equal(h["features"][:], x)
+
+
 def test_hdf5_without_features_dataset(tmp_path):
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "x.hdf5", "w") as h:

@@ -70,7 +70,7 @@ def import_hdf5(
     """
     h5py = _h5py()
     files = [Path(s) for s in sources]
-    layout = []
+    layout, kinds = [], set()
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"{f}: no such file")
@@ -82,13 +82,16 @@ def import_hdf5(
             if feats.ndim != 2 or index.shape[0] != feats.shape[0]:
                 raise StoreFormatError(f"{f}: features {feats.shape} and index {index.shape} do not match")
             layout.append((feats.shape[0], feats.shape[1]))
+            kinds.add(feats.dtype.itemsize)
     dims = {d for _, d in layout}
     if len(dims) != 1:
         raise StoreFormatError(f"files have different dimensions {sorted(dims)}: {', '.join(map(str, files))}")
     dim = dims.pop()
     total = sum(n for n, _ in layout)
+    # official text features are float32 and stay so; image features are float16
+    dtype = "float32" if kinds and min(kinds) >= 4 else "float16"
     writer = StoreWriter(
-        dest, dim, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]},
+        dest, dim, dtype=dtype, shard_rows=shard_rows, provenance={"imported_from": [f.name for f in files]},
         source=file_source(files, shard_rows=shard_rows), expected=total, replace=replace,
     )
     skip = writer.committed
@@ -114,17 +117,18 @@ def import_hdf5(
 
 
 def export_hdf5(store: Store, dest: str | os.PathLike, chunk_rows: int = 65536, progress=None) -> Path:
-    """Writes a store as one official feature file (float16 `features`, ASCII `index`)."""
+    """Writes a store as one official feature file (`features` in the store's float16 or float32,
+    ASCII `index`): text query features, float32 in the official files, stay float32."""
     h5py = _h5py()
     dest = Path(dest)
     if progress:
         progress.total = store.count
     with atomic_path(dest) as tmp, h5py.File(tmp, "w") as h:
-        feats = h.create_dataset("features", (store.count, store.dim), dtype="float16")
+        feats = h.create_dataset("features", (store.count, store.dim), dtype=store.dtype)
         index = h.create_dataset("index", (store.count,), dtype=h5py.string_dtype("ascii"))
         lo = 0
         for v, ids in store.iter_chunks(chunk_rows):
-            feats[lo : lo + len(v)] = np.asarray(v, dtype=np.float16)
+            feats[lo : lo + len(v)] = np.asarray(v)
             index[lo : lo + len(v)] = [encode_official_id(i.decode("utf-8")) for i in ids]
             lo += len(v)
             if progress:
