@@ -342,7 +342,7 @@ pub fn build(
         return Err(Error::invalid(format!("meta: at most {MAX_META} values")));
     }
     let eta = rotation_slack(rotation, dim);
-    if !(eta < 0.01) {
+    if eta.is_nan() || eta >= 0.01 {
         return Err(Error::invalid(format!(
             "rotation: not orthogonal (|R R^T - I| gives a slack of {eta:.3e})"
         )));
@@ -797,10 +797,9 @@ mod tests {
         let mut m: Vec<Vec<f64>> = (0..dim).map(|_| (0..dim).map(|_| lcg(seed) as f64).collect()).collect();
         for i in 0..dim {
             for j in 0..i {
-                let d: f64 = (0..dim).map(|k| m[i][k] * m[j][k]).sum();
-                for k in 0..dim {
-                    m[i][k] -= d * m[j][k];
-                }
+                let (done, rest) = m.split_at_mut(i);
+                let d: f64 = rest[0].iter().zip(&done[j]).map(|(a, b)| a * b).sum();
+                rest[0].iter_mut().zip(&done[j]).for_each(|(a, b)| *a -= d * b);
             }
             let n = m[i].iter().map(|v| v * v).sum::<f64>().sqrt();
             m[i].iter_mut().for_each(|v| *v /= n);
