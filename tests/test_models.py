@@ -207,3 +207,19 @@ def test_weights_of_another_architecture_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"not of this architecture: 1 missing keys \(first: layer4.1.bn2.weight\), "
                                          r"1 unexpected keys \(first: extra.weight\)"):
         build_image_encoder(spec, weights=tmp_path / "r18.pth")
+
+
+@pytest.mark.parametrize("name", ["dinov2_vitb14", "dinov2_vitb14_reg"])
+def test_a_checkpoint_in_the_hub_layout_loads_from_a_local_file(tmp_path, name):
+    # the torch.hub DINOv2 files: a mask token, registers as `register_tokens`, and (with registers)
+    # a position for the class token, which timm folds into the token itself
+    torch.manual_seed(0)
+    ref = build_image_encoder(name, pretrained=False).backbone.state_dict()
+    hub = {k: v.clone() for k, v in ref.items()}
+    hub["mask_token"] = torch.zeros(1, ref["cls_token"].shape[-1])
+    if "reg_token" in hub:
+        hub["register_tokens"] = hub.pop("reg_token")
+        hub["pos_embed"] = torch.cat([torch.zeros(1, 1, ref["pos_embed"].shape[-1]), ref["pos_embed"]], 1)
+    torch.save(hub, tmp_path / "hub.pth")
+    got = build_image_encoder(name, weights=tmp_path / "hub.pth").backbone.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
