@@ -223,3 +223,24 @@ def test_a_checkpoint_in_the_hub_layout_loads_from_a_local_file(tmp_path, name):
     torch.save(hub, tmp_path / "hub.pth")
     got = build_image_encoder(name, weights=tmp_path / "hub.pth").backbone.state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_dinov3_checkpoint_in_the_hub_layout_loads_from_a_local_file(tmp_path):
+    # the torch.hub DINOv3 files: storage tokens, layer scales as ls1/ls2, rope periods, a mask token,
+    # and q/k/v biases (all zero in the published ViT-B/L) with their mask
+    torch.manual_seed(0)
+    ref = build_image_encoder("dinov3_vitb16", pretrained=False).backbone.state_dict()
+    names = (("reg_token", "storage_tokens"), ("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma"))
+    hub = {}
+    for k, v in ref.items():
+        for ours, theirs in names:
+            k = k.replace(ours, theirs)
+        hub[k] = v.clone()
+    hub["mask_token"] = torch.zeros(1, 768)
+    hub["rope_embed.periods"] = torch.ones(16)
+    for i in range(12):
+        hub[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * 768)
+        hub[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones(3 * 768)
+    torch.save(hub, tmp_path / "dinov3.pth")
+    got = build_image_encoder("dinov3_vitb16", weights=tmp_path / "dinov3.pth").backbone.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
