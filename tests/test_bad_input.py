@@ -296,3 +296,27 @@ def test_json_results_with_values_that_are_not_objects(tmp_path):
     gt = ilias.groundtruth.load_ground_truth(tmp_path / "ilias")
     (tmp_path / "r.json").write_text(json.dumps({gt.image_queries[0]: [1, 2]}))
     one_line_error(cli("evaluate", tmp_path / "r.json", "--gt", tmp_path / "ilias"), "r.json", "expected {db_id: similarity}")
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_model_mistakes_are_one_line(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("open_clip")
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "imgs" / "a.jpg")
+    folder = ("--folder", tmp_path / "imgs", "-o", tmp_path / "out", "--random-init", "--workers", 0, "--quiet")
+    line = one_line_error(cli("extract", "dinov2_vitb4", *folder), "dinov2_vitb4")
+    assert "did you mean dinov2_vitb14" in line
+    one_line_error(cli("extract", "mocov3_vitb", *folder), "did you mean")
+    # a text tower the model does not have, before any image is read
+    core = tmp_path / "ILIAS" / "ilias_core" / "obj" / "query"
+    core.mkdir(parents=True)
+    (core / "T000.txt").write_text("a red mug")
+    args = ("extract", "eva02_large_patch14_clip_336.merged2b", "--core", tmp_path / "ILIAS" / "ilias_core",
+            "--what", "text_queries", "-o", tmp_path / "t", "--random-init", "--quiet", "--text-tower")
+    one_line_error(cli(*args, "other"), "--text-tower", "'other'", "published, matching")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t").exists()
