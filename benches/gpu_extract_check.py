@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from ilias.extract import ResizeLarge, extract_images, folder_sources, list_items, padded_size
 from ilias.models import build_image_encoder, get_spec
+from PIL import Image
 
 MODELS = ["vit_base_patch16_siglip_384.v2_webli", "dinov2_vitl14"]  # a ViT-B/16 at 512, a ViT-L/14 at 724
 SIZES = [(640, 480), (480, 640), (1000, 120), (500, 500), (1600, 1200)]

@@ -23,11 +23,10 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from PIL import Image  # noqa: E402
-
 from ilias.extract import ResizeLarge  # noqa: E402
 from ilias.models import build_image_encoder, get_spec  # noqa: E402
 from ilias.models.pos_embed import hub_resize  # noqa: E402
+from PIL import Image  # noqa: E402
 
 F = torch.nn.functional
 SIZES = [(640, 480), (1000, 120), (120, 1000), (300, 300)]  # (width, height)
