@@ -245,8 +245,9 @@ def _load_state_dict(m, state, spec):
             break
     if spec.prefix:
         state = {k[len(spec.prefix):]: v for k, v in state.items() if k.startswith(spec.prefix)}
-    # classifiers are not used: features come from before them
-    unused = ("fc.", "head.")
+    # classifiers and self-supervised training heads (SwAV's projection head and prototypes) are not
+    # used: features come from before them
+    unused = ("fc.", "head.", "projection_head.", "prototypes.")
     state = {k: v for k, v in state.items() if not k.startswith(unused)}
     expected = {k: v.shape for k, v in m.state_dict().items() if not k.startswith(unused)}
     missing = [k for k in expected if k not in state]
