@@ -244,3 +244,14 @@ def test_a_dinov3_checkpoint_in_the_hub_layout_loads_from_a_local_file(tmp_path)
     torch.save(hub, tmp_path / "dinov3.pth")
     got = build_image_encoder("dinov3_vitb16", weights=tmp_path / "dinov3.pth").backbone.state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_swav_checkpoint_with_its_training_heads_loads(tmp_path):
+    torch.manual_seed(0)
+    ref = build_image_encoder("swav", pretrained=False).backbone.state_dict()
+    state = {f"module.{k}": v for k, v in ref.items()}
+    state["module.projection_head.0.weight"] = torch.zeros(2048, 2048)
+    state["module.prototypes.weight"] = torch.zeros(3000, 128)
+    torch.save(state, tmp_path / "swav.pth.tar")
+    got = build_image_encoder("swav", weights=tmp_path / "swav.pth.tar").backbone.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
