@@ -277,7 +277,8 @@ def test_two_pieces_form_the_same_store_as_one_run(tmp_path, vit):
     assert sum((p.all_ids() for p in parts), []) == one.all_ids()
     merged = merge_parts(tmp_path / "split")
     assert merged.all_ids() == one.all_ids()
-    np.testing.assert_allclose(merged.read_all().astype(np.float32), one.read_all().astype(np.float32), atol=1e-3)
+    # windows never span two tars: the pieces form the whole run's batches, so the rows are its bits
+    assert np.array_equal(merged.read_all(), one.read_all())
     assert not (tmp_path / "split" / "part-00000-of-00002").exists()
 
 

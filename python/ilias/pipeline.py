@@ -98,11 +98,12 @@ def _write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=1))
 
 
-def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
+def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> dict:
     """Runs (or finishes) the benchmark described by `cfg`; `spec` overrides the registry entry
     of `cfg.model` (a ModelSpec, e.g. a small model for tests). `features(stores_dir)`, when
     given, replaces the extraction step (the demo's numpy model): it makes sure that the stores
-    are there and returns what it did. Returns the run record."""
+    are there and returns what it did. `cluster` (an `ilias.cluster.ClusterOptions`): extraction
+    and the plain search run there as Dask tasks (same stores, same results). Returns the run record."""
     from .evaluate import evaluate
     from .groundtruth import load_ground_truth, read_id_list
     from .report import build_report, write_html, write_json, write_markdown
@@ -142,7 +143,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
     if features is not None:
         step("features", lambda: features(stores))
     else:
-        step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say))
+        step("features", lambda: _extract(cfg, spec, core, stores, mini_list, say, cluster))
     gt = load_ground_truth(data)
     queries = [Store.open(stores / k) for k in ("image_queries", "text_queries") if (stores / k).exists()]
     db = Database.of([stores / "positives"] + ([stores / "distractors"] if (stores / "distractors").exists() else []))
@@ -160,7 +161,12 @@ def run(cfg: RunConfig, spec=None, say=print, features=None) -> dict:
         current = [p for p in paths.values() if _current(p, db, cfg.k)]
         if len(current) == len(paths):
             return "current"
-        found = search_tiers(queries, db, tiers, cfg.k, threads=cfg.threads, progress=True)
+        if cluster is None:
+            found = search_tiers(queries, db, tiers, cfg.k, threads=cfg.threads, progress=True)
+        else:
+            from .cluster import search_tiers_on_cluster
+
+            found = search_tiers_on_cluster(cluster, queries, db, tiers, cfg.k)
         write_all([(paths[name], res) for name, res in found.items()])  # all tiers together, or none
         return f"{len(queries)} query stores x {total:,} rows, {len(tiers)} tier(s)"
 
@@ -325,7 +331,7 @@ def _current(path: Path, db: Database, k: int, qe: tuple[int, float] | None = No
             and made == (tuple(qe) if qe else None))
 
 
-def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, say) -> dict:
+def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, say, cluster=None) -> dict:
     from .extract import core_sources, extract_images, extract_texts, list_items, select, tar_sources
     from .groundtruth import read_id_list
     from .models import build_image_encoder, build_text_encoder, get_spec
@@ -344,9 +350,15 @@ def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, sa
     encoder = text_encoder = None
     common = dict(device=cfg.device, progress=True)
     tower = "/".join(spec.text_tower(cfg.text_tower)) if spec.text else None
+    queued = {}  # with a cluster: the stores to extract there, by name
     for kind, is_text in jobs:
         if _complete(stores / kind) and (not is_text or _text_tower(stores / kind) == tower):
             done[kind] = "current"
+            continue
+        if cluster is not None:
+            from .cluster import StoreJob
+
+            queued[kind] = StoreJob(stores / kind, core_sources(core, kind), text=is_text, exif=True)
             continue
         items = list_items(core_sources(core, kind), exif=True, text=is_text)
         if is_text:
@@ -370,6 +382,13 @@ def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, sa
                 )
         if _complete(dest):
             done["distractors"] = "current"
+        elif cluster is not None:
+            from .cluster import StoreJob
+
+            queued["distractors"] = StoreJob(
+                dest, sources, ids_file=str(mini_list) if cfg.distractors == "mini" else None,
+                limit=None if cfg.distractors in ("full", "mini") else int(cfg.distractors),
+                provenance={"selection": selection})
         else:
             items = list_items(sources)
             if cfg.distractors == "mini":
@@ -382,4 +401,13 @@ def _extract(cfg: RunConfig, spec, core: Path, stores: Path, mini_list: Path, sa
             done["distractors"] = len(items)
     else:
         say("no --tars given: the database is the positives alone")
+    if queued:
+        from .cluster import Recipe, Settings, extract_on_cluster
+
+        recipe = Recipe(spec, pretrained=not cfg.random_init, weights=cfg.weights, text_weights=cfg.text_weights,
+                        text_tower=cfg.text_tower)
+        settings = Settings(batch_size=cfg.batch_size, workers=cfg.workers,
+                            device=cfg.device or ("cuda" if cluster.gpu else "cpu"))
+        made = extract_on_cluster(cluster, recipe, list(queued.values()), settings)
+        done.update({kind: s.count + len(s.manifest.provenance.get("skipped", [])) for kind, s in zip(queued, made)})
     return done

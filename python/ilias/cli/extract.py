@@ -8,6 +8,9 @@
 Resumable: run the same command again after an interruption. Split across machines with
 --shard-id/--num-shards (or torchrun's RANK/WORLD_SIZE, or a SLURM array): each piece writes
 OUT/part-<k>-of-<n>; search takes the parts folder as it is, or --merge makes it one store.
+Or let Dask schedule the pieces (one per tar), retry them and merge them: --cluster local[:N],
+--cluster slurm (--slurm-gpus 4 --slurm-jobs 8 ..., or --cluster-config slurm.yaml), or
+--cluster tcp://HOST:PORT (a running scheduler); the store is the one a single process writes.
 Weights come from the usual caches (Hugging Face, torch hub) or --weights PATH.
 """
 
@@ -50,6 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-id", type=NON_NEGATIVE, help="this piece of a split run (0-based)")
     p.add_argument("--num-shards", type=POSITIVE, help="number of pieces of a split run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cluster_args import add_cluster_options
+
+    add_cluster_options(p)
     p.set_defaults(run=run)
 
 
@@ -80,9 +86,8 @@ def run(args) -> int:
     from ..models import build_image_encoder, build_text_encoder, get_spec
 
     spec = get_spec(args.model)
-    piece = piece_from_env(args.shard_id, args.num_shards)
     wanted = read_id_list(args.ids) if args.ids else None
-    jobs = []  # (name, items, is_text)
+    sourced = []  # (output store, its sources, texts?, EXIF-transposed?, only these ids)
     if args.core:
         kinds = [k.strip() for k in args.what.split(",") if k.strip()]
         for kind in kinds:
@@ -93,20 +98,20 @@ def run(args) -> int:
             ids = _for_kind(wanted, kind)
             if ids == []:
                 continue  # the id list names none of this partition
-            sources = core_sources(args.core, kind, ids)
-            items = list_items(piece.slice(sources), exif=True, text=kind == "text_queries")
-            jobs.append((Path(args.out) / kind, items))
+            sourced.append((Path(args.out) / kind, core_sources(args.core, kind, ids), kind == "text_queries", True, None))
     else:
         sources = tar_sources(args.tars) if args.tars else folder_sources(args.folder)
-        items = list_items(piece.slice(sources))
-        if wanted is not None:
-            items = select(items, wanted)
-        jobs.append((Path(args.out), items))
+        sourced.append((Path(args.out), sources, False, False, wanted))
+    from .cluster_args import cluster_options
 
-    if args.random_init:
-        import torch
-
-        torch.manual_seed(0)  # the same random weights in every run, so that a resumed store is one model's
+    cluster = cluster_options(args, gpu=None if args.device is None else args.device.startswith("cuda"))
+    if cluster is not None:
+        return _on_cluster(args, spec, cluster, sourced)
+    piece = piece_from_env(args.shard_id, args.num_shards)
+    jobs = []  # (output store, items)
+    for out, sources, text, exif, ids in sourced:
+        items = list_items(piece.slice(sources), exif=exif, text=text)
+        jobs.append((out, items if ids is None else select(items, ids)))
     common = dict(device=args.device, shard_rows=args.shard_rows, progress=not args.quiet,
                   provenance={"piece": piece.name})
     encoder = text_encoder = None
@@ -115,16 +120,52 @@ def run(args) -> int:
         for out, items in jobs:
             dest = piece.out_dir(out)
             if items.text:
-                text_encoder = text_encoder or build_text_encoder(
-                    spec, pretrained=not args.random_init, weights=args.text_weights, tower=args.text_tower)
+                if text_encoder is None:
+                    _seed(args)
+                    text_encoder = build_text_encoder(spec, pretrained=not args.random_init, weights=args.text_weights,
+                                                      tower=args.text_tower)
                 store = extract_texts(items, text_encoder, dest, **common)
             else:
-                encoder = encoder or build_image_encoder(spec, pretrained=not args.random_init, weights=args.weights)
+                if encoder is None:
+                    _seed(args)
+                    encoder = build_image_encoder(spec, pretrained=not args.random_init, weights=args.weights)
                 store = extract_images(items, encoder, dest, transform=args.transform, resolution=args.resolution,
                                        batch_size=args.batch_size, workers=args.workers, **common)
-            skipped = len(store.manifest.provenance.get("skipped", []))
-            note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
-            print(f"{store.path}: {store.count:,} rows of dim {store.dim}{note}")
+            _report(store)
+    return 0
+
+
+def _seed(args) -> None:
+    if args.random_init:
+        import torch
+
+        torch.manual_seed(0)  # the same random weights in every run (and on every cluster worker)
+
+
+def _report(store) -> None:
+    skipped = len(store.manifest.provenance.get("skipped", []))
+    note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
+    print(f"{store.path}: {store.count:,} rows of dim {store.dim}{note}")
+
+
+def _on_cluster(args, spec, cluster, sourced) -> int:
+    """The extraction as Dask tasks (one per tar, or per range of images), merged into the stores."""
+    from ..cluster import Recipe, Settings, StoreJob, extract_on_cluster
+
+    if args.shard_id is not None or args.num_shards is not None:
+        raise ValueError("--cluster: the cluster splits the run itself; leave out --shard-id/--num-shards")
+    absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731 (workers may start elsewhere)
+    recipe = Recipe(spec, pretrained=not args.random_init, weights=absolute(args.weights),
+                    text_weights=absolute(args.text_weights), text_tower=args.text_tower)
+    settings = Settings(transform=args.transform, resolution=args.resolution, batch_size=args.batch_size,
+                        workers=args.workers, device=args.device or ("cuda" if cluster.gpu else "cpu"),
+                        shard_rows=args.shard_rows)
+    jobs = [StoreJob(out.resolve(), sources, text, exif, absolute(args.ids) if ids is not None else None)
+            for out, sources, text, exif, ids in sourced]
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn
+        for store in extract_on_cluster(cluster, recipe, jobs, settings):
+            _report(store)
     return 0
 
 

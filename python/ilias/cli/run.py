@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     from .search import add_variant_options
 
     add_variant_options(p)  # --adapt W.pth, --qe N, --qe-alpha A: their results as their own report rows
+    from .cluster_args import add_cluster_options
+
+    add_cluster_options(p)  # extraction (a task per tar) and the search (ranges of shards) as Dask tasks
     p.set_defaults(run=run)
 
 
@@ -47,7 +50,10 @@ def run(args) -> int:
     )
     if args.qe is None and args.qe_alpha != 1.0:
         raise ValueError("--qe-alpha: only with --qe N")
-    record = run_pipeline(cfg)
+    from .cluster_args import cluster_options
+
+    cluster = cluster_options(args, gpu=None if args.device is None else args.device.startswith("cuda"))
+    record = run_pipeline(cfg, cluster=cluster)
     print(f"{'database':<12}{'rows':>14}{'image-to-image':>16}{'text-to-image':>15}")
     rows = [(name, r) for name, r in record["results"].items()]
     rows += [(f"{name} + {variant}", r) for variant, found in record.get("variants", {}).items() for name, r in found.items()]

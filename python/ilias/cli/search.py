@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
     add_variant_options(p)
     p.add_argument("--adapt-dir", metavar="DIR",
                    help="with --adapt: where the adapted stores go (default: adapted/<weights>-<sha> beside the first --db)")
+    from .cluster_args import add_cluster_options
+
+    add_cluster_options(p)  # --cluster local[:N] | slurm | tcp://HOST:PORT: ranges of shards as Dask tasks
     p.set_defaults(run=run)
 
 
@@ -73,6 +76,12 @@ def run(args) -> int:
         raise ValueError("--qe-alpha: only with --qe N")
     if args.qe and args.measure_recall:
         raise ValueError("--measure-recall: compares with exact search of the queries as given, not with --qe")
+    from .cluster_args import cluster_options
+
+    cluster = cluster_options(args)
+    if cluster is not None and (args.qe or args.measure_recall or args.method == "progressive"):
+        what = "--qe" if args.qe else "--measure-recall" if args.measure_recall else "--method progressive"
+        raise ValueError(f"--cluster: {what} runs in one process only (leave out --cluster)")
     queries = Database.of(args.queries, args.allow_incomplete).stores
     db = Database.of(args.db, args.allow_incomplete)
     out = Path(args.out)
@@ -93,12 +102,17 @@ def run(args) -> int:
 
     check_same_adaptation(queries, db)
     if args.codes:
-        found = {tiers[0].name: _search_codes(args, queries, db, keep)}
+        found = {tiers[0].name: _search_codes(args, queries, db, keep, cluster)}
     elif args.qe:
         from ..expand import search_expanded
 
         found = search_expanded(queries, db, tiers, k=args.k, n=args.qe, alpha=args.qe_alpha, threads=args.threads,
                                 simd=args.simd, method=args.method, progress=True)
+    elif cluster is not None:
+        from ..cluster import search_tiers_on_cluster
+
+        found = search_tiers_on_cluster(cluster, queries, db, tiers, k=args.k, simd=args.simd, method=args.method,
+                                        tasks=args.cluster_tasks)
     else:
         found = search_tiers(queries, db, tiers, k=args.k, threads=args.threads, simd=args.simd, method=args.method,
                              progress=True)
@@ -139,8 +153,14 @@ def _adapted(args, queries, db):
     return Database.of(paths[:nq]).stores, Database.of(paths[nq:])
 
 
-def _search_codes(args, queries, db, keep):
+def _search_codes(args, queries, db, keep, cluster=None):
     from ..index import search_codes
+
+    if cluster is not None:
+        from ..cluster import search_codes_on_cluster
+
+        return search_codes_on_cluster(cluster, queries, db, args.codes, args.k, shortlist=args.shortlist,
+                                       rerank=not args.no_rerank, keep=keep, tasks=args.cluster_tasks)
 
     if args.qe:
         from ..expand import search_codes_expanded

@@ -8,10 +8,12 @@ How it works, and why:
   number of consecutive items; inside a window, images of equal (padded) size are batched together
   (a batch runs as soon as it is full, the rest at the window's end), and the window's rows are then
   written in item order. The store is thus always in item order, and memory is bounded by the window.
-- Windows start at fixed positions (multiples of the window size from the piece's first item), so a
-  run resumed after an interruption forms exactly the same batches as an uninterrupted one and gives
-  the same rows, bit for bit. Resuming restarts at the window holding the first row not yet in a
-  complete shard (`StoreWriter.committed`) and drops the rows it already has.
+- Windows start at fixed positions: every `window` items from the first item of each tar (plain
+  files: from the first item of the list), never spanning two tars. So a run resumed after an
+  interruption forms exactly the same batches as an uninterrupted one, and a piece made of whole
+  tars (`--num-shards`, a cluster task) the same batches as a run over all tars: the same rows, bit
+  for bit. Resuming restarts at the window holding the first row not yet in a complete shard
+  (`StoreWriter.committed`) and drops the rows it already has.
 - CUDA runs under fp16 autocast; the CPU path runs in float32. Features are normalised in float32,
   image stores hold float16 (the official files do), text stores float32 (as the reference keeps them).
 """
@@ -100,8 +102,8 @@ def extract_images(
     }
     encoder = encoder.to(device).eval()
 
-    def results(begin: int, window: int):
-        return _image_results(items, encoder, tf, begin, window, batch_size, workers, device)
+    def results(windows):
+        return _image_results(items, encoder, tf, windows, batch_size, workers, device)
 
     default = window or default_window(res or 224, batch_size)
     return _write(items, out, encoder.dim, "float16", shard_rows, prov, default, results, progress, "images")
@@ -135,10 +137,10 @@ def extract_texts(
     }
     dim = int(text_encoder.encode(["a photo"]).shape[1])
 
-    def results(begin: int, window: int):
-        for lo in range(begin, len(items), window):
+    def results(windows):
+        for lo, hi in windows:
             texts, done = [], []
-            for pos in range(lo, min(lo + window, len(items))):
+            for pos in range(lo, hi):
                 try:
                     texts.append(items.load_text(pos))
                     done.append(pos)
@@ -170,10 +172,13 @@ def _write(items, out, dim, dtype, shard_rows, prov, window, results, progress, 
     writer = StoreWriter(out, dim, dtype=dtype, shard_rows=shard_rows, normalized=True, provenance=prov)
     start, skipped = _resume_point(writer, items)
     writer.manifest.provenance["skipped"] = skipped  # kept up to date: saved with every shard
-    begin = start // window * window
+    starts = window_starts(items, window)
+    first = int(np.searchsorted(starts, start, side="right")) - 1  # the window holding `start`
+    windows = list(zip(starts[first:].tolist(), [*starts[first + 1 :].tolist(), len(items)])) if start < len(items) else []
+    ends = {hi for _, hi in windows}
     with writer, Progress(f"extract {out.name}", total=len(items) - start, unit=unit, enabled=progress) as bar:
         rows, ids = [], []
-        for pos, vec, err in results(begin, window):
+        for pos, vec, err in results(windows):
             if pos < start:
                 continue  # already in the store: recomputed only to form the same batches
             if err is not None:
@@ -182,7 +187,7 @@ def _write(items, out, dim, dtype, shard_rows, prov, window, results, progress, 
             else:
                 rows.append(vec)
                 ids.append(items.ids[pos])
-            if (pos + 1 - begin) % window == 0 or pos == len(items) - 1:  # a window is complete
+            if pos + 1 in ends:  # a window is complete
                 if rows:
                     writer.append(np.stack(rows), ids)
                 bar.update(pos + 1 - start - bar.done)
@@ -194,6 +199,17 @@ def _write(items, out, dim, dtype, shard_rows, prov, window, results, progress, 
     # the writer saves the manifest only when it completes a shard: save the final provenance too
     atomic_write(out / "manifest.json", writer.manifest.to_json())
     return Store.open(out)
+
+
+def window_starts(items: Items, window: int) -> np.ndarray:
+    """The first position of every window of `items`: every `window` items from the first item of
+    each tar, and from the first of each run of plain files."""
+    if len(items) == 0:
+        return np.zeros(1, dtype=np.int64)
+    # a tar's items share one path string; plain files all count as one run
+    source = [p if o >= 0 else None for p, o in zip(items.paths, items.offsets.tolist())]
+    runs = [0] + [i for i in range(1, len(source)) if source[i] != source[i - 1]] + [len(items)]
+    return np.concatenate([np.arange(lo, hi, window) for lo, hi in zip(runs[:-1], runs[1:])])
 
 
 def _check_resumable(out: Path, prov: dict, window: int) -> int:
@@ -257,10 +273,13 @@ def _one_thread(_worker_id):
     torch.set_num_threads(1)  # workers decode; the model's threads stay in the main process
 
 
-def _image_results(items, encoder, transform, begin, window, batch_size, workers, device):
-    """(position, feature, error) for every item from `begin`, in order (see the module notes)."""
+def _image_results(items, encoder, transform, windows, batch_size, workers, device):
+    """(position, feature, error) for every item of `windows` ((first, end) pairs, consecutive), in
+    order (see the module notes)."""
+    if not windows:
+        return
     loader = torch.utils.data.DataLoader(
-        _Images(items, transform, begin),
+        _Images(items, transform, windows[0][0]),
         batch_size=4,
         collate_fn=_as_list,
         num_workers=workers,
@@ -294,12 +313,13 @@ def _image_results(items, encoder, transform, begin, window, batch_size, workers
             yield (pos, *done[pos])
         done.clear()
 
-    window_end = begin + window
+    ends = iter(hi for _, hi in windows)
+    window_end = next(ends)
     for chunk in loader:
         for pos, x, err in chunk:
             while pos >= window_end:
                 yield from finish_window()
-                window_end += window
+                window_end = next(ends)
             if err is not None:
                 done[pos] = (None, err)
                 continue

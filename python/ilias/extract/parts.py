@@ -76,9 +76,12 @@ def merge_parts(out: str | os.PathLike) -> Store:
     if any(p.dim != first.dim or p.manifest.dtype != first.dtype for p in parts):
         raise ValueError(f"{out}: the parts have different dims or dtypes")
     (out / "shards").mkdir(exist_ok=True)
-    shards, skipped = [], []
+    shards, skipped, before = [], [], 0
     for part in parts:
-        skipped += part.manifest.provenance.get("skipped", [])
+        # a part counts its items from its own first one: the merged list counts from the run's
+        own = part.manifest.provenance.get("skipped", [])
+        skipped += [{**s, "index": s["index"] + before} for s in own]
+        before += part.count + len(own)  # each item of a part is a row or a skipped item
         for i, s in enumerate(part.manifest.shards):
             name = f"{len(shards):05d}"
             for src, suffix in ((part.shard_path(i), ".npy"), (part.ids_path(i), ".ids.npy")):
