@@ -3,13 +3,17 @@
     python benches/bench_search.py                 # 1M x 768 float16, 2,232 queries, k=1000, 2 threads
     python benches/bench_search.py --n 200000 --peers numpy
 
-Runs both exact methods of ilias ("float32": every score in float32; "exact": the int8 first
-pass with exact rescoring, identical results) and the peers, and prints seconds, effective
+Runs the exact methods of ilias ("float32": every score in float32; "exact": the int8 first
+pass with exact rescoring where the CPU has VNNI; "exact+codes": exact search with the store's
+progressive codes, built once and timed apart, as `ilias search --method exact` runs with them;
+"progressive": their stages forced; identical results) and the peers, and prints seconds, effective
 GFLOP/s (2*Q*N*d / t), the fraction of this machine's measured float32 FMA and int8 peaks, GB/s
 of the float16 store, every time relative to ilias "exact", and for the int8 pass the share of
 (query, row) pairs it scored and the share of those rescored exactly. `--scaling` also runs each
 ilias method on one thread. `--kind structured` uses an anisotropic spectrum like real
-embeddings. The data (a cached store under bench-data/) is made once.
+embeddings, `--kind clip` the same around a shared mean direction (random pairs at cosine
+0.2-0.5, as vision-language embeddings). With progressive codes it prints their size and build
+time, the pairs entering each stage, and the bytes read against the float16 store. The data (a cached store under bench-data/) is made once.
 
 The same benchmark is `ilias bench` (installed package, default: all cores, peers faiss-flat and
 numpy) and `pytest benches/test_bench_search.py --benchmark-only`; all three run
@@ -32,11 +36,11 @@ def main() -> None:
     ap.add_argument("--nq", type=int, default=2232)
     ap.add_argument("-k", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kind", choices=["random", "structured"], default="random")
+    ap.add_argument("--kind", choices=["random", "structured", "clip"], default="random")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--peers", default="faiss-flat,faiss-sq-fp16,numpy")
     ap.add_argument("--simd", default="auto")
-    ap.add_argument("--methods", default="float32,exact", help="ilias methods to run")
+    ap.add_argument("--methods", default="float32,exact,exact+codes", help="ilias methods to run")
     ap.add_argument("--scaling", action="store_true", help="also run each ilias method on 1 thread")
     args = ap.parse_args()
     from common import DATA, limit_threads

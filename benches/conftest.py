@@ -50,7 +50,7 @@ def pytest_addoption(parser):
     g = parser.getgroup("ilias benchmarks")
     g.addoption("--bench-size", choices=sorted(SIZES), default="default",
                 help="default: 100k x 768 search, 500 queries; full: 1M x 768, 2,232 queries, k=1000 (as the README)")
-    g.addoption("--bench-kind", choices=["random", "structured"], default="random", help="data of search and codes")
+    g.addoption("--bench-kind", choices=["random", "structured", "clip"], default="random", help="data of search and codes")
     g.addoption("--bench-threads", type=int, default=0, help="threads of ilias and the peers (default 0: all cores)")
     g.addoption("--bench-data", type=Path, default=DATA, help=f"where the stores are cached (default {DATA})")
 

@@ -1,4 +1,5 @@
-"""Exact search (bench_search.py as pytest-benchmark cases): ilias float32 and exact, faiss
+"""Exact search (bench_search.py as pytest-benchmark cases): ilias float32, exact and exact
+with progressive codes, faiss
 IndexFlatIP, faiss IndexScalarQuantizer fp16 and numpy on the same store and queries."""
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def record(benchmark, recorder, timing, setup, peaks) -> None:
 
 
 # exact first: the other cases' ratios are taken against it
-@pytest.mark.parametrize("method", ["exact", "float32"])
+@pytest.mark.parametrize("method", ["exact", "float32", "exact+codes"])
 def test_ilias(benchmark, recorder, store, search_queries, truth, setup, size, peaks, method):
+    if method == "exact+codes":
+        b.ensure_progressive(store, setup.k, setup.threads, out=lambda line: None)  # untimed, made once
     fn = b.ilias_search(store, method, setup.threads)
     t, res = run_case(benchmark, lambda: fn(search_queries, setup.k), size.rounds)
     # every method gives float32's results bit for bit: same rows, same scores, same tie order

@@ -643,9 +643,11 @@ impl<'a> Worker<'a> {
                 touched[0] |= 1 << p;
                 stats.stage_pairs[0] += (n_live * valid) as u64;
                 let terms = pr.panel_terms(0, gp);
+                let head = pr.panel_head(gp);
                 let mut masks = [0u32; int8::MR];
                 for (i, q) in live.clone().enumerate() {
                     let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
+                    head_scores(&sq.head[q], head, &mut partial[i]);
                     masks[i] = real
                         & stage_mask_fast(
                             r,
@@ -655,7 +657,7 @@ impl<'a> Worker<'a> {
                             limits[i],
                             kept,
                             &mut partial[i],
-                            true,
+                            false,
                         );
                 }
                 for (j, &w) in widths.iter().enumerate().take(stages).skip(1) {
@@ -862,6 +864,18 @@ fn stage_mask(
         mask |= ((ub >= thr || ub.is_nan()) as u32) << j;
     }
     mask
+}
+
+/// The float32 scores of a query's head `a` against a panel's heads `[HEAD][32]`.
+#[inline]
+fn head_scores(a: &[f32; progressive::HEAD], head: &[f32], out: &mut [f32; int8::NR]) {
+    let nr = int8::NR;
+    out.fill(0.0);
+    for (c, &v) in a.iter().enumerate() {
+        for (o, &h) in out.iter_mut().zip(&head[c * nr..(c + 1) * nr]) {
+            *o += v * h;
+        }
+    }
 }
 
 /// `stage_mask` compiled for AVX2 where the CPU has it (the same float operations: no fused

@@ -185,6 +185,8 @@ PAIR_STAGE_COST = 1.5
 RESCORE_COST = 4.0
 PAYS_BELOW = 0.5
 STEP = 32
+# the first rotated dimensions kept in float32 (rust/quant/progressive.rs: HEAD)
+HEAD = 8
 
 
 def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, queries: int = 256) -> dict:
@@ -211,6 +213,7 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     full = qy @ dy.T
     thr = -np.partition(-full, kk - 1, axis=1)[:, kk - 1 : kk] if len(dy) else np.zeros((len(qy), 1))
     qn2, dn2 = np.sum(qy.astype(np.float64) ** 2, axis=1), np.sum(dy.astype(np.float64) ** 2, axis=1)
+    qh2, dh2 = np.sum(qy[:, :HEAD].astype(np.float64) ** 2, axis=1), np.sum(dy[:, :HEAD].astype(np.float64) ** 2, axis=1)
     cands = list(range(STEP, d - d % STEP + 1, STEP)) if d >= STEP else []
     survival = {}
     partial = np.zeros_like(full)
@@ -222,8 +225,9 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
         lo_d += np.sum(dy[:, prev:m].astype(np.float64) ** 2, axis=1)
         prev = m
         tail = np.sqrt(np.maximum(qn2 - lo_q, 0))[:, None] * np.sqrt(np.maximum(dn2 - lo_d, 0))[None, :]
-        # the int8 error (7-bit query, 8-bit row codes): about 2.5% of |q_<=m| |x_<=m|
-        quant = 0.025 * np.sqrt(lo_q)[:, None] * np.sqrt(lo_d)[None, :]
+        # the int8 error (7-bit query, 8-bit row codes): about 2.5% of |q_<=m| |x_<=m| after the
+        # float32 head
+        quant = 0.025 * np.sqrt(np.maximum(lo_q - qh2, 0))[:, None] * np.sqrt(np.maximum(lo_d - dh2, 0))[None, :]
         survival[m] = float(np.mean(partial + tail + quant >= thr)) if len(dy) else 1.0
     best, best_cost = [], float("inf")
     from itertools import combinations

@@ -113,6 +113,7 @@ def search(
     simd: str | None = None,
     method: str = "exact",
     progress: bool = False,
+    use_codes: bool = True,
 ) -> SearchResults:
     """Exact inner-product search: the `k` best database rows for each query.
 
@@ -126,10 +127,12 @@ def search(
     CPU has AVX-512 VNNI or AVX-VNNI; "float32" scores every row in float32; "progressive"
     forces the codes' stages from the first row, "int8" / "int8-scalar" the int8 pass (for
     tests). All return identical results; `stats.path` and `stats.path_reason` say which ran.
+    use_codes=False: "exact" ignores progressive codes (benchmarks time the paths without them).
     """
     tier = Tier("all", None, keep)
     return search_tiers(
-        queries, database, [tier], k, query_ids=query_ids, threads=threads, simd=simd, method=method, progress=progress
+        queries, database, [tier], k, query_ids=query_ids, threads=threads, simd=simd, method=method, progress=progress,
+        use_codes=use_codes,
     )["all"]
 
 
@@ -144,6 +147,7 @@ def search_tiers(
     simd: str | None = None,
     method: str = "exact",
     progress: bool = False,
+    use_codes: bool = True,
 ) -> dict[str, SearchResults]:
     """`search` answering several databases (tiers: nested prefixes, subsets) in one pass, e.g.
     positives + 1M, mini-ILIAS, positives + 10M, everything. Each tier's results equal those of a
@@ -160,7 +164,7 @@ def search_tiers(
         for t in tiers
     ]
     check_memory(len(q), k, len(tiers), threads)
-    codes, reason = exact_path(db, method)
+    codes, reason = exact_path(db, method) if use_codes or method != "exact" else (None, "progressive codes not used")
     t0 = time.monotonic()
     with Progress("search", total=db.count, enabled=progress) as bar:
         scores, indices, stats = _core.exact_search(

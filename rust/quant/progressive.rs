@@ -4,14 +4,18 @@
 //! Built once from a database with an orthogonal rotation `R` (the principal axes of the
 //! database's second moment, learned on a sample: most of a real embedding's energy then sits
 //! in its first dimensions). Per row `x`, `y = R x` (float32, the canonical block kernel) is
-//! split at the stage boundaries `b_1 < ... < b_S`; each block `y_j` gets its own scale and
-//! int8 codes (`y_j = s_j c_j + e_j`), and per stage `s` the row keeps
+//! split at the stage boundaries `b_1 < ... < b_S`. Its first `HEAD` values (the leading axes,
+//! which hold most of its magnitude, the shared mean direction of CLIP-like embeddings above
+//! all) are kept in float32 and scored exactly; every block `y_j` after them gets its own scale
+//! and int8 codes (`y_j = s_j c_j + e_j`), and per stage `s` the row keeps
 //! `E_s >= |e_{<=s}|`, `H_s >= |s c_{<=s}|` and `T_s >= |y_{>s}|` (the tail, to the last
 //! dimension). A query `q` is rotated once (`a = R q`, in f64, rounded to float32) and its
 //! blocks quantized to 7-bit codes (`a_j = t_j u_j + f_j`, `|u| <= 63`, so that the AVX2
 //! `maddubs` product never saturates). After stage `s`, by Cauchy-Schwarz on each part,
 //!
-//! `q . x <= sum_{j<=s} t_j s_j (u_j . c_j) + |a_{<=s}| E_s + |f_{<=s}| H_s + |a_{>s}| T_s + |q| G_x`
+//! `q . x <= a_h . y_h + sum_{j<=s} t_j s_j (u_j . c_j) + |a_{<=s}| E_s + |f_{<=s}| H_s + |a_{>s}| T_s + |q| G_x`
+//!
+//! (`a_h . y_h`: the head in float32; `a_{<=s}` the quantized part up to `b_s`)
 //!
 //! where `G_x = (gamma_d + 64u + eta) |x|` covers the float32 rounding of the exact score
 //! (`gamma_d`), of this bound's own arithmetic (`64u`: a few roundings of terms each below
@@ -25,7 +29,7 @@
 //! Layout (sections of the codes file): parameters and `R`; the codes, stage after stage, each
 //! stage in the int8 kernel's panels of 32 rows `[panel][w/4][32][4]` (a stage reads only its
 //! own bytes); the terms, stage after stage, `[panel][6][32]` float32 (scale, code sum, E, H,
-//! T, G); one `store::block_hash` per block of 128 rows, so that a search that reads a block
+//! T, G), then the heads `[panel][HEAD][32]`; one `store::block_hash` per block of 128 rows, so that a search that reads a block
 //! of the store (to rescore its rows) checks it without reading the others. Rows are numbered
 //! per shard, each shard padded to whole blocks of 128, as exact search's tiles are.
 
@@ -48,6 +52,10 @@ pub const PARAM_WORDS: usize = 64;
 const MAX_META: usize = PARAM_WORDS - 7;
 /// Terms per row and stage: scale, code sum (i32 bits), E, H, T, G.
 pub const TERMS: usize = 6;
+/// The first rotated dimensions, kept in float32 and scored exactly: the leading principal
+/// axes (a shared mean direction above all) hold most of a row's magnitude, and a block scale
+/// set by them would quantize the rest of the first block coarsely.
+pub const HEAD: usize = 8;
 /// Query codes: `u + QOFF` with `|u| <= QMAX`.
 const QMAX: f64 = 63.0;
 pub const QOFF: i32 = 64;
@@ -76,8 +84,8 @@ pub fn sections(dim: usize, stages: usize, depth: usize, blocks: usize) -> Optio
     let rows = blocks.checked_mul(CHECK_ROWS)?;
     Some(vec![
         (PARAM_WORDS + dim.checked_mul(dim)?) * 4,
-        rows.checked_mul(depth)?,
-        rows.checked_mul(stages * TERMS * 4)?,
+        rows.checked_mul(depth.checked_sub(HEAD)?)?,
+        rows.checked_mul((stages * TERMS + HEAD) * 4)?,
         blocks.checked_mul(8)?,
     ])
 }
@@ -153,16 +161,19 @@ impl StageKernel {
 
     /// `sum a[i] b[i]` over one row's codes of a stage (gathered from its panel), `a` at most 127.
     pub fn dot(self, a: &[u8], b: &[i8]) -> i32 {
-        assert!(a.len() == b.len() && a.len().is_multiple_of(32));
+        assert!(a.len() == b.len());
         self.require();
+        let plain = |a: &[u8], b: &[i8]| a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum::<i32>();
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: equal lengths, a multiple of 32 (asserted); AVX2 available on every
-            // x86 kernel but the scalar one (`require`).
-            StageKernel::Vnni512 | StageKernel::AvxVnni | StageKernel::Avx2 => unsafe {
-                avx2::dot(a.as_ptr(), b.as_ptr(), a.len())
-            },
-            _ => a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum(),
+            StageKernel::Vnni512 | StageKernel::AvxVnni | StageKernel::Avx2 => {
+                let split = a.len() / 32 * 32;
+                // SAFETY: both hold at least `split` bytes, a multiple of 32; AVX2 is available
+                // on every x86 kernel but the scalar one (`require`).
+                let head = unsafe { avx2::dot(a.as_ptr(), b.as_ptr(), split) };
+                head + plain(&a[split..], &b[split..])
+            }
+            _ => plain(a, b),
         }
     }
 }
@@ -395,6 +406,7 @@ pub fn build(
             let first = (starts[s] + b0) * CHECK_ROWS;
             let mut codes: Vec<Vec<u8>> = (0..stages).map(|j| vec![0u8; rows_here * width(bounds, j)]).collect();
             let mut terms: Vec<Vec<f32>> = (0..stages).map(|_| vec![0f32; rows_here * TERMS]).collect();
+            let mut head = vec![0f32; rows_here * HEAD];
             let mut hashes = Vec::with_capacity((b1 - b0) * 8);
             for b in b0..b1 {
                 let (lo, hi) = (b * CHECK_ROWS, ((b + 1) * CHECK_ROWS).min(shard.rows));
@@ -436,18 +448,21 @@ pub fn build(
                         at,
                         &mut codes,
                         &mut terms,
+                        &mut head,
                     );
                 }
             }
             for j in 0..stages {
                 writer.write(
                     1,
-                    total_rows * bounds_before(bounds, j) + first * width(bounds, j),
+                    total_rows * (bounds_before(bounds, j) - HEAD) + first * width(bounds, j),
                     &codes[j],
                 )?;
                 let tb: Vec<u8> = terms[j].iter().flat_map(|v| v.to_le_bytes()).collect();
                 writer.write(2, (total_rows * j + first) * TERMS * 4, &tb)?;
             }
+            let hb: Vec<u8> = head.iter().flat_map(|v| v.to_le_bytes()).collect();
+            writer.write(2, (total_rows * stages * TERMS + first * HEAD) * 4, &hb)?;
             writer.write(3, (starts[s] + b0) * 8, &hashes)?;
             control.advance((b1 * CHECK_ROWS).min(shard.rows) - b0 * CHECK_ROWS);
             Ok(())
@@ -456,9 +471,10 @@ pub fn build(
     writer.finish(threads)
 }
 
+/// Where stage `j`'s quantized block starts (the first after the float32 head).
 fn bounds_before(bounds: &[usize], j: usize) -> usize {
     if j == 0 {
-        0
+        HEAD
     } else {
         bounds[j - 1]
     }
@@ -479,6 +495,7 @@ fn encode(
     at: usize,
     codes: &mut [Vec<u8>],
     terms: &mut [Vec<f32>],
+    head: &mut [f32],
 ) {
     let (p, lane) = (at / NR, at % NR);
     let mut block = vec![0i8; MAX_WIDTH];
@@ -486,6 +503,9 @@ fn encode(
     let mut tail2: f64 = y[bounds[0]..].iter().map(|&v| v as f64 * v as f64).sum();
     let ytot = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
     let finite = xnorm.is_finite() && y.iter().all(|v| v.is_finite());
+    for (c, &v) in y[..HEAD].iter().enumerate() {
+        head[(p * HEAD + c) * NR + lane] = if finite { v } else { 0.0 };
+    }
     for j in 0..bounds.len() {
         let (lo, w) = (bounds_before(bounds, j), width(bounds, j));
         if j > 0 {
@@ -596,7 +616,7 @@ impl<'a> Progressive<'a> {
     #[inline]
     pub fn panel_codes(&self, j: usize, p: usize) -> &[i8] {
         let w = self.width(j);
-        let at = self.rows * bounds_before(&self.params.bounds, j) + p * w * NR;
+        let at = self.rows * (bounds_before(&self.params.bounds, j) - HEAD) + p * w * NR;
         as_i8(&self.codes[at..at + w * NR])
     }
 
@@ -605,6 +625,13 @@ impl<'a> Progressive<'a> {
     pub fn panel_terms(&self, j: usize, p: usize) -> &[f32] {
         let at = (self.rows * j + p * NR) * TERMS;
         &self.terms[at..at + TERMS * NR]
+    }
+
+    /// The float32 head of panel `p`: `[HEAD][32]`.
+    #[inline]
+    pub fn panel_head(&self, p: usize) -> &[f32] {
+        let at = self.rows * self.stages() * TERMS + p * HEAD * NR;
+        &self.terms[at..at + HEAD * NR]
     }
 
     /// The recorded hash of global block `b`.
@@ -656,6 +683,7 @@ impl<'a> Progressive<'a> {
                 .map(|j| vec![QOFF as u8; blocks * self.width(j) * MR])
                 .collect(),
             rows: (0..stages).map(|j| vec![QOFF as u8; nq * self.width(j)]).collect(),
+            head: vec![[0f32; HEAD]; nq],
             consts: vec![[[0f32; 4]; MAX_STAGES]; nq],
             scale: vec![[0f32; MAX_STAGES]; nq],
             norm: vec![0f32; nq],
@@ -664,6 +692,8 @@ impl<'a> Progressive<'a> {
             let x = &queries[q * dim..(q + 1) * dim];
             sq.norm[q] = round_up(x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() * SLACK);
             let total: f64 = a.iter().map(|&v| v as f64 * v as f64).sum();
+            let head2: f64 = a[..HEAD].iter().map(|&v| v as f64 * v as f64).sum();
+            sq.head[q].copy_from_slice(&a[..HEAD]);
             let (mut lo2, mut f2) = (0f64, 0f64);
             for j in 0..stages {
                 let (b0, w) = (bounds_before(bounds, j), self.width(j));
@@ -687,7 +717,7 @@ impl<'a> Progressive<'a> {
                     lo2 += v as f64 * v as f64;
                 }
                 sq.scale[q][j] = t;
-                let hi2 = (total - lo2).max(0.0);
+                let hi2 = (total - head2 - lo2).max(0.0);
                 sq.consts[q][j] = [
                     round_up(lo2.sqrt() * SLACK),
                     round_up(f2.sqrt() * SLACK),
@@ -705,6 +735,8 @@ impl<'a> Progressive<'a> {
 pub struct StageQueries {
     pub blocks: Vec<Vec<u8>>,
     pub rows: Vec<Vec<u8>>,
+    /// The rotated query's first `HEAD` values (scored exactly in float32).
+    pub head: Vec<[f32; HEAD]>,
     pub consts: Vec<[[f32; 4]; MAX_STAGES]>,
     pub scale: Vec<[f32; MAX_STAGES]>,
     pub norm: Vec<f32>,
@@ -841,8 +873,9 @@ mod tests {
         let mut q: Vec<f32> = (0..nq * dim).map(|_| lcg(&mut seed)).collect();
         q[..dim].fill(0.0);
         // encode rows as the build does
-        let mut codes: Vec<Vec<u8>> = bounds.iter().map(|_| vec![0u8; n * 32]).collect();
+        let mut codes: Vec<Vec<u8>> = (0..bounds.len()).map(|j| vec![0u8; n * width(&bounds, j)]).collect();
         let mut terms: Vec<Vec<f32>> = bounds.iter().map(|_| vec![0f32; n * TERMS]).collect();
+        let mut head = vec![0f32; n * HEAD];
         let g_all = gamma(dim) + 64.0 * U + eta;
         let simd = Simd::detect();
         let packed = pack_queries(&r, dim, dim, simd.mr());
@@ -864,7 +897,7 @@ mod tests {
                 }
             }
             let xn = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            encode(&y, xn, g_all, &bounds, i, &mut codes, &mut terms);
+            encode(&y, xn, g_all, &bounds, i, &mut codes, &mut terms, &mut head);
         }
         // queries as a search prepares them
         let file_less = Progressive {
@@ -889,16 +922,21 @@ mod tests {
                 let exact: f64 = (0..dim).map(|d| q[qi * dim + d] as f64 * x[xi * dim + d] as f64).sum();
                 let (p, lane) = (xi / NR, xi % NR);
                 let mut partial = 0f32;
+                for c in 0..HEAD {
+                    partial += sq.head[qi][c] * head[(p * HEAD + c) * NR + lane];
+                }
                 for j in 0..bounds.len() {
-                    let panel = &codes[j][p * 32 * NR..(p + 1) * 32 * NR];
-                    gather(as_i8(panel), lane, &mut row_codes);
-                    let qa: Vec<u8> = sq.rows[j][qi * 32..(qi + 1) * 32].to_vec();
-                    let qb: Vec<u8> = (0..32)
-                        .map(|d| sq.blocks[j][((qi / MR * 8 + d / 4) * MR + qi % MR) * 4 + d % 4])
+                    let w = width(&bounds, j);
+                    let panel = &codes[j][p * w * NR..(p + 1) * w * NR];
+                    gather(as_i8(panel), lane, &mut row_codes[..w]);
+                    let qa: Vec<u8> = sq.rows[j][qi * w..(qi + 1) * w].to_vec();
+                    let qb: Vec<u8> = (0..w)
+                        .map(|d| sq.blocks[j][((qi / MR * (w / 4) + d / 4) * MR + qi % MR) * 4 + d % 4])
                         .collect();
                     assert_eq!(qa, qb);
+                    let row_codes = &row_codes[..w];
                     let t = &terms[j][p * TERMS * NR..];
-                    let raw = StageKernel::Scalar.dot(&qa, &row_codes) - QOFF * t[NR + lane].to_bits() as i32;
+                    let raw = StageKernel::Scalar.dot(&qa, row_codes) - QOFF * t[NR + lane].to_bits() as i32;
                     partial += raw as f32 * (sq.scale[qi][j] * t[lane]);
                     let ub = bound(
                         partial,
