@@ -268,6 +268,30 @@ def test_a_rerun_after_an_interrupted_run_does_only_the_missing_parts(cluster, t
     same_store(reference(list_items(tars), tmp_path / "one", 3, 2), made[0])
 
 
+def test_the_whole_run_on_the_cluster_equals_one_process(cluster, tmp_path):
+    from ilias import pipeline
+    from ilias.pipeline import RunConfig
+
+    from .test_run import make_run_dir
+
+    data = make_run_dir(tmp_path / "ilias")  # 2 tars of 5 images: the first 7 distractors cut the second
+    runs = {}
+    for name, on in (("one", None), ("two", options(cluster))):
+        cfg = RunConfig(model="tiny-vit", data=str(data), out=str(tmp_path / name), tars=[str(data / "tars")], k=8,
+                        distractors="7", random_init=True, workers=0, batch_size=4, threads=1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as a worker (see `reference`)
+        try:
+            runs[name] = pipeline.run(cfg, spec=TINY_VIT, say=lambda *_: None, cluster=on)
+        finally:
+            torch.set_num_threads(threads)
+    assert runs["one"]["results"] == runs["two"]["results"]
+    assert runs["two"]["steps"]["features"]["done"] == {"image_queries": 2, "positives": 6, "distractors": 7}
+    for kind in ("image_queries", "positives", "distractors"):
+        same_store(Store.open(tmp_path / "one" / "stores" / kind), Store.open(tmp_path / "two" / "stores" / kind))
+    same(SearchResults.load(tmp_path / "one" / "results.all.npz"), SearchResults.load(tmp_path / "two" / "results.all.npz"))
+
+
 # ---------------------------------------------------------------- Slurm, without Slurm
 
 
