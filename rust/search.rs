@@ -55,6 +55,7 @@ const BLOCK_PAIRS: u32 = 24;
 /// ends work items only at multiples of it (or at the shard's end), so the tiles of a chunk
 /// are whole blocks, each hashed once by the one thread that scores it.
 const TILE_ROWS: usize = CHECK_ROWS;
+const _: () = assert!(TILE_ROWS <= 128);
 const _: () = assert!(
     TILE_ROWS.is_multiple_of(32) && MIN_CHUNK_ROWS.is_multiple_of(TILE_ROWS) && CHUNK_ROWS.is_multiple_of(TILE_ROWS)
 );
@@ -501,7 +502,12 @@ impl<'a> Worker<'a> {
     /// resident set.
     fn chunk(&mut self, db: &Database, (s, lo, hi): (usize, usize, usize), control: &Control) -> Result<()> {
         let shard = &db.shards[s];
-        shard.prefetch(lo, hi);
+        if self.plan.prog.is_some() {
+            // the stages read the codes; the store only for the rows rescored
+            shard.sparse(lo, hi);
+        } else {
+            shard.prefetch(lo, hi);
+        }
         for t0 in (lo..hi).step_by(TILE_ROWS) {
             if control.cancelled() {
                 return Err(Error::Cancelled);
@@ -543,7 +549,7 @@ impl<'a> Worker<'a> {
             self.tiles += 1;
             if pays {
                 self.progressive_tile(rows, pr, sq);
-            } else if self.verify(rows, pr) {
+            } else if self.verify(rows, pr, all_rows(rows.count)) {
                 self.float_tile(rows);
             }
             return;
@@ -587,15 +593,23 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Checks a tile of the store against the hash its progressive codes recorded before the
-    /// tile is read for scores: false (and the shard noted) when it differs.
-    fn verify(&mut self, rows: &Rows, pr: &Progressive) -> bool {
-        self.stats.store_bytes += rows.bytes.len() as u64;
-        if block_hash(rows.bytes, rows.local_block as u64) == pr.block_hash(rows.block) {
-            return true;
+    /// Checks the rows `wanted` (a bit per row of the tile) against the hashes the progressive
+    /// codes recorded, before they are read for scores: false (and the shard noted) when one
+    /// differs. Only these rows are read from the store.
+    fn verify(&mut self, rows: &Rows, pr: &Progressive, wanted: u128) -> bool {
+        let mut m = wanted;
+        while m != 0 {
+            let r = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let row = rows.row(r);
+            self.stats.store_bytes += row.len() as u64;
+            let local = rows.local_block * CHECK_ROWS + r;
+            if block_hash(row, local as u64) != pr.row_hash(rows.block * CHECK_ROWS + r) {
+                self.bad.get_or_insert(rows.shard);
+                return false;
+            }
         }
-        self.bad.get_or_insert(rows.shard);
-        false
+        true
     }
 
     /// The progressive pass over a tile: stage 1 for every (query, row) pair, panel by panel
@@ -657,7 +671,6 @@ impl<'a> Worker<'a> {
                             limits[i],
                             kept,
                             &mut partial[i],
-                            false,
                         );
                 }
                 for (j, &w) in widths.iter().enumerate().take(stages).skip(1) {
@@ -675,16 +688,8 @@ impl<'a> Worker<'a> {
                             if masks[i] != 0 {
                                 let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
                                 let c = sq.consts[q][j];
-                                masks[i] &= stage_mask_fast(
-                                    r,
-                                    terms,
-                                    sq.scale[q][j],
-                                    c,
-                                    limits[i],
-                                    kept,
-                                    &mut partial[i],
-                                    false,
-                                );
+                                masks[i] &=
+                                    stage_mask_fast(r, terms, sq.scale[q][j], c, limits[i], kept, &mut partial[i]);
                             }
                         }
                         continue;
@@ -737,7 +742,8 @@ impl<'a> Worker<'a> {
             .sum::<f64>()
             + 4.0 * s.jobs.len() as f64 * dim as f64;
         self.rescored_share = work / (pairs as f64 * dim as f64);
-        if self.scratch.jobs.is_empty() || !self.verify(rows, pr) {
+        let wanted = self.scratch.jobs.iter().fold(0u128, |m, &(_, r)| m | 1 << r);
+        if wanted == 0 || !self.verify(rows, pr, wanted) {
             return;
         }
         let Worker {
@@ -813,6 +819,15 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// A mask of the first `count` rows of a tile.
+fn all_rows(count: usize) -> u128 {
+    if count >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << count) - 1
+    }
+}
+
 /// Per int8 panel of the tile, the rows held by some tier that keeps a subset (they answer to its
 /// lower threshold; the other rows only to the tiers that hold every row).
 fn kept_masks(rows: &Rows, plan: &Plan, kept: &mut Vec<u32>) {
@@ -829,7 +844,8 @@ fn kept_masks(rows: &Rows, plan: &Plan, kept: &mut Vec<u32>) {
 }
 
 /// One stage's bound for one query against a panel: adds the stage's partial scores (products
-/// `raw`, terms `[TERMS][32]`, the query's scale `t` and constants `c`) to `partial` and says
+/// `raw`, terms `[TERMS][32]`, the query's scale `t` and constants `c`) to `partial` (which
+/// starts with the float32 head's scores) and says
 /// which rows may still reach the thresholds `(dense, sparse)` (the sparse one for `kept` rows;
 /// a NaN bound counts as a yes).
 #[inline(always)]
@@ -842,7 +858,6 @@ fn stage_mask(
     (dense, sparse): (f32, f32),
     kept: u32,
     partial: &mut [f32; int8::NR],
-    first: bool,
 ) -> u32 {
     let nr = int8::NR;
     let terms: &[f32; progressive::TERMS * int8::NR] = terms.try_into().expect("a panel's terms");
@@ -850,7 +865,7 @@ fn stage_mask(
     for j in 0..nr {
         let sum = terms[nr + j].to_bits() as i32;
         let add = (raw[j] - QOFF * sum) as f32 * (t * terms[j]);
-        let p = if first { add } else { partial[j] + add };
+        let p = partial[j] + add;
         partial[j] = p;
         let ub = progressive::bound(
             p,
@@ -889,7 +904,6 @@ fn stage_mask_fast(
     limits: (f32, f32),
     kept: u32,
     partial: &mut [f32; int8::NR],
-    first: bool,
 ) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
@@ -903,14 +917,13 @@ fn stage_mask_fast(
             limits: (f32, f32),
             kept: u32,
             partial: &mut [f32; int8::NR],
-            first: bool,
         ) -> u32 {
-            stage_mask(raw, terms, t, c, limits, kept, partial, first)
+            stage_mask(raw, terms, t, c, limits, kept, partial)
         }
         // SAFETY: AVX2 was just detected.
-        return unsafe { avx2(raw, terms, t, c, limits, kept, partial, first) };
+        return unsafe { avx2(raw, terms, t, c, limits, kept, partial) };
     }
-    stage_mask(raw, terms, t, c, limits, kept, partial, first)
+    stage_mask(raw, terms, t, c, limits, kept, partial)
 }
 
 /// Scores the (query, row in tile) pairs `jobs` exactly, from the stored rows, and offers them.

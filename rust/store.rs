@@ -359,6 +359,13 @@ impl Shard {
         }
     }
 
+    /// Hints the kernel that rows `start..end` will be read sparsely (no read-ahead).
+    pub fn sparse(&self, start: usize, end: usize) {
+        if let Some((lo, len)) = self.pages(start, end) {
+            let _ = self.map.advise_range(memmap2::Advice::Random, lo, len);
+        }
+    }
+
     /// The whole pages (offset, length) of the mapping that hold rows `start..end`.
     fn pages(&self, start: usize, end: usize) -> Option<(usize, usize)> {
         const PAGE: usize = 4096;

@@ -29,8 +29,8 @@
 //! Layout (sections of the codes file): parameters and `R`; the codes, stage after stage, each
 //! stage in the int8 kernel's panels of 32 rows `[panel][w/4][32][4]` (a stage reads only its
 //! own bytes); the terms, stage after stage, `[panel][6][32]` float32 (scale, code sum, E, H,
-//! T, G), then the heads `[panel][HEAD][32]`; one `store::block_hash` per block of 128 rows, so that a search that reads a block
-//! of the store (to rescore its rows) checks it without reading the others. Rows are numbered
+//! T, G), then the heads `[panel][HEAD][32]`; one `store::block_hash` per row, so that a
+//! search that reads a row of the store (to rescore it) checks it without reading the others. Rows are numbered
 //! per shard, each shard padded to whole blocks of 128, as exact search's tiles are.
 
 use std::path::Path;
@@ -86,7 +86,7 @@ pub fn sections(dim: usize, stages: usize, depth: usize, blocks: usize) -> Optio
         (PARAM_WORDS + dim.checked_mul(dim)?) * 4,
         rows.checked_mul(depth.checked_sub(HEAD)?)?,
         rows.checked_mul((stages * TERMS + HEAD) * 4)?,
-        blocks.checked_mul(8)?,
+        rows.checked_mul(8)?,
     ])
 }
 
@@ -407,11 +407,14 @@ pub fn build(
             let mut codes: Vec<Vec<u8>> = (0..stages).map(|j| vec![0u8; rows_here * width(bounds, j)]).collect();
             let mut terms: Vec<Vec<f32>> = (0..stages).map(|_| vec![0f32; rows_here * TERMS]).collect();
             let mut head = vec![0f32; rows_here * HEAD];
-            let mut hashes = Vec::with_capacity((b1 - b0) * 8);
+            let mut hashes = vec![0u8; rows_here * 8];
             for b in b0..b1 {
                 let (lo, hi) = (b * CHECK_ROWS, ((b + 1) * CHECK_ROWS).min(shard.rows));
                 let bytes = shard.row_bytes(lo, hi);
-                hashes.extend_from_slice(&block_hash(bytes, b as u64).to_le_bytes());
+                for r in lo..hi {
+                    let at = (r - b0 * CHECK_ROWS) * 8;
+                    hashes[at..at + 8].copy_from_slice(&block_hash(shard.row_bytes(r, r + 1), r as u64).to_le_bytes());
+                }
                 widen_tile(bytes, shard.dtype, dim, nr, wide, f16s);
                 let n = hi - lo;
                 out.resize(mr * CHECK_ROWS, 0f32);
@@ -463,7 +466,7 @@ pub fn build(
             }
             let hb: Vec<u8> = head.iter().flat_map(|v| v.to_le_bytes()).collect();
             writer.write(2, (total_rows * stages * TERMS + first * HEAD) * 4, &hb)?;
-            writer.write(3, (starts[s] + b0) * 8, &hashes)?;
+            writer.write(3, first * 8, &hashes)?;
             control.advance((b1 * CHECK_ROWS).min(shard.rows) - b0 * CHECK_ROWS);
             Ok(())
         },
@@ -634,9 +637,10 @@ impl<'a> Progressive<'a> {
         &self.terms[at..at + HEAD * NR]
     }
 
-    /// The recorded hash of global block `b`.
-    pub fn block_hash(&self, b: usize) -> u64 {
-        u64::from_le_bytes(self.hashes[b * 8..b * 8 + 8].try_into().expect("8 bytes"))
+    /// The recorded hash of padded row `r` (`store::block_hash` of the row, with its row number
+    /// in its shard as index).
+    pub fn row_hash(&self, r: usize) -> u64 {
+        u64::from_le_bytes(self.hashes[r * 8..r * 8 + 8].try_into().expect("8 bytes"))
     }
 
     /// Rotates and quantizes the queries (on `threads` threads).
