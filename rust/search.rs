@@ -531,6 +531,10 @@ impl<'a> Worker<'a> {
             });
         }
         shard.release(lo, hi);
+        if let Some((pr, _)) = self.plan.prog {
+            let first = pr.block_starts[s] * CHECK_ROWS;
+            pr.release(first + lo, first + hi);
+        }
         control.advance(hi - lo);
         Ok(())
     }

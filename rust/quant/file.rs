@@ -252,6 +252,26 @@ impl CodesFile {
         Ok(())
     }
 
+    /// Drops the pages of bytes `lo..hi` of section `i` from this process's resident set (they
+    /// stay in the page cache): a pass over codes larger than memory keeps its memory bounded.
+    pub fn release(&self, i: usize, lo: usize, hi: usize) {
+        const PAGE: usize = 4096;
+        let (a, b) = self.bounds[i];
+        let start = (a + lo) / PAGE * PAGE;
+        let end = (a + hi).min(b).div_ceil(PAGE) * PAGE;
+        if end > start {
+            // SAFETY: a read-only shared file mapping: dropped pages are read again from the
+            // file when touched; no data is lost.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    (end - start).min(self.map.len() - start),
+                )
+            };
+        }
+    }
+
     /// Section `i` as bytes.
     pub fn bytes(&self, i: usize) -> &[u8] {
         let (a, b) = self.bounds[i];

@@ -556,6 +556,7 @@ fn encode(
 pub struct Progressive<'a> {
     pub params: Params,
     pub kernel: StageKernel,
+    file: Option<&'a CodesFile>,
     /// From the first row (tests, `--method progressive`), else only where it pays.
     pub forced: bool,
     pub rotation: &'a [f32],
@@ -597,6 +598,7 @@ impl<'a> Progressive<'a> {
         Ok(Progressive {
             params,
             kernel,
+            file: Some(file),
             forced,
             rotation: &words[PARAM_WORDS..],
             codes: file.bytes(1),
@@ -628,6 +630,24 @@ impl<'a> Progressive<'a> {
     pub fn panel_terms(&self, j: usize, p: usize) -> &[f32] {
         let at = (self.rows * j + p * NR) * TERMS;
         &self.terms[at..at + TERMS * NR]
+    }
+
+    /// Drops the codes, terms and hashes of padded rows `lo..hi` from the resident set.
+    pub fn release(&self, lo: usize, hi: usize) {
+        let Some(file) = self.file else {
+            return;
+        };
+        for j in 0..self.stages() {
+            let (w, at) = (
+                self.width(j),
+                self.rows * (bounds_before(&self.params.bounds, j) - HEAD),
+            );
+            file.release(1, at + lo * w, at + hi * w);
+            file.release(2, (self.rows * j + lo) * TERMS * 4, (self.rows * j + hi) * TERMS * 4);
+        }
+        let at = self.rows * self.stages() * TERMS * 4;
+        file.release(2, at + lo * HEAD * 4, at + hi * HEAD * 4);
+        file.release(3, lo * 8, hi * 8);
     }
 
     /// The float32 head of panel `p`: `[HEAD][32]`.
@@ -911,6 +931,7 @@ mod tests {
                 meta: vec![],
             },
             kernel: StageKernel::Scalar,
+            file: None,
             forced: true,
             rotation: &r,
             codes: &[],
