@@ -169,6 +169,15 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, rng):
         load_ames(tmp_path / "d.pt")
     with pytest.raises(FileNotFoundError, match="e.pt"):
         load_ames(tmp_path / "e.pt")
+    # a checkpoint that pickles more than tensors needs the caller's trust
+    torch.save({"state": sd, "cfg": _Config()}, tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="f.pt: not a loadable torch checkpoint .*trust=True"):
+        load_ames(tmp_path / "f.pt")
+    assert load_ames(tmp_path / "f.pt", trust=True).variant == "binary"
+
+
+class _Config:
+    """Stands for a training configuration pickled beside the weights."""
 
 
 # ---- properties of the architecture
@@ -293,6 +302,19 @@ def test_binary_path_equals_float_path_on_pm1_inputs(rng):
     np.testing.assert_allclose(b_bits, f, rtol=1e-5, atol=1e-5)
     # on inputs that are not +-1 the two differ: the sign is doing work
     assert np.abs(binary.score(qx, qm, dx, dm, binary_input=False) - full.score(qx, qm, dx, dm)).max() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_autocast_is_close_to_cpu(tmp_path, rng):
+    model = AMES("full")
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.05)
+    qx, qm = _inputs(rng, 3, 60, 768)
+    dx, dm = _inputs(rng, 20, 50, 768)
+    cpu = model.score(qx, qm, dx, dm)
+    gpu = model.to("cuda").score(qx, qm, dx, dm)
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-2, atol=2e-2)
 
 
 def test_bad_inputs(rng):

@@ -221,19 +221,24 @@ def published_keys(variant: str, layers: int = LAYERS) -> list[str]:
     return list(AMES(variant, layers=layers).state_dict().keys())
 
 
-def load_ames(path: str | os.PathLike, variant: str | None = None, device: str = "cpu", heads: int = HEADS) -> AMES:
+def load_ames(path: str | os.PathLike, variant: str | None = None, device: str = "cpu", heads: int = HEADS,
+              trust: bool = False) -> AMES:
     """A published AMES checkpoint (weights under `state`), loaded strictly.
 
     The variant and the sizes come from the weights; `variant` ("full" or "binary"), when
     given, must be the checkpoint's (an error names the file and the keys that differ). The
-    number of heads is not in the weights: the published models have 2."""
+    number of heads is not in the weights: the published models have 2. The file is read with
+    torch's tensors-only unpickler; `trust=True` lifts that for a checkpoint that also pickles
+    other objects (a training config, say), which runs whatever code the file names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such AMES checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        hint = "" if trust or "weights_only" not in str(e) else "; if you trust the file, load it with trust=True"
+        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {first}){hint}") from None
     state = ckpt.get("state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict with the model's weights under 'state' (the published AMES layout)")
