@@ -191,9 +191,6 @@ fn exact_search<'py>(
             py.allow_threads(|| {
                 let f = CodesFile::open(path)?;
                 f.verify(threads)?;
-                for i in 0..f.header.checksums.len() {
-                    f.release(i, 0, usize::MAX / 2);
-                }
                 Ok(f)
             })
             .map_err(to_py)?,
@@ -691,6 +688,48 @@ fn rescore<'py>(
     padded(py, &hits, k)
 }
 
+/// Merges two partial results of the same queries over disjoint rows ((nq, width) scores and
+/// global rows each, -1 rows ignored): per query the best `k` in the order of one search, (nq, k)
+/// padded with -inf and -1. How the parts of a search split over machines join.
+#[pyfunction]
+fn merge_top<'py>(
+    py: Python<'py>,
+    scores_a: PyReadonlyArray2<'py, f32>,
+    rows_a: PyReadonlyArray2<'py, i64>,
+    scores_b: PyReadonlyArray2<'py, f32>,
+    rows_b: PyReadonlyArray2<'py, i64>,
+    k: usize,
+) -> PyResult<Found2Arrays<'py>> {
+    let nq = scores_a.shape()[0];
+    let mut parts = Vec::new();
+    for (name, scores, rows) in [("a", &scores_a, &rows_a), ("b", &scores_b, &rows_b)] {
+        if scores.shape() != rows.shape() || scores.shape()[0] != nq {
+            return Err(PyValueError::new_err(format!(
+                "merge_top: scores_{name} {:?} and rows_{name} {:?} do not match {nq} queries",
+                scores.shape(),
+                rows.shape()
+            )));
+        }
+        let s = scores.as_slice().map_err(|_| contiguous("scores"))?;
+        let r = rows.as_slice().map_err(|_| contiguous("rows"))?;
+        if let Some(&bad) = r.iter().find(|&&r| r < -1) {
+            return Err(PyValueError::new_err(format!("merge_top: row {bad} is not a row")));
+        }
+        parts.push((s, r, scores.shape()[1]));
+    }
+    let lists: Vec<Vec<(f32, u64)>> = py.allow_threads(|| {
+        (0..nq)
+            .map(|q| {
+                let hits = parts
+                    .iter()
+                    .flat_map(|&(s, r, w)| (q * w..(q + 1) * w).filter(|&j| r[j] >= 0).map(|j| (s[j], r[j] as u64)));
+                crate::topk::merge_parts(hits, k)
+            })
+            .collect()
+    });
+    padded(py, &lists, k)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -718,5 +757,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(code_search, m)?)?;
     m.add_function(wrap_pyfunction!(code_shortlist, m)?)?;
     m.add_function(wrap_pyfunction!(rescore, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_top, m)?)?;
     Ok(())
 }

@@ -168,6 +168,18 @@ impl TopK {
     }
 }
 
+/// The best `k` of partial results of one query over disjoint rows (each in any order), in rank
+/// order: how the parts of a search split over machines join (the tie order of a single search).
+pub fn merge_parts(parts: impl IntoIterator<Item = Hit>, k: usize) -> Vec<Hit> {
+    let mut top = TopK::new(k);
+    for (s, i) in parts {
+        if s >= top.threshold() {
+            top.push(s, i);
+        }
+    }
+    top.into_sorted()
+}
+
 /// Merges the per-thread partial results of the same lists (None when there are none).
 pub fn merge(parts: impl IntoIterator<Item = Vec<TopK>>) -> Option<Vec<TopK>> {
     parts.into_iter().reduce(|mut acc, part| {
@@ -240,6 +252,17 @@ mod tests {
             }
             prop_assert_eq!(b.into_sorted(), reference(&hits, k));
         }
+    }
+
+    #[test]
+    fn parts_merge_into_the_whole_list() {
+        // equal scores across parts: the larger row first; -0 equal to +0 and kept as it is
+        let a = [(1.0, 4), (0.0, 2), (f32::NEG_INFINITY, 8)];
+        let b = [(1.0, 9), (-0.0, 7), (2.0, 1)];
+        let got = merge_parts(a.iter().chain(&b).copied(), 5);
+        assert_eq!(got, vec![(2.0, 1), (1.0, 9), (1.0, 4), (-0.0, 7), (0.0, 2)]);
+        assert!(got[3].0.is_sign_negative());
+        assert_eq!(merge_parts(a, 5).len(), 3);
     }
 
     #[test]

@@ -35,6 +35,7 @@ __all__ = [
     "code_search",
     "code_shortlist",
     "rescore",
+    "merge_top",
 ]
 
 __version__: str
@@ -223,3 +224,13 @@ def rescore(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Exact rescoring: per query the `k` best of its `candidates` rows (global rows of `shards`,
     -1 ignored) by exact search's score, in rank order; (nq, k) padded with -inf and -1."""
+
+def merge_top(
+    scores_a: npt.NDArray[np.float32],
+    rows_a: npt.NDArray[np.int64],
+    scores_b: npt.NDArray[np.float32],
+    rows_b: npt.NDArray[np.int64],
+    k: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Merges two partial results of the same queries over disjoint rows ((nq, width) each, -1
+    rows ignored): per query the best `k` in the order of one search, (nq, k) padded with -inf, -1."""
