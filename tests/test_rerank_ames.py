@@ -266,6 +266,28 @@ def test_binary_model_reads_packed_store_bits_like_floats(rng):
     np.testing.assert_array_equal(m.score(q_bits, qm, d_bits, dm), floats)
 
 
+def test_binary_store_feeds_the_binary_model(tmp_path, rng):
+    """Store and model together: descriptors packed into a binary locals store with the model's
+    projection, read back as the model reads them, score as the float descriptors do; a store
+    packed with another projection is refused."""
+    from ilias.rerank.locals_store import LocalsMismatchError, LocalsStore, LocalsWriter
+
+    m = _model("binary")
+    qx, qm = _inputs(rng, 2, 9, 24, pad_from=6)
+    dx, dm = _inputs(rng, 5, 9, 24)
+    meta = np.zeros((7, 9, 5), np.float32)
+    meta[..., 3] = np.concatenate([qm, dm])
+    with LocalsWriter(tmp_path / "s", "m", 9, 16, variant="binary", projection=m.projection, shard_images=3) as w:
+        w.append(meta, np.concatenate([qx, dx]), [f"i{k}" for k in range(7)])
+    s = LocalsStore.open(tmp_path / "s", variant="binary", projection=m.projection)
+    q_in, q_mask = s.model_inputs(s.rows_of(["i0", "i1"]))
+    d_in, d_mask = s.model_inputs(np.arange(2, 7))
+    np.testing.assert_array_equal(q_mask, qm)
+    np.testing.assert_array_equal(m.score(q_in, q_mask, d_in, d_mask), m.score(qx, qm, dx, dm))
+    with pytest.raises(LocalsMismatchError, match="manifest.json: holds bits of projection .*, expected projection"):
+        LocalsStore.open(tmp_path / "s", projection=m.projection + 1)
+
+
 def test_binary_path_equals_float_path_on_pm1_inputs(rng):
     """What "the binary path equals the float path on inputs that are already +-1" means here.
 

@@ -132,12 +132,19 @@ class LocalsManifest:
             raise StoreFormatError(f"{path}: count {m['count']} disagrees with the sum of its shards {man.count}")
         return man
 
-    def check(self, path: Path, model: str | None, tokens: int | None, dim: int | None, variant: str | None) -> None:
+    def check(self, path: Path, model: str | None, tokens: int | None, dim: int | None, variant: str | None,
+              projection: np.ndarray | None = None) -> None:
         """Raises LocalsMismatchError naming `path` where an expectation (not None) differs."""
         for what, have, want in (("model", self.model, model), ("tokens per image", self.tokens, tokens),
                                  ("descriptor dimension", self.dim, dim), ("variant", self.variant, variant)):
             if want is not None and have != want:
                 raise LocalsMismatchError(f"{path}: holds {what} {have!r}, expected {want!r}")
+        if projection is not None:
+            want = projection_sha256(check_projection(projection))
+            if self.variant != "binary" or self.projection != want:
+                have = "no projection" if self.variant != "binary" else f"projection {self.projection}"
+                raise LocalsMismatchError(f"{path}: holds bits of {have}, expected projection {want} "
+                                          "(pack the store with the model's projection)")
 
 
 def _check_params(tokens: int, dim: int, variant: str) -> str | None:
@@ -161,12 +168,13 @@ class LocalsStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: str | None = None, tokens: int | None = None, dim: int | None = None,
-             variant: str | None = None) -> "LocalsStore":
+             variant: str | None = None, projection: np.ndarray | None = None) -> "LocalsStore":
         """Opens and validates a store (every shard's headers against the manifest); the given
-        expectations are checked too (LocalsMismatchError naming the manifest)."""
+        expectations are checked too (LocalsMismatchError naming the manifest). `projection`: a
+        binary store must have been packed with it (e.g. the binary AMES model's)."""
         path = Path(path)
         man = LocalsManifest.read(path)
-        man.check(path / "manifest.json", model, tokens, dim, variant)
+        man.check(path / "manifest.json", model, tokens, dim, variant, projection)
         store = cls(path, man)
         for i, s in enumerate(man.shards):
             for kind, want in (("meta", ("<f4", (s.count, man.tokens, 5))), ("desc", store._desc_layout(s.count)),
