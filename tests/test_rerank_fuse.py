@@ -85,6 +85,16 @@ def test_shifted_rest_keeps_order_ties_and_gaps_and_ranks_below(c):
         assert (order == np.arange(valid.sum())).all()
 
 
+def test_fused_results_save_and_load(tmp_path, rng):
+    g = np.sort(rng.random((3, 8)).astype(np.float32), axis=1)[:, ::-1].copy()
+    idx = np.stack([rng.permutation(50)[:8] for _ in range(3)]).astype(np.int64)
+    out = fuse(_results(g, idx), rng.standard_normal((3, 4)) * 5, 0.35, 0.10)
+    back = SearchResults.load(out.save(tmp_path / "r.npz"))
+    np.testing.assert_array_equal(back.indices, out.indices)
+    np.testing.assert_array_equal(back.scores, out.scores)
+    assert back.ids(0) == [f"img{r}" for r in out.indices[0]]
+
+
 def test_published_defaults():
     assert default_weights("dinov2", "binary") == (0.35, 0.10)
     assert default_weights("dinov2", "float16") == (0.55, 0.30)

@@ -45,6 +45,11 @@ def test_write_read_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(got_desc.astype(np.float32), desc[[17, 2, 17]])
     values, mask = s.model_inputs(rows)
     np.testing.assert_array_equal(mask, meta[[17, 2, 17], :, 3] == 1)
+    few, few_mask = s.model_inputs(rows, tokens=3)
+    np.testing.assert_array_equal(few, desc[[17, 2, 17], :3])
+    np.testing.assert_array_equal(few_mask, meta[[17, 2, 17], :3, 3] == 1)
+    with pytest.raises(ValueError, match="tokens: must be 1 to 7"):
+        s.model_inputs(rows, tokens=8)
     s.verify()
     with pytest.raises(KeyError, match="1 of 2 ids are not in this store .*'nope'"):
         s.rows_of([ids[0], "nope"])

@@ -279,10 +279,16 @@ class LocalsStore:
             desc[where] = self.descriptors(int(s))[local]
         return meta, desc
 
-    def model_inputs(self, rows: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(descriptors float32 (k, N, D), padding mask bool (k, N)) as the re-ranker reads them:
-        float16 widened, bits unpacked to +-1."""
+    def model_inputs(self, rows: Sequence[int] | np.ndarray, tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(descriptors float32 (k, n, D), padding mask bool (k, n)) as the re-ranker reads them:
+        float16 widened, bits unpacked to +-1. `tokens`: keep the first n of the N (the
+        asymmetric use: AMES reads 600 query and 50 database tokens of files of 700; the tokens
+        are stored strongest first, as the detector's top-N gives them)."""
+        if tokens is not None and not 1 <= tokens <= self.tokens:
+            raise ValueError(f"tokens: must be 1 to {self.tokens} (what {self.path} holds per image), got {tokens}")
         meta, desc = self.read(rows)
+        n = self.tokens if tokens is None else tokens
+        meta, desc = meta[:, :n], desc[:, :n]
         values = unpack_signs(desc) if self.variant == "binary" else desc.astype(np.float32)
         return values, meta[..., MASK] != 0
 
