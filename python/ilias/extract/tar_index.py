@@ -22,6 +22,7 @@ import os
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class TarIndex:
         self._exts = exts
         # a dict of Python strings for 100K members is a few MB: fine for one tar at a time
         self._where = {(k.decode("utf-8"), e.decode("utf-8")): i for i, (k, e) in enumerate(zip(keys, exts))}
-        self._file = None
+        self._file: BinaryIO | None = None
 
     # ---- building and caching
     @classmethod

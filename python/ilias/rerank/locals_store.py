@@ -27,7 +27,7 @@ import os
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -362,7 +362,7 @@ class LocalsWriter:
         except BaseException:
             self._unlock()
             raise
-        self._files: dict | None = None
+        self._files: dict[str, BinaryIO] | None = None
         self._rows = 0
 
     @property
@@ -427,6 +427,7 @@ class LocalsWriter:
         while lo < len(meta):
             if self._files is None:
                 self._open_shard()
+            assert self._files is not None
             take = min(self.shard_images - self._rows, len(meta) - lo)
             for kind, block in (("meta", meta[lo:lo + take]), ("desc", desc[lo:lo + take])):
                 self._files[kind].write(block.tobytes())
@@ -450,6 +451,7 @@ class LocalsWriter:
         shards = self.path / "shards"
         desc_dtype, desc_shape = (np.dtype("u1"), (self._rows, m.tokens, m.dim // 8)) if m.variant == "binary" else \
             (np.dtype("<f2"), (self._rows, m.tokens, m.dim))
+        assert self._files is not None
         sums = {}
         for kind, (dtype, shape) in (("meta", (np.dtype("<f4"), (self._rows, m.tokens, 5))), ("desc", (desc_dtype, desc_shape))):
             f = self._files[kind]
