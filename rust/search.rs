@@ -665,7 +665,7 @@ impl<'a> Worker<'a> {
                 let mut masks = [0u32; int8::MR];
                 for (i, q) in live.clone().enumerate() {
                     let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
-                    head_scores(&sq.head[q], head, &mut partial[i]);
+                    head_scores_fast(&sq.head[q], head, &mut partial[i]);
                     masks[i] = real
                         & stage_mask_fast(
                             r,
@@ -885,8 +885,22 @@ fn stage_mask(
     mask
 }
 
+/// `head_scores` compiled for AVX2 where the CPU has it (the same operations, unfused).
+fn head_scores_fast(a: &[f32; progressive::HEAD], head: &[f32], out: &mut [f32; int8::NR]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(a: &[f32; progressive::HEAD], head: &[f32], out: &mut [f32; int8::NR]) {
+            head_scores(a, head, out)
+        }
+        // SAFETY: AVX2 was just detected.
+        return unsafe { avx2(a, head, out) };
+    }
+    head_scores(a, head, out)
+}
+
 /// The float32 scores of a query's head `a` against a panel's heads `[HEAD][32]`.
-#[inline]
+#[inline(always)]
 fn head_scores(a: &[f32; progressive::HEAD], head: &[f32], out: &mut [f32; int8::NR]) {
     let nr = int8::NR;
     out.fill(0.0);
