@@ -721,13 +721,14 @@ fn merge_top<'py>(
         parts.push((s, r, scores.shape()[1]));
     }
     let lists: Vec<Vec<(f32, u64)>> = py.allow_threads(|| {
+        let hits = |(s, r, w): (&[f32], &[i64], usize), q: usize| -> Vec<(f32, u64)> {
+            (q * w..(q + 1) * w)
+                .filter(|&j| r[j] >= 0)
+                .map(|j| (s[j], r[j] as u64))
+                .collect()
+        };
         (0..nq)
-            .map(|q| {
-                let hits = parts
-                    .iter()
-                    .flat_map(|&(s, r, w)| (q * w..(q + 1) * w).filter(|&j| r[j] >= 0).map(|j| (s[j], r[j] as u64)));
-                crate::topk::merge_parts(hits, k)
-            })
+            .map(|q| crate::topk::merge_parts(&hits(parts[0], q), &hits(parts[1], q), k))
             .collect()
     });
     padded(py, &lists, k)

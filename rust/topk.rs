@@ -168,16 +168,31 @@ impl TopK {
     }
 }
 
-/// The best `k` of partial results of one query over disjoint rows (each in any order), in rank
-/// order: how the parts of a search split over machines join (the tie order of a single search).
-pub fn merge_parts(parts: impl IntoIterator<Item = Hit>, k: usize) -> Vec<Hit> {
-    let mut top = TopK::new(k);
-    for (s, i) in parts {
-        if s >= top.threshold() {
-            top.push(s, i);
+/// The best `k` of two partial results of one query over disjoint rows, in rank order: how the
+/// parts of a search split over machines join (the tie order of a single search). Each part in
+/// rank order, as every search returns it, costs one linear merge; a part in another order is
+/// sorted first. NaN scores are dropped, as a search never returns them.
+pub fn merge_parts(a: &[Hit], b: &[Hit], k: usize) -> Vec<Hit> {
+    let ranked = |p: &[Hit]| -> Vec<Hit> {
+        let mut p: Vec<Hit> = p.iter().copied().filter(|h| !h.0.is_nan()).collect();
+        if p.windows(2).any(|w| rank_order(&w[0], &w[1]) == Ordering::Greater) {
+            p.sort_unstable_by(rank_order);
+        }
+        p
+    };
+    let (a, b) = (ranked(a), ranked(b));
+    let mut out = Vec::with_capacity(k.min(a.len() + b.len()));
+    let (mut i, mut j) = (0, 0);
+    while out.len() < k && (i < a.len() || j < b.len()) {
+        if j == b.len() || (i < a.len() && rank_order(&a[i], &b[j]) != Ordering::Greater) {
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
         }
     }
-    top.into_sorted()
+    out
 }
 
 /// Merges the per-thread partial results of the same lists (None when there are none).
@@ -259,10 +274,18 @@ mod tests {
         // equal scores across parts: the larger row first; -0 equal to +0 and kept as it is
         let a = [(1.0, 4), (0.0, 2), (f32::NEG_INFINITY, 8)];
         let b = [(1.0, 9), (-0.0, 7), (2.0, 1)];
-        let got = merge_parts(a.iter().chain(&b).copied(), 5);
+        let got = merge_parts(&a, &b, 5);
         assert_eq!(got, vec![(2.0, 1), (1.0, 9), (1.0, 4), (-0.0, 7), (0.0, 2)]);
         assert!(got[3].0.is_sign_negative());
-        assert_eq!(merge_parts(a, 5).len(), 3);
+        assert_eq!(merge_parts(&a, &[], 5), a);
+        // the same as one top k over both
+        let mut top = TopK::new(4);
+        for &(s, i) in a.iter().chain(&b) {
+            if s >= top.threshold() {
+                top.push(s, i);
+            }
+        }
+        assert_eq!(merge_parts(&b, &a, 4), top.into_sorted());
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 Each task searches one range of the database (whole shards, read by the worker from shared
 storage) for every query and tier with the Rust core on one thread, and returns its partial top
-k as global rows: only these lists cross the network. They merge in the core's rank order (higher
-score first, equal scores the larger global row first, -0 equal to +0), and every score has the
-bits the single-process search gives the same pair (one canonical summation order), so the
-merged lists are the single-process results, bit for bit.
+k as global rows: only these lists cross the network. They merge by the core's own top-k code, in
+its rank order (higher score first, equal scores the larger global row first, -0 equal to +0), and
+every score has the bits the single-process search gives the same pair (one canonical summation
+order), so the merged lists are the single-process results, bit for bit.
 
 Codes search is two rounds of tasks, which keeps it identical to the one-process search: the
 ranges' approximate shortlists (the best `shortlist` of each range by the codes) merge into the
@@ -44,24 +44,16 @@ def shard_ranges(db: Database, tasks: int) -> list[tuple[int, int, int, int]]:
 
 
 def merge_top(a: tuple[np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray], k: int):
-    """The best `k` of two partial lists (scores, global rows; -1 rows are padding) along the last
-    axis, in the core's rank order; padded back to `k` with -inf and -1."""
-    scores, rows = b if a is None else (np.concatenate([a[0], b[0]], -1), np.concatenate([a[1], b[1]], -1))
-    order = np.argsort(_rank_key(scores, rows), axis=-1)[..., ::-1][..., :k]
-    scores, rows = np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
-    if scores.shape[-1] < k:
-        pad = [(0, 0)] * (scores.ndim - 1) + [(0, k - scores.shape[-1])]
-        scores = np.pad(scores, pad, constant_values=-np.inf)
-        rows = np.pad(rows, pad, constant_values=-1)
-    return np.ascontiguousarray(scores), np.ascontiguousarray(rows)
-
-
-def _rank_key(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """One uint64 per hit that orders like (score, row): the float's bits made monotone (as the
-    core's `topk::key`, -0 counted as +0) above the row; padding is 0, below every hit."""
-    bits = (scores.astype(np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)
-    key = np.where(bits >> 31 == 1, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    return np.where(rows >= 0, (key << 32) | rows.clip(0).astype(np.uint64), 0)
+    """The best `k` of two partial lists (scores, global rows; -1 rows are padding; last axis the
+    list, any leading axes), in the core's rank order, by the core's own top-k code; padded to `k`
+    with -inf and -1."""
+    if a is None:
+        a = (np.zeros((*b[0].shape[:-1], 0), np.float32), np.zeros((*b[1].shape[:-1], 0), np.int64))
+    lead = b[0].shape[:-1]
+    flat = [np.ascontiguousarray(x.reshape(int(np.prod(lead)), x.shape[-1]), dtype=t)
+            for x, t in ((a[0], np.float32), (a[1], np.int64), (b[0], np.float32), (b[1], np.int64))]
+    scores, rows = _core.merge_top(*flat, k)
+    return scores.reshape(*lead, k), rows.reshape(*lead, k)
 
 
 # ---- tasks (they run on the workers)
