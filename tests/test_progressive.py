@@ -202,6 +202,14 @@ def test_stale_changed_and_missing_codes_are_refused(tmp_path, rng):
         w.append(x[:100], [f"n{i}" for i in range(100)])
     with pytest.raises(ValueError, match="older than the database"):
         search(q, store.path, k=5)
+    # codes of another set of stores: exact search runs without them, progressive refuses
+    other = write_store(tmp_path / "other", x[:500], [f"o{i}" for i in range(500)])
+    (other.path / "codes").mkdir()
+    (other.path / "codes" / "progressive.codes").write_bytes(path.read_bytes())
+    r = search(q, other, k=5)
+    assert r.stats.path != "progressive" and "another database" in r.stats.path_reason
+    with pytest.raises(ValueError, match="different database"):
+        search(q, other, k=5, method="progressive")
 
 
 def test_a_changed_block_of_the_store_is_seen(tmp_path, rng):

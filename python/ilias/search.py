@@ -186,7 +186,8 @@ def search_tiers(
 def exact_path(db: Database, method: str) -> tuple[str | None, str]:
     """The progressive codes an exact search of `db` uses (None: none) and why: `method`
     "progressive" needs them, "exact" takes them when their build found that they pay (a flat
-    spectrum, such as whitened features, makes them step aside). Stale codes are refused."""
+    spectrum, such as whitened features, makes them step aside). Codes older than the database
+    are refused; "exact" runs without codes built for another set of stores."""
     if method not in ("exact", "progressive"):
         return None, ""
     from .index import default_path, open_codes, progressive_info
@@ -198,7 +199,14 @@ def exact_path(db: Database, method: str) -> tuple[str | None, str]:
                 f"{path}: no progressive codes for this database (build them with `ilias index build --codes progressive`)"
             )
         return None, "no progressive codes (ilias index build --codes progressive)"
-    info = progressive_info(open_codes(path, db))
+    try:
+        info = progressive_info(open_codes(path, db))
+    except ValueError as err:
+        # codes older than the database are refused; codes of another set of stores (this one
+        # searched alone, say) are of no use to this search, which runs without them
+        if method == "progressive" or "older than the database" in str(err):
+            raise
+        return None, f"the progressive codes {path} belong to another database"
     b, e = info["boundaries"], info["energy"]
     measured = (f"the first {b[0]} of {info['dim']} rotated dimensions hold {e[0]:.0%} of the energy; expected work "
                 f"{info['work']:.0%} of the plain int8 pass")
