@@ -78,7 +78,7 @@ def test_bench_runs_on_the_core_install(tmp_path):
     "flags, message",
     [
         (["--n", "5", "-k", "10"], "--n: 5 rows are fewer than -k 10"),
-        (["--kind", "gaussian"], "--kind: expected random or structured, got 'gaussian'"),
+        (["--kind", "gaussian"], "--kind: expected random or structured or clip, got 'gaussian'"),
         (["--peers", "numpy,annoy"], "--peers: unknown 'annoy' (known: faiss-flat, faiss-sq-fp16, numpy)"),
         (["--methods", "fast"], "--methods: unknown 'fast'"),
         (["--methods", ""], "--methods: give at least one ilias method"),
