@@ -490,6 +490,7 @@ fn width(bounds: &[usize], j: usize) -> usize {
 /// Codes and terms of one rotated row `y` (of norm `xnorm` before rotation) at row `at` of a
 /// work item (a whole number of panels): codes in panels `[panel][w/4][32][4]`, terms
 /// `[panel][TERMS][32]`.
+#[allow(clippy::too_many_arguments)]
 fn encode(
     y: &[f32],
     xnorm: f64,
@@ -941,7 +942,7 @@ mod tests {
             rows: 0,
         };
         let sq = file_less.queries(&q, nq, 1, &Control::default()).unwrap();
-        let mut row_codes = vec![0i8; 32];
+        let mut row_codes = [0i8; 32];
         for qi in 0..nq {
             for xi in 0..n {
                 let exact: f64 = (0..dim).map(|d| q[qi * dim + d] as f64 * x[xi * dim + d] as f64).sum();
