@@ -404,8 +404,8 @@ def ilias_search(store: Store, method: str, threads: int, simd: str | None = Non
 def ensure_progressive(store: Store, k: int, threads: int, out: Callable[[str], None] = print) -> None:
     """Builds the store's progressive codes where missing or stale, saying how long it took and
     what they hold."""
-    from .index import build_index, default_path, open_codes, progressive_info
     from .database import Database
+    from .index import build_index, default_path, open_codes, progressive_info
 
     db = Database.of(store)
     path = default_path(db, "progressive")

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     b.add_argument("--codes", required=True, metavar="KIND", help="sq8, pq<M>, pq<M>x4 (e.g. pq192x4) or progressive")
     b.add_argument("--out", help="codes file (default: codes/KIND.codes in the last store)")
     b.add_argument("--threads", type=THREADS, default=0, help="worker threads (default 0: all cores)")
-    b.add_argument("--sample", type=NON_NEGATIVE, default=0, help="rows to train PQ on (default: 64 per centroid, >= 16384)")
+    b.add_argument("--sample", type=NON_NEGATIVE, default=0, help="rows to train PQ on (default: 64 per centroid, >= 16384), or to learn the progressive rotation and stages (default 20000)")
     b.add_argument("--iters", type=whole(1, 10_000), default=20, help="k-means iterations (default 20)")
     b.add_argument("--seed", type=SEED, default=1234, help="training seed (default 1234)")
     b.set_defaults(run=run_build)
