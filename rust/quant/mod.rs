@@ -188,6 +188,7 @@ pub fn search(
 /// database split into ranges give, merged in rank order, exactly the shortlists of `search`:
 /// a range's best `shortlist` hold every row of the whole's best that falls in it. The codes
 /// are not verified here: a caller that splits the work checks them once (`CodesFile::verify`).
+#[allow(clippy::too_many_arguments)] // the search's own arguments plus the range and its mask
 pub fn shortlist(
     codes: &CodesFile,
     queries: &[f32],
