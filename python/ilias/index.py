@@ -112,6 +112,24 @@ def open_codes(path: str | os.PathLike, database) -> dict:
     )
 
 
+def codes_search_inputs(queries, database, codes, k: int, shortlist: int | None, query_ids=None):
+    """The checked inputs of a codes search: (database, codes path, codes info, queries, query ids,
+    shortlist). `codes`: a codes file, or a kind found at its default place."""
+    db = Database.of(database)
+    path = Path(codes)
+    if not path.exists() and KIND.match(str(codes)):
+        path = default_path(db, str(codes))
+    info = open_codes(path, db)
+    q, qids = as_queries(queries, query_ids)
+    if q.shape[1] != info["dim"]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the codes have {info['dim']}")
+    if shortlist is None:
+        shortlist = k * DEFAULT_SHORTLIST["sq8" if info["kind"] == "sq8" else "pq"]
+    if shortlist < k:
+        raise ValueError(f"shortlist: {shortlist} is smaller than k = {k}")
+    return db, path, info, q, qids, shortlist
+
+
 def search_codes(
     queries,
     database,
@@ -128,18 +146,7 @@ def search_codes(
     """Search with codes: the `shortlist` (default: a multiple of k that suits the kind)
     best rows per query by the codes, rescored exactly from the stores when `rerank`.
     `codes`: a codes file, or a kind (`sq8`, ...) found at its default place."""
-    db = Database.of(database)
-    path = Path(codes)
-    if not path.exists() and KIND.match(str(codes)):
-        path = default_path(db, str(codes))
-    info = open_codes(path, db)
-    q, qids = as_queries(queries, query_ids)
-    if q.shape[1] != info["dim"]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the codes have {info['dim']}")
-    if shortlist is None:
-        shortlist = k * DEFAULT_SHORTLIST["sq8" if info["kind"] == "sq8" else "pq"]
-    if shortlist < k:
-        raise ValueError(f"shortlist: {shortlist} is smaller than k = {k}")
+    db, path, info, q, qids, shortlist = codes_search_inputs(queries, database, codes, k, shortlist, query_ids)
     check_memory(len(q), shortlist, 1, threads)
     keep = None if keep is None else np.ascontiguousarray(keep, dtype=bool)
     t0 = time.monotonic()

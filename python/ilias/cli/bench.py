@@ -69,9 +69,22 @@ def run(args) -> int:
     methods, peers = check(args)
     threads = b.resolve_threads(args.threads)
     # faiss's OpenMP and BLAS read these when it is imported (after this); numpy's BLAS is held
-    # by threadpoolctl where installed
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # by threadpoolctl where installed. They are put back afterwards: processes started later by
+    # the same Python (Dask workers, say) must not inherit this command's thread counts.
+    saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    for var in saved:
         os.environ.setdefault(var, str(threads))
+    try:
+        return _run(args, b, methods, peers, threads)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _run(args, b, methods, peers, threads) -> int:
     path = b.store_path("bench", args.n, args.dim, args.kind, args.data)
     if not (path / "manifest.json").exists():
         print(f"making the benchmark store {path} (once; {args.n * args.dim * 2 / 1e9:.2f} GB)", flush=True)

@@ -17,7 +17,6 @@ The codes file is checked once (its section checksums) by a first task.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -145,20 +144,9 @@ def search_codes_on_cluster(
     tasks: int | None = None,
 ) -> SearchResults:
     """`ilias.index.search_codes` on a cluster: identical results (see the module notes)."""
-    from ..index import DEFAULT_SHORTLIST, KIND, default_path, open_codes
+    from ..index import codes_search_inputs
 
-    db = Database.of(database)
-    path = Path(codes)
-    if not path.exists() and KIND.match(str(codes)):
-        path = default_path(db, str(codes))
-    info = open_codes(path, db)
-    q, qids = as_queries(queries, query_ids)
-    if q.shape[1] != info["dim"]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the codes have {info['dim']}")
-    if shortlist is None:
-        shortlist = k * DEFAULT_SHORTLIST["sq8" if info["kind"] == "sq8" else "pq"]
-    if shortlist < k:
-        raise ValueError(f"shortlist: {shortlist} is smaller than k = {k}")
+    db, path, info, q, qids, shortlist = codes_search_inputs(queries, database, codes, k, shortlist, query_ids)
     if k > db.count:
         raise ValueError(f"k = {k:,} is larger than the database ({db.count:,} rows)")
     shortlist = min(shortlist, db.count)
