@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ._core import StoreFormatError
+from ._extras import require
 from ._io import atomic_path
 from .store import DEFAULT_SHARD_ROWS, Store, StoreWriter, file_source
 
@@ -48,11 +49,7 @@ def encode_official_id(s: str) -> str:
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("reading official HDF5 files needs h5py: pip install 'ilias-core[hdf5]'") from None
-    return h5py
+    return require("h5py", "reading official HDF5 files", "hdf5")
 
 
 def import_hdf5(

@@ -12,19 +12,10 @@ import os
 import re
 from pathlib import Path
 
+from .._extras import require
 from .registry import ModelSpec, get_spec
 
-
-def require_torch():
-    """Imports torch, or says which extra to install."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("feature extraction needs torch and friends: pip install 'ilias-core[models]'") from None
-    return torch
-
-
-torch = require_torch()
+torch = require("torch", "feature extraction", "models", "torch and friends")
 nn = torch.nn
 F = torch.nn.functional
 

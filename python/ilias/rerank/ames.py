@@ -39,17 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._extras import require
 
-def require_torch():
-    """Imports torch, or says which extra to install."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("AMES re-ranking needs torch: pip install 'ilias-core[rerank]'") from None
-    return torch
-
-
-torch = require_torch()
+torch = require("torch", "AMES re-ranking", "rerank")
 nn = torch.nn
 F = torch.nn.functional
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .._core import StoreFormatError
+from .._extras import require
 from .._io import atomic_path
 from ..store import file_source
 from .binary import unpack_signs
@@ -26,11 +27,7 @@ from .locals_store import DEFAULT_SHARD_IMAGES, LocalsStore, LocalsWriter
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("AMES HDF5 files need h5py: pip install 'ilias-core[rerank]'") from None
-    return h5py
+    return require("h5py", "AMES HDF5 files", "rerank")
 
 
 def import_ames_hdf5(source: str | os.PathLike, dest: str | os.PathLike, model: str, variant: str = "float16",
