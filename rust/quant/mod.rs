@@ -145,15 +145,7 @@ pub fn search(
     let t0 = std::time::Instant::now();
     // every section, from the page cache where the codes live: a few percent of the scan
     codes.verify(opts.threads)?;
-    let scanner: Box<dyn Scan> = match h.kind {
-        Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
-        Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
-        Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
-        Kind::Progressive { .. } => return Err(Error::format(
-            &codes.path,
-            "progressive codes serve exact search (`ilias search --method exact` or `progressive`), not a shortlist",
-        )),
-    };
+    let scanner = scanner(codes, queries, nq)?;
     let tops = scan_all(&*scanner, 0..db.rows, nq, shortlist, opts.keep, opts.threads, control)?;
     let scan_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -180,6 +172,19 @@ pub fn search(
         hits,
         scan_seconds,
         rerank_seconds: t1.elapsed().as_secs_f64(),
+    })
+}
+
+/// The scan of a codes file's kind (progressive codes have none: they serve exact search).
+fn scanner<'a>(codes: &'a CodesFile, queries: &'a [f32], nq: usize) -> Result<Box<dyn Scan + 'a>> {
+    Ok(match codes.header.kind {
+        Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
+        Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
+        Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
+        Kind::Progressive { .. } => return Err(Error::format(
+            &codes.path,
+            "progressive codes serve exact search (`ilias search --method exact` or `progressive`), not a shortlist",
+        )),
     })
 }
 
@@ -222,15 +227,7 @@ pub fn shortlist(
     if shortlist == 0 {
         return Err(Error::invalid("shortlist must be at least 1"));
     }
-    let scanner: Box<dyn Scan> = match h.kind {
-        Kind::Sq8 => Box::new(sq8::Sq8Scan::new(codes, queries, nq)),
-        Kind::Pq { bits: 8, .. } => Box::new(pq::PqScan::new(codes, queries, nq)),
-        Kind::Pq { .. } => Box::new(fastscan::FastScan::new(codes, queries, nq)),
-        Kind::Progressive { .. } => return Err(Error::format(
-            &codes.path,
-            "progressive codes serve exact search (`ilias search --method exact` or `progressive`), not a shortlist",
-        )),
-    };
+    let scanner = scanner(codes, queries, nq)?;
     let first = rows.start as u64;
     let tops = scan_all(&*scanner, rows, nq, shortlist, keep, threads, control)?;
     Ok(tops
