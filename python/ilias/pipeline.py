@@ -24,10 +24,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._io import atomic_write
 from .database import Database
 from .store import Store
+
+if TYPE_CHECKING:
+    from .rerank.workflow import RerankConfig
 
 MINI_LIST = "image_ids/mini_ilias_yfcc100m_ids.txt"
 
@@ -53,6 +57,8 @@ class RunConfig:
     adapt: str | None = None  # a linear adaptation layer (.pth): adapted results as their own rows
     qe: int | None = None  # query expansion with this many neighbours (on the adapted search when adapting)
     qe_alpha: float = 1.0
+    rerank: "RerankConfig | None" = None  # re-rank the plain search's image-query lists (rerank/)
+    rerank_tiers: tuple[str, ...] | None = None  # the tiers re-ranked (None: all)
 
 
 def _text_tower(path: Path) -> str | None:
@@ -172,14 +178,17 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
 
     step("search", search_step)
     variants = _variant_steps(cfg, out, stores, queries, db, tiers, step)
+    reranked = _rerank_step(cfg, out, data, db, tiers, step) if cfg.rerank is not None else None
 
     def report_step():
         # per variant ("" for the plain search): (the curve over the tiers, the report of "all")
         found, shown = {}, None
-        for suffix in ["", *variants]:
+        for suffix in ["", *variants, *([reranked] if reranked else [])]:
             curve, reports = [], {}
             for t in tiers:
                 name = f"{t.name}.{suffix}" if suffix else t.name
+                if suffix and not (out / f"results.{name}.npz").exists():
+                    continue  # a variant of some tiers only (re-ranking where the images are)
                 res = SearchResults.load(out / f"results.{name}.npz")
                 ev = evaluate(res, gt, cfg.k, threads=cfg.threads)
                 rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
@@ -190,12 +199,22 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
                 if not suffix and t.name == "all":
                     shown = _qualitative(res, gt, core, cfg.tars)
             curve.sort(key=lambda c: c["rows"])
-            found[suffix] = (curve, reports["all"])
+            found[suffix] = (curve, reports.get("all") or reports[curve[-1]["name"]])
         curve, main = found.pop("")
+        # re-ranking may cover some tiers only: its table pairs each re-ranked tier with its global row
+        rerank_rows = None
+        if reranked:
+            r_curve, r_rep = found.pop(reranked)
+            plain = {c["name"]: c for c in curve}
+            rerank_rows = {"label": r_rep["config"]["variant"],
+                           "tiers": [{"name": c["name"], "rows": c["rows"], "global": plain[c["name"]], "reranked": c} for c in r_curve]}
         write_html(main, out / "report.html", tiers=curve if len(curve) > 1 else None, qualitative=shown,
-                   variants=[{"label": rep["config"]["variant"], "report": rep} for _, rep in found.values()])
+                   variants=[{"label": rep["config"]["variant"], "report": rep} for _, rep in found.values()],
+                   reranking=rerank_rows)
         summary = lambda c: {x["name"]: {k: x[k] for k in ("rows", "i2i", "t2i") if k in x} for x in c}  # noqa: E731
         record["variants"] = {rep["config"]["variant"]: summary(c) for c, rep in found.values()}
+        if rerank_rows:
+            record["variants"][rerank_rows["label"]] = summary([t["reranked"] for t in rerank_rows["tiers"]])
         return summary(curve)
 
     record["results"] = step("evaluate", report_step)
@@ -264,6 +283,36 @@ def _variant_steps(cfg: RunConfig, out: Path, stores: Path, queries, db: Databas
         step(f"search {suffix}", expanded_search)
         suffixes.append(suffix)
     return suffixes
+
+
+def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, step) -> str:
+    """Re-ranks the plain search's results of the chosen tiers (`results.<tier>.rerank-<method>.npz`),
+    describing the queries and shortlisted images missing from `locals-<method>/`."""
+    from .rerank.images import ImageSource
+    from .rerank.rerank import label_of
+    from .rerank.workflow import Method, rerank_results
+    from .results import SearchResults, write_all
+
+    rc = cfg.rerank
+    suffix = f"rerank-{rc.method}"
+    names = [t.name for t in tiers if cfg.rerank_tiers is None or t.name in cfg.rerank_tiers]
+    if not names:
+        raise ValueError(f"rerank tiers: none of {', '.join(cfg.rerank_tiers or ())} is a tier of this run "
+                         f"({', '.join(t.name for t in tiers)})")
+
+    def rerank_step():
+        method = Method(rc)
+        label = label_of(method.scorer, rc.top, *method.weights)
+        paths = {n: out / f"results.{n}.{suffix}.npz" for n in names}
+        if all(_current(p, db, cfg.k) and SearchResults.load(p).reranking == label for p in paths.values()):
+            return "current"
+        base = [SearchResults.load(out / f"results.{n}.npz") for n in names]
+        found = rerank_results(rc, base, out / f"locals-{rc.method}", ImageSource(data, cfg.tars or ()))
+        write_all(list(zip(paths.values(), found)))
+        return f"{label}: {len(names)} tier(s)"
+
+    step(f"rerank {rc.method}", rerank_step)
+    return suffix
 
 
 def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:

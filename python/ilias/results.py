@@ -111,6 +111,8 @@ class SearchResults:
     warnings: list[str] = field(default_factory=list)  # about the data searched, carried into reports
     # the linear adaptation the database was made with (adapt.py: "<weights file>@<sha256[:12]>")
     adaptation: str | None = None
+    # the re-ranking applied to the first lists' heads (rerank/): e.g. "AMES binary, top 100"
+    reranking: str | None = None
     db: "Database | None" = None
     # every returned row (sorted) and its id as UTF-8 bytes: a compact table, not 2M Python strings
     _rows: tuple[np.ndarray, np.ndarray] | None = None
@@ -130,6 +132,8 @@ class SearchResults:
         if self.stats is not None and self.stats.qe:
             alpha = self.stats.qe_alpha if self.stats.qe_alpha is not None else 1.0
             parts.append(f"QE {self.stats.qe}" + (f" (alpha {alpha:g})" if alpha != 1 else ""))
+        if self.reranking:
+            parts.append(f"re-ranked ({self.reranking})")
         return " + ".join(parts)
 
     def returned_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +170,8 @@ class SearchResults:
             info["warnings"] = self.warnings
         if self.adaptation:
             info["adaptation"] = self.adaptation
+        if self.reranking:
+            info["reranking"] = self.reranking
         return info
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -228,6 +234,7 @@ class SearchResults:
             stats=SearchStats.from_dict(info) if "method" in info else None,
             warnings=list(info.get("warnings", [])),
             adaptation=info.get("adaptation"),
+            reranking=info.get("reranking"),
             _rows=rows,
         )
 

@@ -24,6 +24,8 @@ COMMANDS = {
     "demo": "demo",
     "run": "run",
     "adapt": "adapt",
+    "locals": "locals",
+    "rerank": "rerank",
     "bench": "bench",
 }
 

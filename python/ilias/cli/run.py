@@ -3,7 +3,9 @@
 Extracts what is missing (image queries, positives, text queries, distractors from --tars),
 searches image and text queries in one pass answering every database size (positives + 1M, 10M,
 mini-ILIAS, all), evaluates, and writes report.html, per-tier JSON/Markdown reports and run.json.
-Each step is resumable and skipped when its output is current: run the same command again after
+With --rerank, the image queries' lists are re-ranked too (AMES, or SIFT without weights; `ilias
+rerank --help`), describing only the queries and shortlisted images. Each step is resumable and
+skipped when its output is current: run the same command again after
 an interruption.
 """
 
@@ -32,6 +34,9 @@ def add_parser(sub) -> None:
     from .search import add_variant_options
 
     add_variant_options(p)  # --adapt W.pth, --qe N, --qe-alpha A: their results as their own report rows
+    from .rerank import add_method_options
+
+    add_method_options(p, in_run=True)  # --rerank ames|sift, --rerank-weights, --rerank-top, ...: a re-ranked report row
     from .cluster_args import add_cluster_options
 
     add_cluster_options(p)  # extraction (a task per tar) and the search (ranges of shards) as Dask tasks
@@ -48,6 +53,11 @@ def run(args) -> int:
         batch_size=args.batch_size, workers=args.workers, threads=args.threads,
         adapt=args.adapt, qe=args.qe, qe_alpha=args.qe_alpha,
     )
+    if args.method:
+        from .rerank import config_of
+
+        cfg.rerank = config_of(args)
+        cfg.rerank.check()
     if args.qe is None and args.qe_alpha != 1.0:
         raise ValueError("--qe-alpha: only with --qe N")
     from .cluster_args import cluster_options

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -57,6 +58,7 @@ class TarIndex:
         # a dict of Python strings for 100K members is a few MB: fine for one tar at a time
         self._where = {(k.decode("utf-8"), e.decode("utf-8")): i for i, (k, e) in enumerate(zip(keys, exts))}
         self._file: BinaryIO | None = None
+        self._lock = threading.Lock()
 
     # ---- building and caching
     @classmethod
@@ -127,12 +129,13 @@ class TarIndex:
         return int(self._offsets[i]), int(self._sizes[i])
 
     def read(self, key: str, ext: str = "jpg") -> bytes:
-        """The bytes of member `key.ext`: one seek and one read (the tar stays open between reads)."""
+        """The bytes of member `key.ext`: one positional read (the tar stays open between reads;
+        safe from several threads at once, as there is no shared file position)."""
         offset, size = self.locate(key, ext)
-        if self._file is None:
-            self._file = open(self.tar, "rb")
-        self._file.seek(offset)
-        data = self._file.read(size)
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.tar, "rb")
+        data = os.pread(self._file.fileno(), size, offset)
         if len(data) != size:
             raise ValueError(f"{self.tar}: member {key}.{ext} is cut short ({len(data):,} of {size:,} bytes; truncated tar?)")
         return data

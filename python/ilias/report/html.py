@@ -19,6 +19,7 @@ from html import escape
 from pathlib import Path
 
 from .._io import atomic_write
+from ..evaluate import TASKS
 from .published import SETTINGS, published
 
 TASK_COLOURS = {"i2i": "#2b6cb0", "t2i": "#dd6b20"}
@@ -28,15 +29,18 @@ FONT = 12  # px; SVG text sizes and label widths are derived from it
 
 
 def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dict] | None = None,
-            variants: list[dict] | None = None) -> str:
+            variants: list[dict] | None = None, reranking: dict | None = None) -> str:
     """`tiers`: [{"name", "rows", "i2i", "t2i"}] for the mAP-versus-distractors curve.
     `qualitative`: [{"query_id", "query_image", "results": [{"id", "score", "positive", "image"}]}],
     images given as paths or encoded bytes. `variants`: [{"label", "report"}], reports of the
     same data with something added to the search ("adapt", "QE 2"): their own labelled rows in
-    the summary and in the published charts."""
+    the summary and in the published charts. `reranking`: {"label", "tiers": [{"name", "rows",
+    "global", "reranked"}]}, each tier's global and re-ranked mAP per task, side by side."""
     cfg, tasks = report["config"], report["tasks"]
     variants = variants or []
     sections = [_summary(report, variants)]
+    if reranking:
+        sections.append(_section("Re-ranking", _reranking(reranking), "reranking"))
     if tiers:
         sections.append(_section("mAP versus distractors", _curve(tiers, list(tasks))))
     for key, title in (("categories", "category"), ("subcategories", "subcategory"),
@@ -61,9 +65,10 @@ def to_html(report: dict, tiers: list[dict] | None = None, qualitative: list[dic
 
 
 def write_html(report: dict, path: str | os.PathLike, tiers: list[dict] | None = None,
-               qualitative: list[dict] | None = None, variants: list[dict] | None = None) -> Path:
+               qualitative: list[dict] | None = None, variants: list[dict] | None = None,
+               reranking: dict | None = None) -> Path:
     """Written whole or not at all: a browser (or a rerun) never sees half a report."""
-    return atomic_write(path, to_html(report, tiers, qualitative, variants))
+    return atomic_write(path, to_html(report, tiers, qualitative, variants, reranking))
 
 
 _CSS = """
@@ -124,6 +129,24 @@ def _summary(report: dict, variants: list[dict] = ()) -> str:
     body.append(f'<p class="note">source: {escape(str(cfg.get("results", "")))} · ground truth: '
                 f'{escape(str(cfg.get("ground_truth", "")))}</p>')
     return _section("Summary", "\n".join(body), "summary")
+
+
+def _reranking(rr: dict, tasks: tuple[str, ...] = ("i2i",)) -> str:
+    """Per re-ranked tier: mAP of the global search, re-ranked, and the change (image queries:
+    text queries are not re-ranked)."""
+    head = "".join(f"<th>{escape(TASKS.get(t, t))}: global</th><th>re-ranked</th><th>change</th>" for t in tasks)
+    rows = []
+    for tier in rr["tiers"]:
+        cells = []
+        for t in tasks:
+            g, r = tier["global"].get(t), tier["reranked"].get(t)
+            if g is None or r is None:
+                cells.append("<td>-</td><td>-</td><td>-</td>")
+                continue
+            cells.append(f'<td class="n">{g:.2f}</td><td class="n"><b>{r:.2f}</b></td><td class="n">{r - g:+.2f}</td>')
+        rows.append(f'<tr><td>{escape(tier["name"])}</td><td class="n">{tier["rows"]:,}</td>{"".join(cells)}</tr>')
+    return (f'<p class="meta">{escape(rr["label"])}; text queries are not re-ranked (they have no image)</p>'
+            f"<table><thead><tr><th>database</th><th>rows</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _swatch(task: str) -> str:
