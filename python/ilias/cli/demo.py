@@ -62,5 +62,9 @@ def run(args) -> int:
     print(f"{'database':<10}{'rows':>12}{'image-to-image':>16}{'text-to-image':>15}")
     for name, r in record["results"].items():
         print(f"{name:<10}{r['rows']:>12,}{r.get('i2i', float('nan')):>16.2f}{r.get('t2i', float('nan')):>15.2f}")
+    for label, found in record.get("variants", {}).items():
+        for name, r in found.items():
+            base = record["results"][name]
+            print(f"{name:<10}{r['rows']:>12,}{r['i2i']:>16.2f}{'':>15}  {label} (global {base['i2i']:.2f})")
     print(f"report: {out}/report.html (per-tier Markdown and JSON beside it; the data in {out}/ILIAS)")
     return 0

@@ -23,6 +23,7 @@ settings) and the search results (keyed by the stores); a second run only evalua
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ __all__ = ["DemoConfig", "MODEL_NAME", "build", "run"]
 
 DATA_VERSION = 1  # bump when the generated files change
 PREFIX_TIERS = (1_000, 10_000, 100_000)
+RERANK_TIER = "+1k"  # positives plus the first 1,000 distractors, all images of the tars
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,18 @@ def _features_step(data: Path, config: DemoConfig, progress: bool):
     return step
 
 
+def _weight_free_rerank(say, threads: int):
+    """The SIFT verifier's re-ranking of the top 100, when OpenCV is installed (the `sift` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cv2") is None:
+        say("re-ranking skipped: the weight-free verifier needs OpenCV: pip install 'ilias-core[sift]'")
+        return None
+    from ..rerank.workflow import RerankConfig
+
+    return RerankConfig(method="sift", top=100, threads=threads or os.cpu_count() or 1)
+
+
 def run(
     root: str | Path, config: DemoConfig = DemoConfig(), threads: int = 0, progress: bool = True, say=print
 ) -> dict:
@@ -129,6 +143,7 @@ def run(
     root = Path(root)
     t0 = time.monotonic()
     data = build(root, config, progress)
+    rerank = _weight_free_rerank(say, threads)
     cfg = RunConfig(
         model=MODEL_NAME,
         data=str(data),
@@ -137,6 +152,9 @@ def run(
         threads=threads,
         prefixes=tuple(n for n in PREFIX_TIERS if n < config.distractors),
         published=False,  # generated data: its numbers do not compare with the paper's
+        rerank=rerank,
+        # the tier whose every row has an image: the sampled rows after the tar images have none
+        rerank_tiers=(RERANK_TIER,),
     )
     record = run_pipeline(cfg, say=say, features=_features_step(data, config, progress))
     record["seconds"] = time.monotonic() - t0

@@ -21,19 +21,13 @@ from typing import Iterator
 
 import numpy as np
 
+from ..extract.tar_index import webdataset_key
 from ..store import StoreWriter
 from . import png
 from .descriptor import DIM, NAME, DemoModel, describe_raw
 
 BATCH = 256
 SAMPLED = "sampled"
-
-
-def webdataset_key(member: str) -> tuple[str, str]:
-    """(key, extension) of a tar member as webdataset splits it: at the first dot of the file name."""
-    head, _, name = member.rpartition("/")
-    stem, _, ext = name.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
 def tar_images(tars: list[Path]) -> Iterator[tuple[str, bytes]]:
@@ -43,7 +37,7 @@ def tar_images(tars: list[Path]) -> Iterator[tuple[str, bytes]]:
             with tarfile.open(path, "r:") as tar:
                 for m in tar:
                     key, ext = webdataset_key(m.name)
-                    if m.isfile() and ext == "png":
+                    if m.isfile() and ext.lower() == "png":
                         f = tar.extractfile(m)
                         yield f"{path.name}/{key}", f.read()
         except tarfile.ReadError as e:

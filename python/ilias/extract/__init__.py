@@ -7,29 +7,32 @@ preprocessing, and a resumable, splittable loop that writes stores.
 >>> extract_images(items, build_image_encoder("dinov2_vitb14"), "feats/dinov2_vitb14/positives")
 """
 
-try:  # a core install lacks these: say which extra brings them
-    import PIL  # noqa: F401
-    import torch  # noqa: F401
-except ImportError as e:
-    raise ImportError(f"feature extraction needs the models extra ({e.name} is missing): pip install 'ilias-core[models]'") from None
+from importlib import import_module
 
-from ..store import open_stores as open_parts
-from .datasets import (
-    Items,
-    Source,
-    core_sources,
-    folder_sources,
-    list_items,
-    select,
-    tar_sources,
-    webdataset_key,
-)
-from .loop import default_device, extract_images, extract_texts
-from .parts import Piece, merge_parts, piece_from_env
-from .transforms import ResizeLarge, make_transform, pad_amounts, padded_size, resize_large_size
+# where each public name lives; imported on first use, so that the numpy-only parts (tar_index)
+# load without torch
+_WHERE = {
+    **dict.fromkeys(["Items", "Source", "core_sources", "folder_sources", "tar_sources", "list_items", "select"], "datasets"),
+    **dict.fromkeys(["extract_images", "extract_texts", "default_device"], "loop"),
+    **dict.fromkeys(["Piece", "merge_parts", "piece_from_env"], "parts"),
+    **dict.fromkeys(["ResizeLarge", "make_transform", "resize_large_size", "pad_amounts", "padded_size"], "transforms"),
+    "webdataset_key": "tar_index",
+}
+__all__ = [*_WHERE, "open_parts"]
 
-__all__ = [
-    "Items", "Source", "core_sources", "folder_sources", "tar_sources", "list_items", "select",
-    "webdataset_key", "extract_images", "extract_texts", "default_device", "Piece", "piece_from_env",
-    "open_parts", "merge_parts", "ResizeLarge", "make_transform", "resize_large_size", "pad_amounts", "padded_size",
-]
+
+def __getattr__(name: str):
+    if name == "open_parts":
+        from ..store import open_stores
+
+        return open_stores
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ilias.extract' has no attribute {name!r}")
+    if module != "tar_index":
+        try:  # a core install lacks these: say which extra brings them
+            import PIL  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"feature extraction needs the models extra ({e.name} is missing): pip install 'ilias-core[models]'") from None
+    return getattr(import_module(f".{module}", __name__), name)

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .tar_index import webdataset_key
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CORE_KINDS = ("image_queries", "positives", "text_queries")
 
@@ -147,13 +149,6 @@ def tar_sources(paths: Sequence[str | Path]) -> list[Source]:
 
 
 # ---- items
-
-
-def webdataset_key(member: str) -> tuple[str, str]:
-    """(key, extension) of a tar member the way webdataset splits it: at the first dot of the file name."""
-    head, _, name = member.rpartition("/")
-    stem, _, ext = name.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext
 
 
 def list_items(sources: Sequence[Source], exif: bool = False, text: bool = False) -> Items:

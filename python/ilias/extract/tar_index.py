@@ -12,7 +12,8 @@ the tar's size and modification time (nanoseconds) and is rebuilt when either di
 rewritten tar never serves stale offsets.
 
 Keys and extensions are split the way webdataset splits member names (`webdataset_key`: at the
-first dot of the file name); extensions are lower-cased, as webdataset does.
+first dot of the file name); extensions are lower-cased, as webdataset does. This module needs
+numpy only (the demo and the weight-free re-ranker read tars without torch).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import BinaryIO
 import numpy as np
 
 from .._io import atomic_path
-from .datasets import webdataset_key
 
 INDEX_FORMAT = "ilias-tar-index"
 INDEX_VERSION = 1
@@ -38,6 +38,13 @@ def default_cache_dir() -> Path:
     """Where indexes of tars in read-only folders go: $ILIAS_CACHE or ~/.cache/ilias, then tar-index/."""
     root = os.environ.get("ILIAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ilias")
     return Path(root) / "tar-index"
+
+
+def webdataset_key(member: str) -> tuple[str, str]:
+    """(key, extension) of a tar member the way webdataset splits it: at the first dot of the file name."""
+    head, _, name = member.rpartition("/")
+    stem, _, ext = name.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
 
 
 class TarIndex:

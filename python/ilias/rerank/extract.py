@@ -49,20 +49,23 @@ def needed(results: SearchResults, top: int) -> tuple[list[str], list[str]]:
 
 
 class SiftLocals:
-    """The weight-free describer: OpenCV SIFT keypoints with opponent-colour descriptors (sift.py)."""
+    """The weight-free describer: OpenCV SIFT keypoints with opponent-colour descriptors (sift.py).
+    All its work is CPU work that releases the GIL, so it is done in `prepare`, in the threads."""
 
-    def __init__(self):
+    def __init__(self, tokens: int):
         from . import sift
 
-        self._sift = sift
+        self._sift, self.tokens = sift, tokens
         self.name, self.dim = sift.NAME, sift.dim()
-        self.identity = {"describer": sift.NAME, **getattr(sift, "SETTINGS", {})}
+        self.identity = {"describer": sift.NAME, **sift.SETTINGS}
 
-    def prepare(self, img: np.ndarray) -> np.ndarray:
-        return img
+    def prepare(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._sift.describe(img, self.tokens)
 
-    def describe(self, img: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._sift.describe(img, tokens)
+    def describe(self, described: tuple[np.ndarray, np.ndarray], tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        if tokens != self.tokens:
+            raise ValueError(f"tokens: this describer keeps {self.tokens}, not {tokens}")
+        return described
 
 
 def _have(out: Path, describer, tokens: int, variant: str) -> set[str]:

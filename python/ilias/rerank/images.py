@@ -124,7 +124,7 @@ def decode_image(data: bytes, box: tuple[int, int, int, int] | None = None, what
     """JPEG / PNG bytes -> (H, W, 3) uint8 RGB, cut to `box` (x0, y0, x1, y1) when given.
 
     OpenCV decodes, as AMES's extraction reads its images."""
-    cv2 = require("cv2", "local-descriptor extraction", "rerank", "OpenCV (opencv-python-headless)")
+    cv2 = require("cv2", "decoding images for re-ranking", "sift", "OpenCV (opencv-python-headless)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"{what}: does not decode as an image ({len(data):,} bytes)")

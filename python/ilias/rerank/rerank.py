@@ -20,6 +20,7 @@ Scorers (`scorer(q_store, q_rows, d_store, d_rows, pairs) -> raw scores`):
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -66,9 +67,13 @@ class AmesScorer:
 
 
 class SiftScorer:
-    """Inlier counts of the weight-free verifier on the stores' SIFT tokens."""
+    """Inlier counts of the weight-free verifier on the stores' SIFT tokens, the pairs split over
+    `threads` threads (its matching and RANSAC release the GIL)."""
 
     label = "SIFT + RANSAC"
+
+    def __init__(self, threads: int = 2):
+        self.threads = max(1, threads)
 
     def check(self, q_store: LocalsStore, d_store: LocalsStore) -> None:
         from . import sift
@@ -82,7 +87,11 @@ class SiftScorer:
 
         qm, qd = q_store.read(q_rows)
         dm, dd = d_store.read(d_rows)
-        return np.asarray(sift.verify_pairs(qm, qd.astype(np.float32), dm, dd.astype(np.float32), pairs), np.float64)
+        qd, dd = qd.astype(np.float32), dd.astype(np.float32)
+        parts = np.array_split(np.asarray(pairs), self.threads)
+        with ThreadPoolExecutor(self.threads) as pool:
+            found = list(pool.map(lambda p: sift.verify_pairs(qm, qd, dm, dd, p), parts))
+        return np.concatenate(found).astype(np.float64)
 
 
 def _rows_or_fail(store: LocalsStore, ids: list[str], what: str) -> np.ndarray:

@@ -71,10 +71,10 @@ class Method:
             from .extract import SiftLocals
             from .rerank import SiftScorer
 
-            self._describer = SiftLocals()
+            self._describer = SiftLocals(sift.TOKENS)
             self.store_tokens = (sift.TOKENS, sift.TOKENS)
             self.variant, self.projection = "float16", None
-            self.scorer = SiftScorer()
+            self.scorer = SiftScorer(cfg.threads)
             self.weights = (cfg.lam if cfg.lam is not None else sift.LAMBDA, cfg.gamma if cfg.gamma is not None else sift.GAMMA)
             return
         from .ames import AMES, load_ames
