@@ -10,7 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from ilias import Store
+from ilias import SearchResults, Store
 from ilias.demo import png
 from ilias.demo.descriptor import DIM, parse_description
 from ilias.demo.features import webdataset_key
@@ -47,6 +47,28 @@ def test_prints_the_summary(demo):
     assert "image-to-image" in stdout and "text-to-image" in stdout
     for tier in ("+1k", "+10k", "mini", "all"):
         assert f"\n{tier} " in stdout
+
+
+def test_reranks_the_tier_whose_rows_all_have_images(demo):
+    """The weight-free verifier re-ranks the image queries of +1k (OpenCV is installed with the
+    test extras): a row of its own, beside the global one, in the summary and in the report."""
+    out, stdout = demo
+    line = next(x for x in stdout.splitlines() if "re-ranked (SIFT + RANSAC, top 100" in x)
+    assert line.startswith("+1k ") and "(global " in line
+    rec = json.loads((out / "run.json").read_text())
+    [(label, found)] = rec["variants"].items()
+    assert list(found) == ["+1k"] and 0 <= found["+1k"]["i2i"] <= 100
+    assert set(rec["steps"]) >= {"rerank sift"}
+    html = (out / "report.html").read_text()
+    assert 'id="reranking"' in html and label in html
+    reranked = SearchResults.load(out / "results.+1k.rerank-sift.npz")
+    plain = SearchResults.load(out / "results.+1k.npz")
+    text = [q for q, qid in enumerate(plain.query_ids) if qid.endswith(".txt")]
+    assert np.array_equal(reranked.indices[text], plain.indices[text])  # text queries are not re-ranked
+    image = [q for q in range(len(plain.query_ids)) if q not in set(text)]
+    # only the heads move: the same set of ids in the first 100, the same tail
+    for q in image[:20]:
+        assert sorted(reranked.ids(q)[:100]) == sorted(plain.ids(q)[:100]) and reranked.ids(q)[100:] == plain.ids(q)[100:]
 
 
 def test_core_images_exist_with_boxes(demo):
