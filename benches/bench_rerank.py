@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from ilias.rerank.ames import AMES
 from ilias.rerank.locals_store import LocalsWriter
 from ilias.rerank.workflow import _randomize
@@ -70,12 +69,9 @@ def dense_logits(model: AMES, qx, qm, dx, dm, pairs, batch_size: int = 64) -> np
             x = torch.cat([model.mtc_token.expand(b, 1, -1), q[p[:, 0]], d[p[:, 1]]], 1)
             pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool), qm_t[p[:, 0]], dm_t[p[:, 1]]], 1)
             heads = model.decoder.layers[0].self_attn.num_heads
-
-            def mask(block):
-                m = block[None].expand(b, n, n) | pad[:, None, :]
-                return m.repeat_interleave(heads, 0)
-
-            ms, mc = mask(self_block), mask(cross_block)
+            # (B * heads, n, n), True where a token may not look: its block, or a padded key
+            ms, mc = ((blk[None].expand(b, n, n) | pad[:, None, :]).repeat_interleave(heads, 0)
+                      for blk in (self_block, cross_block))
             for layer in model.decoder.layers:
                 x = layer.norm1(x + layer.self_attn(x, x, x, attn_mask=ms, need_weights=False)[0])
                 x = layer.norm2(x + layer.cross_attn(x, x, x, attn_mask=mc, need_weights=False)[0])
