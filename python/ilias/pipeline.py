@@ -307,7 +307,7 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
         if all(_current(p, db, cfg.k) and SearchResults.load(p).reranking == label for p in paths.values()):
             return "current"
         base = [SearchResults.load(out / f"results.{n}.npz") for n in names]
-        found = rerank_results(rc, base, out / f"locals-{rc.method}", ImageSource(data, cfg.tars or ()))
+        found = rerank_results(rc, base, out / f"locals-{rc.method}", ImageSource(data, cfg.tars or ()), method=method)
         write_all(list(zip(paths.values(), found)))
         return f"{label}: {len(names)} tier(s)"
 

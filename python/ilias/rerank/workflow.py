@@ -146,11 +146,12 @@ def ensure_locals(method: Method, results: Sequence[SearchResults], locals_dir: 
 
 
 def rerank_results(cfg: RerankConfig, results: Sequence[SearchResults], locals_dir: str | os.PathLike,
-                   source: ImageSource | None = None, progress: bool = True) -> list[SearchResults]:
-    """Each results file re-ranked (see the module); `source` describes missing images first."""
+                   source: ImageSource | None = None, progress: bool = True, method: Method | None = None) -> list[SearchResults]:
+    """Each results file re-ranked (see the module); `source` describes missing images first.
+    `method`: the `Method(cfg)` a caller already built (its model loaded once)."""
     from .rerank import rerank
 
-    method = Method(cfg)
+    method = method or Method(cfg)
     q_store, d_store = ensure_locals(method, results, locals_dir, source, progress)
     lam, gamma = method.weights
     return [rerank(r, q_store, d_store, method.scorer, cfg.top, lam, gamma, cfg.chunk, progress) for r in results]
