@@ -1,6 +1,7 @@
 //! The public drivers against a brute force, without Python: exact search (every method, SIMD
-//! path and thread count, with tiers) and code search (sq8, pq, pq x4, with exact rescoring) over
-//! a database of float16 and float32 .npy shards written here.
+//! path and thread count, with tiers), code search (sq8, pq, pq x4, with exact rescoring) over
+//! a database of float16 and float32 .npy shards written here, and the progressive pass, whose
+//! results must be those of the float32 search bit for bit.
 //!
 //! The brute force sums in f64 and ranks by score, equal scores larger row first. Identical rows
 //! (planted duplicates, also across shards) score the same bits in every kernel, so their order
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use ilias_core::kernels::Simd;
 use ilias_core::parallel::Control;
+use ilias_core::quant::progressive::{Progressive, StageKernel};
 use ilias_core::quant::{self, pq::Training, CodeSearch, CodesFile, Kind};
 use ilias_core::search::{self, Int8Choice, SearchOptions, Tier};
 use ilias_core::store::Database;
@@ -63,15 +65,19 @@ impl Rng {
 
     fn unit_row(&mut self) -> Vec<f32> {
         let x: Vec<f64> = (0..DIM).map(|_| self.normal()).collect();
-        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
-        x.iter().map(|v| (v / norm) as f32).collect()
+        unit(&x)
     }
 }
 
-/// A standard .npy file (format 1.0) of `rows x DIM` values of `descr` ("<f2" or "<f4").
-fn write_npy(path: &Path, descr: &str, values: &[f32]) {
-    let rows = values.len() / DIM;
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {DIM}), }}");
+fn unit(x: &[f64]) -> Vec<f32> {
+    let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    x.iter().map(|v| (v / norm) as f32).collect()
+}
+
+/// A standard .npy file (format 1.0) of `rows x dim` values of `descr` ("<f2" or "<f4").
+fn write_npy(path: &Path, descr: &str, values: &[f32], dim: usize) {
+    let rows = values.len() / dim;
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -114,7 +120,7 @@ fn data(name: &str) -> Data {
     let mut first = 0;
     for (s, &(descr, n)) in SHARDS.iter().enumerate() {
         let path = dir.0.join(format!("{s:05}.npy"));
-        write_npy(&path, descr, &rows[first..first + n].concat());
+        write_npy(&path, descr, &rows[first..first + n].concat(), DIM);
         paths.push(path);
         first += n;
     }
@@ -423,4 +429,133 @@ fn code_shortlists_of_row_ranges_merge_into_the_whole_search() {
             assert_eq!(bits(&rescored), bits(&found.hits), "{what}");
         }
     }
+}
+
+/// A random orthogonal `dim x dim` matrix (Gram-Schmidt of normal rows, twice for accuracy).
+fn orthogonal(rng: &mut Rng, dim: usize) -> Vec<Vec<f64>> {
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    while rows.len() < dim {
+        let mut v: Vec<f64> = (0..dim).map(|_| rng.normal()).collect();
+        for _ in 0..2 {
+            for r in &rows {
+                let d: f64 = v.iter().zip(r).map(|(a, b)| a * b).sum();
+                v.iter_mut().zip(r).for_each(|(a, b)| *a -= d * b);
+            }
+        }
+        let n = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        rows.push(v.iter().map(|a| a / n).collect());
+    }
+    rows
+}
+
+#[test]
+fn progressive_search_is_identical_to_the_float32_search() {
+    // rows with a decaying spectrum along the axes of a random rotation (as real embeddings
+    // have along their principal axes), stored as float16 in shards of uneven sizes
+    const D: usize = 128;
+    let dir = TempDir::new("progressive");
+    let mut rng = Rng(11);
+    let axes = orthogonal(&mut rng, D);
+    let mut draw = |noise: f64, base: Option<&[f32]>| -> Vec<f32> {
+        let z: Vec<f64> = (0..D).map(|i| rng.normal() / (1.0 + i as f64 / 8.0)).collect();
+        let x: Vec<f64> = (0..D)
+            .map(|c| {
+                let v: f64 = (0..D).map(|i| z[i] * axes[i][c]).sum();
+                base.map_or(v, |b| b[c] as f64 + noise * v)
+            })
+            .collect();
+        unit(&x)
+    };
+    let mut rows: Vec<Vec<f32>> = (0..3000).map(|_| draw(0.0, None)).collect();
+    for (from, to) in [(3, 4), (3, 2999), (700, 1900)] {
+        rows[to] = rows[from].clone();
+    }
+    let mut queries: Vec<f32> = Vec::new();
+    for q in 0..NQ {
+        let row = if q % 2 == 0 {
+            draw(0.3, Some(&rows[q * 200 + 3]))
+        } else {
+            draw(0.0, None)
+        };
+        queries.extend(row);
+    }
+    let mut paths = Vec::new();
+    for (s, (lo, hi)) in [(0, 1100), (1100, 1137), (1137, 3000)].into_iter().enumerate() {
+        let path = dir.0.join(format!("{s:05}.npy"));
+        let values: Vec<f32> = rows[lo..hi]
+            .concat()
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        write_npy(&path, "<f2", &values, D);
+        paths.push(path);
+    }
+    let db = Database::open(&paths, None).unwrap();
+    let rotation: Vec<f32> = axes.concat().iter().map(|&v| v as f32).collect();
+    let codes = dir.0.join("progressive.codes");
+    quant::progressive::build(
+        &db,
+        &codes,
+        "fingerprint",
+        &rotation,
+        &[32, 64, 96],
+        &[],
+        2,
+        &Control::default(),
+    )
+    .unwrap();
+    let file = CodesFile::open(&codes).unwrap();
+    file.verify(1).unwrap();
+    let keep: Vec<bool> = (0..db.rows).map(|r| r % 3 != 0).collect();
+    let tiers = vec![
+        Tier { rows: 1137, keep: None },
+        Tier {
+            rows: db.rows,
+            keep: Some(&keep),
+        },
+    ];
+    let simds: Vec<Simd> = [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|s| s.supported())
+        .collect();
+    for simd in simds {
+        // the kernel that goes with the path, and the portable one
+        let kernels = [StageKernel::for_simd(simd), StageKernel::Scalar];
+        for kernel in kernels {
+            let prog = Progressive::open(&file, &db, kernel, true).unwrap();
+            for (k, threads) in [(1, 1), (25, 2), (1137, 3)] {
+                let run = |progressive| {
+                    let opts = SearchOptions {
+                        k,
+                        threads,
+                        simd: Some(simd),
+                        tiers: tiers.clone(),
+                        int8: Int8Choice::Off,
+                        progressive,
+                    };
+                    search::search(&db, &queries, NQ, &opts, &Control::default()).unwrap()
+                };
+                let (plain, fast) = (run(None), run(Some(&prog)));
+                let what = format!("{simd:?} {kernel:?} k {k} threads {threads}");
+                assert_eq!(
+                    fast.stats.stages,
+                    Some(kernel),
+                    "{what}: the progressive pass did not run"
+                );
+                let entered = fast.stats.stage_pairs;
+                assert!(entered[0] > 0, "{what}");
+                // with a small k the bounds prove most pairs out before the last stage
+                assert!(
+                    k > 25 || entered[2] < entered[0] / 2,
+                    "{what}: pairs per stage {entered:?}"
+                );
+                assert_eq!(fast.indices, plain.indices, "{what}");
+                let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast.scores), bits(&plain.scores), "{what}");
+            }
+        }
+    }
+    // codes of another database are refused
+    let other = Database::open(&paths[..2], None).unwrap();
+    assert!(Progressive::open(&file, &other, StageKernel::Scalar, true).is_err());
 }
