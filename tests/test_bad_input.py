@@ -235,6 +235,12 @@ def test_the_tier_files_of_one_pass_are_written_together(stores):
         (["demo", "--threads", "x"], "argument --threads"),
         (["bench", "--n", "-10"], "argument --n"),
         (["run", "--model", "m", "--data", "d", "--out", "o", "-k", "0"], "argument -k"),
+        (["run", "--model", "m", "--data", "d", "--out", "o", "--rerank", "sift", "--rerank-lambda", "1.5"], "lambda"),
+        (["run", "--model", "m", "--data", "d", "--out", "o", "--rerank", "sift", "--rerank-top", "50", "-k", "10"],
+         "--rerank-top"),
+        (["run", "--model", "m", "--data", "d", "--out", "o", "--rerank-tiers", "all"], "--rerank-tiers"),
+        (["rerank", "r.npz", "--locals", "L", "--out", "o.npz", "--method", "sift", "--lambda", "2"], "lambda"),
+        (["rerank", "r.npz", "--locals", "L", "--out", "o.npz", "--method", "sift", "--top", "0"], "argument --top"),
     ],
 )
 def test_numeric_options_out_of_range_are_one_line(tmp_path, argv, option):

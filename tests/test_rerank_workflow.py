@@ -82,6 +82,26 @@ def test_images_come_from_the_core_folder_and_from_tars_by_key(ilias_dir, tmp_pa
     assert src.missing([core, "00001.tar/nope"]) == ["00001.tar/nope"]
 
 
+def test_many_tars_are_read_with_a_few_open(tmp_path, monkeypatch):
+    from ilias.rerank import images
+
+    monkeypatch.setattr(images, "OPEN_TARS", 3)
+    want = {}
+    for t in range(8):
+        with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tar:
+            for k in range(2):
+                data = bytes([t, k]) * (100 + t)
+                info = tarfile.TarInfo(f"{t}{k}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                want[f"{t:05d}.tar/{t}{k}"] = data
+    src = ImageSource(None, [tmp_path])
+    for _ in range(2):  # evicted indexes are opened again
+        for item_id, data in want.items():
+            assert src.read(item_id) == data
+            assert len(src._open) <= 3
+
+
 def test_decode_cuts_the_query_box_and_gives_rgb():
     img = np.zeros((20, 30, 3), np.uint8)
     img[5:9, 10:20] = (255, 0, 0)  # red in RGB
@@ -354,4 +374,7 @@ def test_run_with_rerank_reports_global_and_reranked_side_by_side(ilias_dir, tmp
     assert (tmp_path / "w" / "results.all.rerank-ames.npz").exists()
     again = pipeline.run(cfg, spec=TINY_VIT, say=lambda *_: None)
     assert again["steps"]["rerank ames"]["done"] == "current"
+    # any setting the scores depend on, not only those the label shows, means re-ranking again
+    fewer = pipeline.run(replace(cfg, rerank=replace(rc, db_tokens=6)), spec=TINY_VIT, say=lambda *_: None)
+    assert fewer["steps"]["rerank ames"]["done"] != "current"
     shutil.rmtree(tmp_path / "w")

@@ -25,7 +25,6 @@ carry the same adaptation (`adaptation_of` says which one a database has).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -39,7 +38,7 @@ import numpy as np
 from ._io import atomic_path, atomic_write
 from .database import Database
 from .progress import Progress
-from .store import Manifest, Store, StoreWriter, open_stores, part_dirs
+from .store import Manifest, Store, StoreWriter, file_sha256, open_stores, part_dirs
 
 MODELS_EXTRA = "pip install 'ilias-core[models]'"
 WEIGHT_KEY, BIAS_KEY = "layer.weight", "layer.bias"
@@ -99,14 +98,6 @@ class Adaptation:
             wt = np.ascontiguousarray(self.weight.T)
             object.__setattr__(self, "_wt_cache", wt)
         return wt
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_weights(path: str | os.PathLike) -> Adaptation:

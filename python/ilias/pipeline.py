@@ -178,7 +178,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
 
     step("search", search_step)
     variants = _variant_steps(cfg, out, stores, queries, db, tiers, step)
-    reranked = _rerank_step(cfg, out, data, db, tiers, step) if cfg.rerank is not None else None
+    reranked, rerank_names = _rerank_step(cfg, out, data, db, tiers, step) if cfg.rerank is not None else (None, ())
 
     def report_step():
         # per variant ("" for the plain search): (the curve over the tiers, the report of "all")
@@ -187,8 +187,8 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
             curve, reports = [], {}
             for t in tiers:
                 name = f"{t.name}.{suffix}" if suffix else t.name
-                if suffix and not (out / f"results.{name}.npz").exists():
-                    continue  # a variant of some tiers only (re-ranking where the images are)
+                if suffix == reranked and t.name not in rerank_names:
+                    continue  # re-ranking may cover some tiers only (where the images are)
                 res = SearchResults.load(out / f"results.{name}.npz")
                 ev = evaluate(res, gt, cfg.k, threads=cfg.threads)
                 rep = build_report(ev, config={"model": cfg.model, "tier": t.name})
@@ -285,9 +285,10 @@ def _variant_steps(cfg: RunConfig, out: Path, stores: Path, queries, db: Databas
     return suffixes
 
 
-def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, step) -> str:
+def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, step) -> tuple[str, list[str]]:
     """Re-ranks the plain search's results of the chosen tiers (`results.<tier>.rerank-<method>.npz`),
-    describing the queries and shortlisted images missing from `locals-<method>/`."""
+    describing the queries and shortlisted images missing from `locals-<method>/`. Returns the
+    suffix and the tiers re-ranked."""
     from .rerank.images import ImageSource
     from .rerank.rerank import label_of
     from .rerank.workflow import Method, rerank_results
@@ -304,7 +305,8 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
         method = Method(rc)
         label = label_of(method.scorer, rc.top, *method.weights)
         paths = {n: out / f"results.{n}.{suffix}.npz" for n in names}
-        if all(_current(p, db, cfg.k) and SearchResults.load(p).reranking == label for p in paths.values()):
+        key = method.key()
+        if all(_current(p, db, cfg.k) and SearchResults.load(p).reranking_key == key for p in paths.values()):
             return "current"
         base = [SearchResults.load(out / f"results.{n}.npz") for n in names]
         found = rerank_results(rc, base, out / f"locals-{rc.method}", ImageSource(data, cfg.tars or ()), method=method)
@@ -312,7 +314,7 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
         return f"{label}: {len(names)} tier(s)"
 
     step(f"rerank {rc.method}", rerank_step)
-    return suffix
+    return suffix, names
 
 
 def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:

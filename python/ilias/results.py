@@ -113,6 +113,8 @@ class SearchResults:
     adaptation: str | None = None
     # the re-ranking applied to the first lists' heads (rerank/): e.g. "AMES binary, top 100"
     reranking: str | None = None
+    # a digest of everything the re-ranked scores depend on (checkpoints, descriptors, settings)
+    reranking_key: str | None = None
     db: "Database | None" = None
     # every returned row (sorted) and its id as UTF-8 bytes: a compact table, not 2M Python strings
     _rows: tuple[np.ndarray, np.ndarray] | None = None
@@ -172,6 +174,8 @@ class SearchResults:
             info["adaptation"] = self.adaptation
         if self.reranking:
             info["reranking"] = self.reranking
+        if self.reranking_key:
+            info["reranking_key"] = self.reranking_key
         return info
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -235,6 +239,7 @@ class SearchResults:
             warnings=list(info.get("warnings", [])),
             adaptation=info.get("adaptation"),
             reranking=info.get("reranking"),
+            reranking_key=info.get("reranking_key"),
             _rows=rows,
         )
 

@@ -270,7 +270,7 @@ class Store:
         corrupt ids file would put wrong names on right rows)."""
         if i not in self._ids_checked:
             want = self.manifest.shards[i].ids_sha256
-            if want is not None and _file_sha256(self.ids_path(i)) != want:
+            if want is not None and file_sha256(self.ids_path(i)) != want:
                 raise StoreFormatError(f"{self.ids_path(i)}: checksum mismatch (the ids changed or are corrupt)")
             self._ids_checked.add(i)
         return self.ids(i)
@@ -369,12 +369,17 @@ def _regular_file(path: Path) -> None:
         raise StoreFormatError(f"{path}: not a regular file")
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_tag(path: str | os.PathLike) -> str:
+    """How results and stores name a weights file: its name and the first 12 hex digits of its sha256."""
+    return f"{Path(path).name}@{file_sha256(path)[:12]}"
 
 
 class StoreLockedError(OSError):
@@ -537,7 +542,7 @@ class StoreWriter:
         width = max(len(i) for i in self._ids)
         with atomic_path(shards / f"{name}.ids.npy") as tmp:
             np.save(tmp, np.array(self._ids, dtype=f"S{width}"), allow_pickle=False)
-            ids_sha256 = _file_sha256(tmp)
+            ids_sha256 = file_sha256(tmp)
         # from the file just written (in the page cache): what exact search verifies as it reads
         fast = f"{_core.shard_checksum(str(self._tmp_path()), 0):016x}"
         os.replace(self._tmp_path(), shards / f"{name}.npy")

@@ -9,8 +9,8 @@
 
 The image queries' lists are re-ranked (text queries are written unchanged): the first --top get
 `lambda * global + (1 - lambda) * sigmoid(gamma * s)` with s the re-ranker's raw score (AMES: its
-logit; sift: RANSAC inliers), the rest keeps its order below them. OUT has the format of RESULTS'
-suffix choice (.npz, or the official .json / .pkl), so `ilias evaluate` and the reports read it.
+logit; sift: RANSAC inliers), the rest keeps its order below them. OUT's suffix chooses its format
+(.npz, or the official .json / .pkl), so `ilias evaluate` and the reports read it.
 
 The locals folder holds two stores, `queries/` and `db/`. With --data (and --tars), images they do
 not hold yet are described first (only those: a rerun after an interruption, or a deeper --top,
@@ -19,12 +19,13 @@ adds the rest); without it, a missing image is an error that says how many are m
 Methods: `ames`, the published AMES model (`--weights`: its checkpoint, the binary `dist` or the
 full-precision one; `--detector`: the AMES detector for DINOv2 ViT-B/14 with registers, whose
 pretrained weights are downloaded once or given with --backbone-weights); `sift`, a verifier that
-needs no learned weights (OpenCV SIFT with colour, RANSAC; pip install 'ilias-core[rerank]').
+needs no learned weights (OpenCV SIFT with colour, RANSAC; pip install 'ilias-core[sift]').
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from .options import POSITIVE, THREADS, number, whole
 
@@ -36,6 +37,7 @@ def add_method_options(p, in_run: bool = False) -> None:
     if in_run:
         p.add_argument("--rerank", dest="method", choices=["ames", "sift"],
                        help="also re-rank the image queries' lists: ames (published checkpoints) or sift (no weights)")
+        p.add_argument("--rerank-tiers", nargs="+", metavar="TIER", help="the tiers re-ranked (default: all of the run's)")
     else:
         p.add_argument("--method", choices=["ames", "sift"], default="ames",
                        help="re-ranker: ames (published checkpoints) or sift (no weights) (default ames)")
@@ -54,7 +56,8 @@ def add_method_options(p, in_run: bool = False) -> None:
     if not in_run:
         p.add_argument("--random-init", action="store_true", help="random AMES and backbone weights (testing only)")
         p.add_argument("--device", help="torch device (default: cuda when available)")
-        p.add_argument("--threads", type=THREADS, default=4, help="image decoding threads (default 4)")
+        p.add_argument("--threads", type=THREADS, default=4,
+                       help="threads decoding images and running the verifier (default 4; 0: all cores)")
 
 
 def config_of(args):
@@ -63,7 +66,7 @@ def config_of(args):
     return RerankConfig(
         method=args.method, weights=args.ames_weights, detector=args.detector, backbone_weights=args.backbone_weights,
         imsize=args.imsize, top=args.top, query_tokens=args.query_tokens, db_tokens=args.db_tokens, lam=args.lam,
-        gamma=args.gamma, random_init=getattr(args, "random_init", False), device=args.device, threads=args.threads or 4,
+        gamma=args.gamma, random_init=getattr(args, "random_init", False), device=args.device, threads=args.threads or os.cpu_count() or 1,
     )
 
 
@@ -101,11 +104,15 @@ def run(args) -> int:
     from ..rerank.workflow import rerank_results
     from ..results import check_output
 
+    cfg = config_of(args)
+    cfg.check()
     res = load_results(args.results)
     check_output([args.out], None, 0)
     t0 = time.monotonic()
-    [out] = rerank_results(config_of(args), [res], args.locals, source_of(args))
+    [out] = rerank_results(cfg, [res], args.locals, source_of(args))
     out.write(args.out)
-    print(f"re-ranked the first {args.top} of {len(res.query_ids):,} lists ({out.reranking}) in "
+    from ..rerank.extract import image_query_rows
+
+    print(f"re-ranked the first {args.top} of {len(image_query_rows(res)):,} image queries' lists ({out.reranking}) in "
           f"{time.monotonic() - t0:.1f}s: {args.out}")
     return 0

@@ -53,11 +53,16 @@ def run(args) -> int:
         batch_size=args.batch_size, workers=args.workers, threads=args.threads,
         adapt=args.adapt, qe=args.qe, qe_alpha=args.qe_alpha,
     )
+    if args.rerank_tiers and not args.method:
+        raise ValueError("--rerank-tiers: only with --rerank ames|sift")
     if args.method:
         from .rerank import config_of
 
         cfg.rerank = config_of(args)
         cfg.rerank.check()
+        cfg.rerank_tiers = tuple(args.rerank_tiers) if args.rerank_tiers else None
+        if cfg.rerank.top > args.k:
+            raise ValueError(f"--rerank-top: at most -k ({args.k}), got {cfg.rerank.top}")
     if args.qe is None and args.qe_alpha != 1.0:
         raise ValueError("--qe-alpha: only with --qe N")
     from .cluster_args import cluster_options

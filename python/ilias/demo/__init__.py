@@ -154,7 +154,8 @@ def run(
         published=False,  # generated data: its numbers do not compare with the paper's
         rerank=rerank,
         # the tier whose every row has an image: the sampled rows after the tar images have none
-        rerank_tiers=(RERANK_TIER,),
+        # (with only 1,000 distractors there is no +1k prefix: everything is images then)
+        rerank_tiers=(RERANK_TIER if 1_000 < config.distractors else "all",),
     )
     record = run_pipeline(cfg, say=say, features=_features_step(data, config, progress))
     record["seconds"] = time.monotonic() - t0

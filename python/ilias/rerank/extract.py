@@ -36,16 +36,23 @@ def image_query_rows(results: SearchResults) -> list[int]:
     return [q for q, qid in enumerate(results.query_ids) if not qid.endswith(".txt")]
 
 
-def needed(results: SearchResults, top: int) -> tuple[list[str], list[str]]:
-    """(query ids, database ids) a re-ranking of the first `top` of each image query's list
-    needs; the database ids in database row order."""
+def heads(results: SearchResults, top: int) -> tuple[list[int], np.ndarray, np.ndarray, list[str]]:
+    """(image query rows, their first `top` global rows (-1: none), the distinct rows among those
+    sorted, their ids)."""
     if top < 1:
         raise ValueError(f"top: must be at least 1, got {top}")
     rows = image_query_rows(results)
     head = results.indices[rows, :top]
     table, ids = results.returned_rows()
     wanted = np.unique(head[head >= 0])
-    return [results.query_ids[q] for q in rows], [b.decode("utf-8") for b in ids[np.searchsorted(table, wanted)]]
+    return rows, head, wanted, [b.decode("utf-8") for b in ids[np.searchsorted(table, wanted)]]
+
+
+def needed(results: SearchResults, top: int) -> tuple[list[str], list[str]]:
+    """(query ids, database ids) a re-ranking of the first `top` of each image query's list
+    needs; the database ids in database row order."""
+    rows, _, _, db_ids = heads(results, top)
+    return [results.query_ids[q] for q in rows], db_ids
 
 
 class SiftLocals:
@@ -97,6 +104,8 @@ def extract_locals(ids: Sequence[str], source: ImageSource, describer, out: str 
         raise ValueError("ids: listed more than once")
     have = _have(out, describer, tokens, variant)
     todo = [i for i in ids if i not in have]
+    if not todo and have:  # nothing to add: the store is read as it is (a read-only one too)
+        return LocalsStore.open(out)
     absent = source.missing(todo)
     if absent:
         raise FileNotFoundError(f"{len(absent):,} of {len(todo):,} images to describe have no image file "

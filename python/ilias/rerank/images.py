@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,9 @@ class ImageNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+OPEN_TARS = 16
 
 
 class ImageSource:
@@ -58,14 +62,20 @@ class ImageSource:
                 if t.name in self._tars and self._tars[t.name] != t:
                     raise ValueError(f"{t}: two tars named {t.name} ({self._tars[t.name]}); ids <tar name>/<key> would be ambiguous")
                 self._tars[t.name] = t
-        self._open: dict[str, TarIndex] = {}
+        self._open: OrderedDict[str, TarIndex] = OrderedDict()
         self._lock = threading.Lock()  # extraction reads from several threads: one index per tar
 
     def _tar(self, name: str) -> TarIndex:
+        """The tar's index, kept among the `OPEN_TARS` used last (ids come in database order, so
+        a shortlist reads its tars one after another: a few open at once, not a thousand)."""
         with self._lock:
             idx = self._open.get(name)
             if idx is None:
                 idx = self._open[name] = TarIndex.open(self._tars[name])
+                if len(self._open) > OPEN_TARS:
+                    # dropped, not closed: a thread may still be reading it; its file closes with it
+                    self._open.popitem(last=False)
+            self._open.move_to_end(name)
             return idx
 
     def _member(self, tar: str, key: str) -> str | None:

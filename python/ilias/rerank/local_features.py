@@ -26,13 +26,13 @@ thousands of tokens, so the longer side is 768 px by default (`imsize`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .._extras import require
+from ..store import file_tag
 
 torch = require("torch", "local-descriptor extraction", "rerank")
 cv2 = require("cv2", "local-descriptor extraction", "rerank", "OpenCV (opencv-python-headless)")
@@ -116,14 +116,6 @@ def load_detector(path: str | os.PathLike, dim: int = DIM) -> Detector:
     return det.eval()
 
 
-def _file_tag(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{Path(path).name}@{h.hexdigest()[:12]}"
-
-
 class DinoLocals:
     """Describes images with DINOv2 ViT-B/14 (registers) tokens and the AMES detector.
 
@@ -142,7 +134,11 @@ class DinoLocals:
         if imsize is not None and imsize < PATCH:
             raise ValueError(f"imsize: at least one {PATCH}-pixel patch, got {imsize}")
         spec = get_spec(BACKBONE)
-        self.backbone = _timm_model(spec.arch, spec, not random_init and weights is None, weights, num_classes=0).eval()
+        # the backbone is built (and its pretrained weights fetched) on the first image described:
+        # a store that already holds every image needs only this object's identity
+        self._build_backbone = lambda: _timm_model(spec.arch, spec, not random_init and weights is None, weights,
+                                                   num_classes=0).eval().to(self.device)
+        self._backbone = None
         if detector is not None:
             self.detector: Detector | None = load_detector(detector)
         elif random_init:
@@ -154,14 +150,19 @@ class DinoLocals:
             self.detector = None
         self.imsize = imsize
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.backbone.to(self.device)
         if self.detector is not None:
             self.detector.to(self.device)
         self.identity = {
-            "backbone": "random-init" if random_init else (_file_tag(weights) if weights else spec.hub_name),
-            "detector": "random-init" if random_init and detector is None else (_file_tag(detector) if detector else None),
+            "backbone": "random-init" if random_init else (file_tag(weights) if weights else spec.hub_name),
+            "detector": "random-init" if random_init and detector is None else (file_tag(detector) if detector else None),
             "imsize": imsize,
         }
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = self._build_backbone()
+        return self._backbone
 
     def prepare(self, img: np.ndarray) -> "torch.Tensor":
         """CPU work, safe in worker threads: RGB uint8 -> the normalised, patch-aligned tensor."""

@@ -38,11 +38,11 @@ from ..store import (
     _SHARD_NAME,
     StoreSourceError,
     _brief,
-    _file_sha256,
     _lock,
     _npy_header,
     _regular_file,
     encode_ids,
+    file_sha256,
 )
 from .binary import check_projection, pack_signs, projection_sha256, unpack_signs
 
@@ -296,7 +296,7 @@ class LocalsStore:
         """Recomputes every shard file's checksum against the manifest (reads the whole store)."""
         for i, s in enumerate(self.manifest.shards):
             for kind, want in (("meta", s.meta_sha256), ("desc", s.desc_sha256), ("ids", s.ids_sha256)):
-                if want is not None and _file_sha256(self.file(i, kind)) != want:
+                if want is not None and file_sha256(self.file(i, kind)) != want:
                     raise StoreFormatError(f"{self.file(i, kind)}: checksum mismatch (the data changed or is corrupt)")
 
 
@@ -461,12 +461,12 @@ class LocalsWriter:
             os.fsync(f.fileno())
             f.close()
             # of the whole file, header included (what verify() recomputes), read back from the page cache
-            sums[kind] = _file_sha256(self._tmp(kind))
+            sums[kind] = file_sha256(self._tmp(kind))
         self._files = None
         width = max(len(i) for i in self._ids)
         with atomic_path(shards / f"{name}.ids.npy") as tmp:
             np.save(tmp, np.array(self._ids, dtype=f"S{width}"), allow_pickle=False)
-            ids_sha = _file_sha256(tmp)
+            ids_sha = file_sha256(tmp)
         for kind in ("meta", "desc"):
             os.replace(self._tmp(kind), shards / f"{name}.{kind}.npy")
         fsync_dir(shards)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..progress import Progress
 from ..results import SearchResults
-from .extract import image_query_rows
+from .extract import heads
 from .fuse import fuse
 from .locals_store import LocalsStore
 
@@ -87,7 +87,6 @@ class SiftScorer:
 
         qm, qd = q_store.read(q_rows)
         dm, dd = d_store.read(d_rows)
-        qd, dd = qd.astype(np.float32), dd.astype(np.float32)
         parts = np.array_split(np.asarray(pairs), self.threads)
         with ThreadPoolExecutor(self.threads) as pool:
             found = list(pool.map(lambda p: sift.verify_pairs(qm, qd, dm, dd, p), parts))
@@ -112,14 +111,11 @@ def rerank(results: SearchResults, query_locals: LocalsStore, db_locals: LocalsS
     if chunk < 1:
         raise ValueError(f"chunk: must be at least 1, got {chunk}")
     scorer.check(query_locals, db_locals)
-    image_rows = image_query_rows(results)
+    image_rows, head, uniq, uniq_ids = heads(results, top)
     if not image_rows:
         raise ValueError("the results hold no image queries (text queries are not re-ranked by local descriptors)")
-    table, ids = results.returned_rows()
-    head = results.indices[image_rows, :top]
-    uniq = np.unique(head[head >= 0])
     q_rows = _rows_or_fail(query_locals, [results.query_ids[q] for q in image_rows], "queries")
-    d_rows_of = _rows_or_fail(db_locals, [b.decode("utf-8") for b in ids[np.searchsorted(table, uniq)]], "shortlisted images")
+    d_rows_of = _rows_or_fail(db_locals, uniq_ids, "shortlisted images")
     local = np.zeros(head.shape, np.float64)
     with Progress(f"re-rank ({scorer.label})", total=int((head >= 0).sum()), unit="pairs", enabled=progress) as bar:
         for lo in range(0, len(image_rows), chunk):

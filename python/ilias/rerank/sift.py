@@ -62,12 +62,12 @@ RATIO = 0.95
 THRESHOLD = 0.012
 # a similarity has 2 degrees of freedom per point pair: 2 matches always fit
 MINIMAL = 2
-# what `describe` was run with (a store resumed with other settings would mix two descriptions)
 # keypoints kept per image: the demo's images give 130-170, a 512-px photo a few hundred strong ones
 TOKENS = 300
 # fusion weights, chosen before any measurement and not tuned on the demo's queries: the global and
 # the local term weigh alike; gamma = 0.5 puts 4 inliers beyond chance at sigmoid 0.88 (0: 0.5)
 LAMBDA, GAMMA = 0.5, 0.5
+# what `describe` was run with (a store resumed with other settings would mix two descriptions)
 SETTINGS = {"upscale": UPSCALE, "max_side": MAX_SIDE, "descriptor": "opponent-sift", "float16": True}
 _META = 5
 _X, _Y, _SCALE, _MASK, _WEIGHT = range(_META)

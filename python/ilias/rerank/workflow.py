@@ -16,12 +16,15 @@ keeps SIFT's strongest keypoints on both sides; its fusion weights are in `sift.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from ..results import SearchResults
+from ..store import file_tag
 from .extract import extract_locals, needed
 from .images import ImageSource
 from .locals_store import LocalsStore
@@ -54,10 +57,10 @@ class RerankConfig:
             raise ValueError("--method ames needs --weights AMES.pt (a published checkpoint, e.g. dinov2_ames_dist.pt)")
         if self.top < 1:
             raise ValueError(f"--top: must be at least 1, got {self.top}")
-        for name in ("lam", "gamma"):
-            value = getattr(self, name)
-            if value is not None and value != value:
-                raise ValueError(f"{name}: NaN")
+        if self.lam is not None and not 0 <= self.lam <= 1:
+            raise ValueError(f"lambda (the global score's weight): between 0 and 1, got {self.lam}")
+        if self.gamma is not None and not abs(self.gamma) < float("inf"):
+            raise ValueError(f"gamma: a finite number, got {self.gamma}")
 
 
 class Method:
@@ -75,37 +78,54 @@ class Method:
             self.store_tokens = (sift.TOKENS, sift.TOKENS)
             self.variant, self.projection = "float16", None
             self.scorer = SiftScorer(cfg.threads)
-            self.weights = (cfg.lam if cfg.lam is not None else sift.LAMBDA, cfg.gamma if cfg.gamma is not None else sift.GAMMA)
+            self.weights = _weights(cfg, sift.LAMBDA, sift.GAMMA)
+            self._scores_from = {"reads": "all"}
             return
+        import torch
+
         from .ames import AMES, load_ames
         from .fuse import default_weights
         from .rerank import AmesScorer
 
-        model = AMES("binary") if cfg.random_init and cfg.weights is None else load_ames(cfg.weights, device=cfg.device or "cpu")
-        if cfg.random_init and cfg.weights is None:
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.weights is None:  # random_init (check() refused anything else)
+            model = AMES("binary")
             _randomize(model)
-        if cfg.device:
-            model.to(cfg.device)
+            model.to(self.device)
+        else:
+            model = load_ames(cfg.weights, device=self.device)
         self.variant = "binary" if model.variant == "binary" else "float16"
         self.projection = model.projection
         q_read, d_read = cfg.query_tokens or 600, cfg.db_tokens or 50
         self.store_tokens = (max(700, q_read), max(100, d_read))
         self.scorer = AmesScorer(model, q_read, d_read, cfg.batch_size)
-        lam, gamma = default_weights("dinov2", self.variant)
-        self.weights = (cfg.lam if cfg.lam is not None else lam, cfg.gamma if cfg.gamma is not None else gamma)
+        self.weights = _weights(cfg, *default_weights("dinov2", self.variant))
         self._describer = None
+        self._scores_from = {"model": file_tag(cfg.weights) if cfg.weights else "random-init", "reads": [q_read, d_read]}
 
     @property
     def describer(self):
-        if self._describer is None:  # built on first use: re-ranking stores that are complete needs no backbone
+        if self._describer is None:  # built on first use (it hashes the checkpoints it names)
             from .local_features import DEFAULT_IMSIZE, DinoLocals
 
             self._describer = DinoLocals(self.cfg.detector, self.cfg.backbone_weights,
-                                         self.cfg.imsize or DEFAULT_IMSIZE, self.cfg.device, self.cfg.random_init)
+                                         self.cfg.imsize or DEFAULT_IMSIZE, self.device, self.cfg.random_init)
         return self._describer
+
+    def key(self) -> str:
+        """A digest of what the re-ranked scores depend on: the model and the tokens it reads, the
+        describer's settings, the depth and the fusion weights (a changed one means re-ranking again)."""
+        what = {"label": self.scorer.label, **self._scores_from, "describer": self.describer.identity,
+                "stores": list(self.store_tokens), "top": self.cfg.top, "weights": list(self.weights)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def stores(self, locals_dir: Path) -> tuple[Path, Path]:
         return locals_dir / "queries", locals_dir / "db"
+
+
+def _weights(cfg: RerankConfig, lam: float, gamma: float) -> tuple[float, float]:
+    """The fusion weights: the user's where given, else the method's defaults."""
+    return (cfg.lam if cfg.lam is not None else lam, cfg.gamma if cfg.gamma is not None else gamma)
 
 
 def _randomize(model) -> None:
@@ -154,4 +174,6 @@ def rerank_results(cfg: RerankConfig, results: Sequence[SearchResults], locals_d
     method = method or Method(cfg)
     q_store, d_store = ensure_locals(method, results, locals_dir, source, progress)
     lam, gamma = method.weights
-    return [rerank(r, q_store, d_store, method.scorer, cfg.top, lam, gamma, cfg.chunk, progress) for r in results]
+    key = method.key()
+    return [replace(rerank(r, q_store, d_store, method.scorer, cfg.top, lam, gamma, cfg.chunk, progress), reranking_key=key)
+            for r in results]
