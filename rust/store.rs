@@ -216,6 +216,12 @@ fn block_hash_portable(bytes: &[u8], index: u64) -> u64 {
 /// The checksum of `bytes` cut into blocks of `block` bytes (the last one shorter): the wrapping
 /// sum of their [`block_hash`]es, computed on up to `threads` threads (0: all cores).
 pub fn checksum(bytes: &[u8], block: usize, threads: usize) -> Result<u64> {
+    checksum_from(bytes, block, 0, threads)
+}
+
+/// The part of a [`checksum`] that the blocks of `bytes` contribute when they are blocks
+/// `first..` of a longer sequence: the checksum of a whole is the wrapping sum of its parts'.
+pub fn checksum_from(bytes: &[u8], block: usize, first: u64, threads: usize) -> Result<u64> {
     let block = block.max(1);
     let blocks = bytes.len().div_ceil(block);
     let threads = crate::parallel::resolve_threads(threads)?.min(blocks.max(1));
@@ -223,7 +229,7 @@ pub fn checksum(bytes: &[u8], block: usize, threads: usize) -> Result<u64> {
     let parts = crate::parallel::map(0..threads, |t| {
         let sum = (t * per..((t + 1) * per).min(blocks)).fold(0u64, |sum, b| {
             let piece = &bytes[b * block..((b + 1) * block).min(bytes.len())];
-            sum.wrapping_add(block_hash(piece, b as u64))
+            sum.wrapping_add(block_hash(piece, first + b as u64))
         });
         Ok(sum)
     })?;
@@ -539,6 +545,23 @@ mod tests {
         // pinned: manifests and codes files record these values, so the hash may never change
         assert_eq!(block_hash(&data[..1000], 3), 0x7867_1b1e_e450_4b27);
         assert_eq!(checksum(&[], block, 4).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_checksum_is_the_sum_of_its_parts() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let block = 96;
+        let whole = checksum(&data, block, 1).unwrap();
+        for cut in [block, 5 * block, 50 * block, 104 * block] {
+            let first = checksum_from(&data[..cut], block, 0, 2).unwrap();
+            let rest = checksum_from(&data[cut..], block, (cut / block) as u64, 3).unwrap();
+            assert_eq!(first.wrapping_add(rest), whole, "cut at {cut}");
+        }
+        // the block numbers count: the same bytes as other blocks give another sum
+        assert_ne!(
+            checksum_from(&data[block..], block, 0, 1).unwrap(),
+            checksum_from(&data[block..], block, 1, 1).unwrap()
+        );
     }
 
     #[test]

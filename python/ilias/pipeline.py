@@ -319,31 +319,20 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
 
 def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:
     """The first image query of a few instances with its top results, images read from the core
-    folders and the distractor tars (only the members shown), for the report's thumbnails."""
-    import tarfile
+    folders and the distractor tars (only the members shown), for the report's thumbnails; an
+    image that cannot be read shows its id instead."""
+    from .rerank.images import ImageNotFound, ImageSource
 
-    # the tars as `ilias.extract.tar_sources` lists them, without importing it (it needs torch)
-    listed = [p for t in map(Path, tars or []) for p in (sorted(t.glob("*.tar")) if t.is_dir() else [t])]
-    tar_paths = {p.name: p for p in listed}
-    opened: dict = {}
+    try:
+        source = ImageSource(core if core.is_dir() else None, tars or ())
+    except (OSError, ValueError):
+        source = ImageSource(core if core.is_dir() else None)
 
-    def image(item_id: str):
-        if (core / item_id).is_file():
-            return core / item_id
-        name, _, key = item_id.partition("/")
-        if name not in tar_paths:
-            return None
+    def image(item_id: str) -> bytes | None:
         try:
-            tar = opened.setdefault(name, tarfile.open(tar_paths[name], "r:"))
-        except (OSError, tarfile.TarError):
+            return source.read(item_id)
+        except (ImageNotFound, OSError, ValueError):
             return None
-        for ext in ("jpg", "png", "jpeg", "webp"):  # the sample's image member, as webdataset names it
-            try:
-                f = tar.extractfile(f"{key}.{ext}")
-            except (KeyError, OSError, tarfile.TarError):
-                continue
-            return f.read() if f else None
-        return None
 
     positives = set(gt.positives)
     rows, seen = [], set()
@@ -361,8 +350,6 @@ def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> l
         })
         if len(rows) == queries:
             break
-    for tar in opened.values():
-        tar.close()
     return rows
 
 

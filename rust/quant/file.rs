@@ -236,10 +236,19 @@ impl CodesFile {
     }
 
     /// Checks every section against its checksum in the header, on `threads` threads (0: all
-    /// cores): a damaged file is an error naming it and the section.
+    /// cores): a damaged file is an error naming it and the section. It reads a window at a time
+    /// and drops each from the resident set once read, so the memory of checking codes larger
+    /// than memory stays bounded.
     pub fn verify(&self, threads: usize) -> Result<()> {
+        const WINDOW: usize = 64 * SECTION_BLOCK;
         for (i, &want) in self.header.checksums.iter().enumerate() {
-            if crate::store::checksum(self.bytes(i), SECTION_BLOCK, threads)? != want {
+            let mut sum = 0u64;
+            for (w, part) in self.bytes(i).chunks(WINDOW).enumerate() {
+                let first = (w * WINDOW / SECTION_BLOCK) as u64;
+                sum = sum.wrapping_add(crate::store::checksum_from(part, SECTION_BLOCK, first, threads)?);
+                self.release(i, w * WINDOW, w * WINDOW + part.len());
+            }
+            if sum != want {
                 return Err(Error::format(
                     &self.path,
                     format!(

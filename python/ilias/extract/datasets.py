@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .tar_index import webdataset_key
+from .tar_index import tar_files, webdataset_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CORE_KINDS = ("image_queries", "positives", "text_queries")
@@ -132,17 +132,7 @@ def folder_sources(folder: str | Path) -> list[Source]:
 
 def tar_sources(paths: Sequence[str | Path]) -> list[Source]:
     """Tar shards, in the order given; a folder stands for its *.tar files, sorted."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            tars = sorted(p.glob("*.tar"))
-            if not tars:
-                raise ValueError(f"{p}: no .tar files in this folder")
-            out.extend(Source(str(t), "tar") for t in tars)
-        elif p.is_file():
-            out.append(Source(str(p), "tar"))
-        else:
-            raise FileNotFoundError(f"{p}: no such tar file")
+    out = [Source(str(t), "tar") for t in tar_files(paths)]
     if not out:
         raise ValueError("no tar files given")
     return out

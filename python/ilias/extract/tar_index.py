@@ -24,7 +24,7 @@ import tarfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -38,6 +38,23 @@ def default_cache_dir() -> Path:
     """Where indexes of tars in read-only folders go: $ILIAS_CACHE or ~/.cache/ilias, then tar-index/."""
     root = os.environ.get("ILIAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ilias")
     return Path(root) / "tar-index"
+
+
+def tar_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Tar shards, in the order given; a folder stands for its *.tar files, sorted (a folder
+    without any, or a path that does not exist, is an error naming it)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            tars = sorted(p.glob("*.tar"))
+            if not tars:
+                raise ValueError(f"{p}: no .tar files in this folder")
+            out.extend(tars)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such tar file")
+    return out
 
 
 def webdataset_key(member: str) -> tuple[str, str]:

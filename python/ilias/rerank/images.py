@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .._extras import require
-from ..extract.tar_index import TarIndex
+from ..extract.tar_index import TarIndex, tar_files
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -54,14 +54,10 @@ class ImageSource:
                 raise FileNotFoundError(f"{core}: no such folder (expected the ILIAS core images, ilias_core/)")
             self.core = core
         self._tars: dict[str, Path] = {}
-        for p in map(Path, tars):
-            found = sorted(p.glob("*.tar")) if p.is_dir() else [p]
-            for t in found:
-                if not t.is_file():
-                    raise FileNotFoundError(f"{t}: no such tar file")
-                if t.name in self._tars and self._tars[t.name] != t:
-                    raise ValueError(f"{t}: two tars named {t.name} ({self._tars[t.name]}); ids <tar name>/<key> would be ambiguous")
-                self._tars[t.name] = t
+        for t in tar_files(tars):
+            if t.name in self._tars and self._tars[t.name] != t:
+                raise ValueError(f"{t}: two tars named {t.name} ({self._tars[t.name]}); ids <tar name>/<key> would be ambiguous")
+            self._tars[t.name] = t
         self._open: OrderedDict[str, TarIndex] = OrderedDict()
         self._lock = threading.Lock()  # extraction reads from several threads: one index per tar
 
