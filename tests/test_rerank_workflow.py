@@ -377,4 +377,7 @@ def test_run_with_rerank_reports_global_and_reranked_side_by_side(ilias_dir, tmp
     # any setting the scores depend on, not only those the label shows, means re-ranking again
     fewer = pipeline.run(replace(cfg, rerank=replace(rc, db_tokens=6)), spec=TINY_VIT, say=lambda *_: None)
     assert fewer["steps"]["rerank ames"]["done"] != "current"
+    # a tier name the run does not have is an error before any search, never a partial re-ranking
+    with pytest.raises(ValueError, match=r"rerank tiers: \+9k is not a tier of this run"):
+        pipeline.run(replace(cfg, rerank_tiers=("all", "+9k")), spec=TINY_VIT, say=lambda *_: None)
     shutil.rmtree(tmp_path / "w")

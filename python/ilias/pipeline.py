@@ -161,6 +161,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
     tiers.append(Tier("all", setting="mini" if cfg.distractors == "mini" else None))
     if not cfg.published:
         tiers = [replace(t, setting="") for t in tiers]
+    rerank_names = _rerank_names(cfg, tiers) if cfg.rerank is not None else []  # checked before any search
 
     def search_step():
         paths = {t.name: out / f"results.{t.name}.npz" for t in tiers}
@@ -178,7 +179,7 @@ def run(cfg: RunConfig, spec=None, say=print, features=None, cluster=None) -> di
 
     step("search", search_step)
     variants = _variant_steps(cfg, out, stores, queries, db, tiers, step)
-    reranked, rerank_names = _rerank_step(cfg, out, data, db, tiers, step) if cfg.rerank is not None else (None, ())
+    reranked = _rerank_step(cfg, out, data, db, rerank_names, step) if cfg.rerank is not None else None
 
     def report_step():
         # per variant ("" for the plain search): (the curve over the tiers, the report of "all")
@@ -285,10 +286,19 @@ def _variant_steps(cfg: RunConfig, out: Path, stores: Path, queries, db: Databas
     return suffixes
 
 
-def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, step) -> tuple[str, list[str]]:
-    """Re-ranks the plain search's results of the chosen tiers (`results.<tier>.rerank-<method>.npz`),
+def _rerank_names(cfg: RunConfig, tiers) -> list[str]:
+    """The names of the tiers to re-rank: `cfg.rerank_tiers`, each a tier of this run, or all."""
+    have = [t.name for t in tiers]
+    unknown = [n for n in cfg.rerank_tiers or () if n not in have]
+    if unknown:
+        raise ValueError(f"rerank tiers: {', '.join(unknown)} is not a tier of this run ({', '.join(have)})")
+    return [n for n in have if cfg.rerank_tiers is None or n in cfg.rerank_tiers]
+
+
+def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, names: list[str], step) -> str:
+    """Re-ranks the plain search's results of the tiers `names` (`results.<tier>.rerank-<method>.npz`),
     describing the queries and shortlisted images missing from `locals-<method>/`. Returns the
-    suffix and the tiers re-ranked."""
+    results' suffix."""
     from .rerank.images import ImageSource
     from .rerank.rerank import label_of
     from .rerank.workflow import Method, rerank_results
@@ -296,10 +306,6 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
 
     rc = cfg.rerank
     suffix = f"rerank-{rc.method}"
-    names = [t.name for t in tiers if cfg.rerank_tiers is None or t.name in cfg.rerank_tiers]
-    if not names:
-        raise ValueError(f"rerank tiers: none of {', '.join(cfg.rerank_tiers or ())} is a tier of this run "
-                         f"({', '.join(t.name for t in tiers)})")
 
     def rerank_step():
         method = Method(rc)
@@ -314,7 +320,7 @@ def _rerank_step(cfg: RunConfig, out: Path, data: Path, db: Database, tiers, ste
         return f"{label}: {len(names)} tier(s)"
 
     step(f"rerank {rc.method}", rerank_step)
-    return suffix, names
+    return suffix
 
 
 def _qualitative(res, gt, core: Path, tars, queries: int = 6, top: int = 8) -> list[dict]:

@@ -101,6 +101,7 @@ def load_results(path: str):
 def run(args) -> int:
     import time
 
+    from ..rerank.extract import image_query_rows
     from ..rerank.workflow import rerank_results
     from ..results import check_output
 
@@ -111,8 +112,6 @@ def run(args) -> int:
     t0 = time.monotonic()
     [out] = rerank_results(cfg, [res], args.locals, source_of(args))
     out.write(args.out)
-    from ..rerank.extract import image_query_rows
-
     print(f"re-ranked the first {args.top} of {len(image_query_rows(res)):,} image queries' lists ({out.reranking}) in "
           f"{time.monotonic() - t0:.1f}s: {args.out}")
     return 0

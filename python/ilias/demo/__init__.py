@@ -144,18 +144,19 @@ def run(
     t0 = time.monotonic()
     data = build(root, config, progress)
     rerank = _weight_free_rerank(say, threads)
+    prefixes = tuple(n for n in PREFIX_TIERS if n < config.distractors)
     cfg = RunConfig(
         model=MODEL_NAME,
         data=str(data),
         out=str(root),
         tars=[str(data / "distractors")],
         threads=threads,
-        prefixes=tuple(n for n in PREFIX_TIERS if n < config.distractors),
+        prefixes=prefixes,
         published=False,  # generated data: its numbers do not compare with the paper's
         rerank=rerank,
         # the tier whose every row has an image: the sampled rows after the tar images have none
         # (with only 1,000 distractors there is no +1k prefix: everything is images then)
-        rerank_tiers=(RERANK_TIER if 1_000 < config.distractors else "all",),
+        rerank_tiers=(RERANK_TIER if 1_000 in prefixes else "all",),
     )
     record = run_pipeline(cfg, say=say, features=_features_step(data, config, progress))
     record["seconds"] = time.monotonic() - t0
