@@ -47,9 +47,6 @@ const PROBE_EVERY: usize = 64;
 /// The progressive pass pays while its work (int8 products per dimension read, rescored pairs
 /// at four times a float32 pair) stays under this share of scoring every pair in float32.
 const MAX_PROGRESSIVE_WORK: f64 = 0.5;
-/// A later stage runs the block kernel over a query block and panel when at least this many of
-/// its 256 pairs survive (else one pair at a time).
-const BLOCK_PAIRS: u32 = 24;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
 /// and of every path's `nr`). A tile is one checksum block of its shard: `chunks` starts and
 /// ends work items only at multiples of it (or at the shard's end), so the tiles of a chunk
@@ -617,9 +614,9 @@ impl<'a> Worker<'a> {
     }
 
     /// The progressive pass over a tile: stage 1 for every (query, row) pair, panel by panel
-    /// and query block by query block; each later stage only where pairs survive (the block
-    /// kernel when many of a block's pairs do, else pair by pair); the survivors of the last
-    /// stage scored exactly from the stored rows, as the int8 pass does.
+    /// and query block by query block; each later stage only for the pairs that survive, one
+    /// at a time from the row's contiguous codes; the survivors of the last stage scored
+    /// exactly from the stored rows, as the int8 pass does.
     fn progressive_tile(&mut self, rows: &Rows, pr: &Progressive, sq: &StageQueries) {
         let plan = self.plan;
         let (nq, dim) = (plan.nq, plan.dim);
@@ -636,8 +633,8 @@ impl<'a> Worker<'a> {
             ..
         } = self;
         s.jobs.clear();
-        s.row_codes.resize(progressive::MAX_WIDTH, 0);
         let mut touched = [0u32; MAX_STAGES];
+        let mut read = [0u128; MAX_STAGES];
         let mut raw = [0i32; int8::MR * int8::NR];
         let mut partial = [[0f32; int8::NR]; int8::MR];
         for qb in 0..nq.div_ceil(mr) {
@@ -685,26 +682,14 @@ impl<'a> Worker<'a> {
                     stats.stage_pairs[j] += count as u64;
                     touched[j] |= 1 << p;
                     let (codes, terms) = (pr.panel_codes(j, gp), pr.panel_terms(j, gp));
-                    if count >= BLOCK_PAIRS {
-                        pr.kernel
-                            .block(&sq.blocks[j][qb * w * mr..(qb + 1) * w * mr], codes, w / 4, &mut raw);
-                        for (i, q) in live.clone().enumerate() {
-                            if masks[i] != 0 {
-                                let r: &[i32; int8::NR] = raw[i * nr..(i + 1) * nr].try_into().expect("NR values");
-                                let c = sq.consts[q][j];
-                                masks[i] &=
-                                    stage_mask_fast(r, terms, sq.scale[q][j], c, limits[i], kept, &mut partial[i]);
-                            }
-                        }
-                        continue;
-                    }
                     for (i, q) in live.clone().enumerate() {
                         let (mut m, t, c) = (masks[i], sq.scale[q][j], sq.consts[q][j]);
+                        read[j] |= (m as u128) << (p * nr);
+                        let a = &sq.rows[j][q * w..(q + 1) * w];
                         while m != 0 {
                             let b = m.trailing_zeros() as usize;
                             m &= m - 1;
-                            progressive::gather(codes, b, &mut s.row_codes[..w]);
-                            let dot = pr.kernel.dot(&sq.rows[j][q * w..(q + 1) * w], &s.row_codes[..w]);
+                            let dot = pr.kernel.dot(a, &codes[b * w..(b + 1) * w]);
                             let sum = terms[nr + b].to_bits() as i32;
                             let v = partial[i][b] + (dot - QOFF * sum) as f32 * (t * terms[b]);
                             partial[i][b] = v;
@@ -736,8 +721,15 @@ impl<'a> Worker<'a> {
                 }
             }
         }
+        // the first stage reads whole panels, the later ones the terms of the panels they touch
+        // and the codes of the rows they score
         for (j, t) in touched.iter().enumerate().take(stages) {
-            stats.codes_bytes += (t.count_ones() as usize * nr * (widths[j] + progressive::TERMS * 4)) as u64;
+            let codes = if j == 0 {
+                t.count_ones() as usize * nr * widths[0]
+            } else {
+                read[j].count_ones() as usize * widths[j]
+            };
+            stats.codes_bytes += (codes + t.count_ones() as usize * nr * progressive::TERMS * 4) as u64;
         }
         let pairs = (nq * rows.count) as u64;
         stats.rescored_pairs += s.jobs.len() as u64;

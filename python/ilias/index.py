@@ -185,11 +185,18 @@ def measure_recall(
 PROGRESSIVE_SAMPLE = 20_000
 # the k the stages are chosen for (survival depends on it; any k is searched exactly)
 PROGRESSIVE_K = 1000
-# cost model, in int8 products per pair and dimension: a later stage run pair by pair, a pair
-# rescored exactly from float16 (per dimension), and how much less work than the plain int8 pass
-# the stages must promise to be used by `--method exact`
-PAIR_STAGE_COST = 1.5
-RESCORE_COST = 4.0
+# cost model, in units of one int8 product of the first stage's block kernel (per pair and
+# dimension), measured on the 1M x 768 bench data: the first stage scores every pair, block by
+# block, and bounds it (MASK_COST); a later stage scores a surviving pair on its own from the
+# row's contiguous codes (PAIR_COST plus PAIR_DIM_COST per dimension: the pair's bound, its
+# terms and codes out of cache, a branch per pair); a pair rescored exactly from the float16
+# store costs RESCORE_COST per dimension (the row, the float32 query and its top-k list come
+# from cache or memory). The stages are used by `--method exact` when their expected work is
+# at most PAYS_BELOW of the plain pass (every dimension in the block kernel, then rescoring).
+MASK_COST = 64.0
+PAIR_COST = 1500.0
+PAIR_DIM_COST = 4.0
+RESCORE_COST = 20.0
 PAYS_BELOW = 0.5
 STEP = 32
 # the first rotated dimensions kept in float32 (rust/quant/progressive.rs: HEAD)
@@ -241,15 +248,13 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
 
     for s in range(1, 5):
         for bounds in combinations(cands, s):
-            cost, prev_m, alive = 0.0, 0, 1.0
-            for j, m in enumerate(bounds):
-                width = m - prev_m
-                cost += alive * width * (1.0 if j == 0 or alive > 0.1 else PAIR_STAGE_COST)
-                alive, prev_m = survival[m], m
-            cost += alive * RESCORE_COST * d
+            cost = bounds[0] + MASK_COST
+            for m0, m in zip(bounds, bounds[1:]):
+                cost += survival[m0] * (PAIR_COST + PAIR_DIM_COST * (m - m0))
+            cost += survival[bounds[-1]] * RESCORE_COST * d
             if cost < best_cost:
                 best, best_cost = list(bounds), cost
-    plain = d + survival.get(cands[-1], 1.0) * RESCORE_COST * d if cands else float("inf")
+    plain = d + MASK_COST + survival.get(cands[-1], 1.0) * RESCORE_COST * d if cands else float("inf")
     work = best_cost / plain if best else 1.0
     return {
         "rotation": rotation,

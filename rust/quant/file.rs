@@ -1,6 +1,6 @@
 //! The codes file: a fixed 256-byte header, then the sections of one code kind, memory-mapped.
 //!
-//! Header (little-endian): magic `ILIASCOD`, version u32, kind u32 (1 = SQ8, 2 = PQ), dim u64,
+//! Header (little-endian): magic `ILIASCOD`, version u32, kind u32 (1 = SQ8, 2 = PQ, 4 = progressive), dim u64,
 //! rows u64, subquantizers u32, bits per code u32, then the store fingerprint (u32 length and up
 //! to 128 bytes of text), then from byte 176 one u64 checksum per section (version 2: the
 //! store's fast hash, `store::checksum`, over blocks of 1 MiB). The sections follow in a fixed
@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"ILIASCOD";
 pub const VERSION: u32 = 2;
+/// The kind code of progressive codes (3 was their first layout, with every stage in panels).
+const PROGRESSIVE: u32 = 4;
 /// Where the section checksums start in the header, and the bytes of one checksum block.
 const CHECKSUMS_AT: usize = 176;
 const MAX_SECTIONS: usize = 4;
@@ -120,7 +122,7 @@ impl Header {
         let (kind, m, bits, blocks) = match self.kind {
             Kind::Sq8 => (1u32, 0u32, 8u32, 0u32),
             Kind::Pq { m, bits } => (2, m as u32, bits, 0),
-            Kind::Progressive { stages, depth, blocks } => (3, stages as u32, depth as u32, blocks as u32),
+            Kind::Progressive { stages, depth, blocks } => (PROGRESSIVE, stages as u32, depth as u32, blocks as u32),
         };
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -156,7 +158,13 @@ impl Header {
         let kind = match u32_at(12) {
             1 => Kind::Sq8,
             2 if m > 0 && (bits == 8 || bits == 4) && dim % m == 0 => Kind::Pq { m, bits },
-            3 if (1..=super::progressive::MAX_STAGES).contains(&m) && bits > 0 && bits as usize <= dim => {
+            3 => {
+                return Err(bad(
+                    "progressive codes of an older layout: rebuild them with `ilias index build --codes progressive`"
+                        .into(),
+                ))
+            }
+            PROGRESSIVE if (1..=super::progressive::MAX_STAGES).contains(&m) && bits > 0 && bits as usize <= dim => {
                 Kind::Progressive {
                     stages: m,
                     depth: bits as usize,

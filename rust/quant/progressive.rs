@@ -26,11 +26,13 @@
 //! are scored exactly from the float16 store by exact search's single-pair kernel, so results
 //! are those of the float32 path, bit for bit.
 //!
-//! Layout (sections of the codes file): parameters and `R`; the codes, stage after stage, each
-//! stage in the int8 kernel's panels of 32 rows `[panel][w/4][32][4]` (a stage reads only its
-//! own bytes); the terms, stage after stage, `[panel][6][32]` float32 (scale, code sum, E, H,
-//! T, G), then the heads `[panel][HEAD][32]`; one `store::block_hash` per row, so that a
-//! search that reads a row of the store (to rescore it) checks it without reading the others. Rows are numbered
+//! Layout (sections of the codes file): parameters and `R`; the codes, stage after stage (a
+//! stage reads only its own bytes): the first stage in the int8 kernel's panels of 32 rows
+//! `[panel][w/4][32][4]`, as it scores every pair block by block, the later stages row by row
+//! `[row][w]`, as they score only the pairs that survive, one at a time, from contiguous codes;
+//! the terms, stage after stage, `[panel][6][32]` float32 (scale, code sum, E, H, T, G), then
+//! the heads `[panel][HEAD][32]`; one `store::block_hash` per row, so that a search that reads
+//! a row of the store (to rescore it) checks it without reading the others. Rows are numbered
 //! per shard, each shard padded to whole blocks of 128, as exact search's tiles are.
 
 use std::path::Path;
@@ -159,7 +161,7 @@ impl StageKernel {
         }
     }
 
-    /// `sum a[i] b[i]` over one row's codes of a stage (gathered from its panel), `a` at most 127.
+    /// `sum a[i] b[i]` over one row's codes of a later stage, `a` at most 127.
     pub fn dot(self, a: &[u8], b: &[i8]) -> i32 {
         assert!(a.len() == b.len());
         self.require();
@@ -488,8 +490,8 @@ fn width(bounds: &[usize], j: usize) -> usize {
 }
 
 /// Codes and terms of one rotated row `y` (of norm `xnorm` before rotation) at row `at` of a
-/// work item (a whole number of panels): codes in panels `[panel][w/4][32][4]`, terms
-/// `[panel][TERMS][32]`.
+/// work item (a whole number of panels): the first stage's codes in panels `[panel][w/4][32][4]`,
+/// the later stages' `[row][w]`, terms `[panel][TERMS][32]`.
 #[allow(clippy::too_many_arguments)]
 fn encode(
     y: &[f32],
@@ -537,11 +539,18 @@ fn encode(
         let e = sm.e2.sqrt() * infl + 4.0 * U * sm.x2.sqrt() * infl;
         e2 += e * e;
         h2 += sm.h2 * infl * infl;
-        let c = &mut codes[j][p * w * NR..(p + 1) * w * NR];
-        for (d4, quad) in block[..w].chunks_exact(4).enumerate() {
-            for (l, &v) in quad.iter().enumerate() {
-                c[(d4 * NR + lane) * 4 + l] = v as u8;
+        if j == 0 {
+            let c = &mut codes[0][p * w * NR..(p + 1) * w * NR];
+            for (d4, quad) in block[..w].chunks_exact(4).enumerate() {
+                for (l, &v) in quad.iter().enumerate() {
+                    c[(d4 * NR + lane) * 4 + l] = v as u8;
+                }
             }
+        } else {
+            codes[j][at * w..(at + 1) * w]
+                .iter_mut()
+                .zip(&block[..w])
+                .for_each(|(c, &v)| *c = v as u8);
         }
         t[lane] = sm.scale;
         t[NR + lane] = f32::from_bits(sm.sum as u32);
@@ -618,7 +627,8 @@ impl<'a> Progressive<'a> {
         width(&self.params.bounds, j)
     }
 
-    /// Stage `j`'s codes of panel `p` (a global panel of 32 padded rows).
+    /// Stage `j`'s codes of panel `p` (a global panel of 32 padded rows): `[w/4][32][4]` for the
+    /// first stage, `[32][w]` for the others.
     #[inline]
     pub fn panel_codes(&self, j: usize, p: usize) -> &[i8] {
         let w = self.width(j);
@@ -773,14 +783,6 @@ pub fn bound(partial: f32, c: [f32; 4], e: f32, h: f32, t: f32, g: f32) -> f32 {
     partial + c[0] * e + c[1] * h + c[2] * t + c[3] * g
 }
 
-/// A row's codes of one stage, out of its panel (`[w/4][32][4]`).
-#[inline]
-pub fn gather(panel: &[i8], lane: usize, out: &mut [i8]) {
-    for (d4, quad) in out.chunks_exact_mut(4).enumerate() {
-        quad.copy_from_slice(&panel[(d4 * NR + lane) * 4..(d4 * NR + lane) * 4 + 4]);
-    }
-}
-
 fn as_i8(b: &[u8]) -> &[i8] {
     // SAFETY: u8 and i8 have the same size and alignment and every bit pattern is valid.
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<i8>(), b.len()) }
@@ -789,6 +791,13 @@ fn as_i8(b: &[u8]) -> &[i8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row's codes of the first stage, out of its panel (`[w/4][32][4]`).
+    fn gather(panel: &[i8], lane: usize, out: &mut [i8]) {
+        for (d4, quad) in out.chunks_exact_mut(4).enumerate() {
+            quad.copy_from_slice(&panel[(d4 * NR + lane) * 4..(d4 * NR + lane) * 4 + 4]);
+        }
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -953,8 +962,15 @@ mod tests {
                 }
                 for j in 0..bounds.len() {
                     let w = width(&bounds, j);
-                    let panel = &codes[j][p * w * NR..(p + 1) * w * NR];
-                    gather(as_i8(panel), lane, &mut row_codes[..w]);
+                    if j == 0 {
+                        gather(
+                            as_i8(&codes[0][p * w * NR..(p + 1) * w * NR]),
+                            lane,
+                            &mut row_codes[..w],
+                        );
+                    } else {
+                        row_codes[..w].copy_from_slice(as_i8(&codes[j][xi * w..(xi + 1) * w]));
+                    }
                     let qa: Vec<u8> = sq.rows[j][qi * w..(qi + 1) * w].to_vec();
                     let qb: Vec<u8> = (0..w)
                         .map(|d| sq.blocks[j][((qi / MR * (w / 4) + d / 4) * MR + qi % MR) * 4 + d % 4])
