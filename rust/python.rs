@@ -741,6 +741,20 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SKIP", crate::metrics::SKIP)?;
     m.add("NOT_POSITIVE", crate::metrics::NOT_POSITIVE)?;
     m.add("EMPTY", crate::metrics::EMPTY)?;
+    // what the progressive codes' planner needs to know of the pass (`quant::progressive`)
+    let costs = pyo3::types::PyDict::new(m.py());
+    let c = crate::quant::progressive::COSTS;
+    for (name, v) in [
+        ("mask", c.mask),
+        ("pair", c.pair),
+        ("pair_dim", c.pair_dim),
+        ("rescore", c.rescore),
+        ("float", c.float),
+    ] {
+        costs.set_item(name, v)?;
+    }
+    m.add("PROGRESSIVE_COSTS", costs)?;
+    m.add("PROGRESSIVE_HEAD", crate::quant::progressive::HEAD)?;
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(shard_checksum, m)?)?;

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::kernels::int8::{self, Int8Kernel};
 use crate::kernels::{pack_queries, padded, prefetch, widen, widen_tile, Simd};
 use crate::parallel::{resolve_threads, Control};
-use crate::quant::progressive::{self, Progressive, StageKernel, StageQueries, MAX_STAGES, QOFF};
+use crate::quant::progressive::{self, Progressive, StageKernel, StageQueries, COSTS, MAX_STAGES, QOFF};
 use crate::store::{block_hash, DType, Database, CHECK_ROWS};
 use crate::topk::{key, unkey, TopK};
 
@@ -44,9 +44,11 @@ const MIN_CHUNK_ROWS: usize = 1024;
 /// and retries the int8 pass every `PROBE_EVERY` tiles, as thresholds only rise.
 const MAX_RESCORED: f64 = 0.2;
 const PROBE_EVERY: usize = 64;
-/// The progressive pass pays while its work (int8 products per dimension read, rescored pairs
-/// at four times a float32 pair) stays under this share of scoring every pair in float32.
-const MAX_PROGRESSIVE_WORK: f64 = 0.5;
+/// How many rescored pairs ahead their top-k lists are prefetched.
+const PREFETCH_AHEAD: usize = 8;
+/// The progressive pass pays while its work (`progressive::Costs`) stays under that of scoring
+/// every pair in float32.
+const MAX_PROGRESSIVE_WORK: f64 = 1.0;
 /// Rows widened and quantized together, while they stay in L2 (a multiple of the int8 panel
 /// and of every path's `nr`). A tile is one checksum block of its shard: `chunks` starts and
 /// ends work items only at multiples of it (or at the shard's end), so the tiles of a chunk
@@ -644,6 +646,7 @@ impl<'a> Worker<'a> {
                 q if live.contains(&q) => thresholds(tops, plan, q, rows.first),
                 _ => (f32::INFINITY, f32::INFINITY),
             });
+            let mut survivors = [0u128; int8::MR];
             for (p, &kept) in s.kept.iter().enumerate() {
                 let gp = panel0 + p;
                 let valid = (rows.count - p * nr).min(nr);
@@ -712,12 +715,17 @@ impl<'a> Worker<'a> {
                         }
                     }
                 }
-                for (i, q) in live.clone().enumerate() {
-                    let mut m = masks[i];
-                    while m != 0 {
-                        s.jobs.push((q, p * nr + m.trailing_zeros() as usize));
-                        m &= m - 1;
-                    }
+                for (i, &m) in masks.iter().enumerate() {
+                    survivors[i] |= (m as u128) << (p * nr);
+                }
+            }
+            // by query: a query's rows of the tile are rescored one after another, while its
+            // float32 row stays in L1
+            for (q, &m) in live.clone().zip(&survivors) {
+                let mut m = m;
+                while m != 0 {
+                    s.jobs.push((q, m.trailing_zeros() as usize));
+                    m &= m - 1;
                 }
             }
         }
@@ -733,11 +741,9 @@ impl<'a> Worker<'a> {
         }
         let pairs = (nq * rows.count) as u64;
         stats.rescored_pairs += s.jobs.len() as u64;
-        let work = (0..stages)
-            .map(|j| (stats.stage_pairs[j] - before.stage_pairs[j]) as f64 * widths[j] as f64)
-            .sum::<f64>()
-            + 4.0 * s.jobs.len() as f64 * dim as f64;
-        self.rescored_share = work / (pairs as f64 * dim as f64);
+        let entered: [u64; MAX_STAGES] = std::array::from_fn(|j| stats.stage_pairs[j] - before.stage_pairs[j]);
+        let work = COSTS.work(&entered[..stages], &widths[..stages], s.jobs.len() as u64, dim);
+        self.rescored_share = work / (pairs as f64 * dim as f64 * COSTS.float);
         let wanted = self.scratch.jobs.iter().fold(0u128, |m, &(_, r)| m | 1 << r);
         if wanted == 0 || !self.verify(rows, pr, wanted) {
             return;
@@ -945,7 +951,13 @@ fn rescore(tops: &mut [TopK], plan: &Plan, me: usize, rows: &Rows, jobs: &[(usiz
         .collect();
     scores.resize(jobs.len(), 0.0);
     plan.simd.dots(&pairs, rows.dtype, scores);
-    for (&(q, r), s) in jobs.iter().zip(scores.iter()) {
+    // the pairs' queries are many and their top-k lists far apart in memory: each list's next
+    // slot comes into cache a few offers ahead
+    let nt = plan.tiers.len();
+    for (n, (&(q, r), s)) in jobs.iter().zip(scores.iter()).enumerate() {
+        if let Some(&(ahead, _)) = jobs.get(n + PREFETCH_AHEAD) {
+            tops[ahead * nt..(ahead + 1) * nt].iter().for_each(TopK::prefetch);
+        }
         offer(tops, plan, (q, me), std::slice::from_ref(s), rows.first + r);
     }
 }

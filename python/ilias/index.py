@@ -185,22 +185,20 @@ def measure_recall(
 PROGRESSIVE_SAMPLE = 20_000
 # the k the stages are chosen for (survival depends on it; any k is searched exactly)
 PROGRESSIVE_K = 1000
-# cost model, in units of one int8 product of the first stage's block kernel (per pair and
-# dimension), measured on the 1M x 768 bench data: the first stage scores every pair, block by
-# block, and bounds it (MASK_COST); a later stage scores a surviving pair on its own from the
-# row's contiguous codes (PAIR_COST plus PAIR_DIM_COST per dimension: the pair's bound, its
-# terms and codes out of cache, a branch per pair); a pair rescored exactly from the float16
-# store costs RESCORE_COST per dimension (the row, the float32 query and its top-k list come
-# from cache or memory). The stages are used by `--method exact` when their expected work is
-# at most PAYS_BELOW of the plain pass (every dimension in the block kernel, then rescoring).
-MASK_COST = 64.0
-PAIR_COST = 1500.0
-PAIR_DIM_COST = 4.0
-RESCORE_COST = 20.0
-PAYS_BELOW = 0.5
+# the pass's cost model (rust/quant/progressive.rs: Costs): the stages are used by `--method
+# exact` when their expected work is at most PAYS_BELOW of the plain int8 pass (every dimension
+# in the block kernel, then rescoring; flat spectra come out near 1); the float32 pass, all
+# a CPU without VNNI has, costs about 2.7 times the plain int8 pass per dimension
+COSTS = _core.PROGRESSIVE_COSTS
+PAYS_BELOW = 0.7
+# a pass meets each row with the k-th score of the rows before it: the survival is averaged
+# over (fraction of the database whose k-th score is the threshold, share of the pass), the
+# first eighth at the threshold of a sixteenth (the search scores the first rows in float32
+# until the stages pay)
+RUNNING = ((1 / 16, 1 / 8), (1 / 8, 1 / 8), (1 / 4, 1 / 4), (1 / 2, 1 / 2))
 STEP = 32
-# the first rotated dimensions kept in float32 (rust/quant/progressive.rs: HEAD)
-HEAD = 8
+# the first rotated dimensions kept in float32
+HEAD = _core.PROGRESSIVE_HEAD
 
 
 def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, queries: int = 256) -> dict:
@@ -208,8 +206,8 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     database of `n_total` rows: the principal axes of the sample's second moment (an orthogonal
     rotation: dot products are unchanged), then the boundaries (multiples of 32, at most 4 stages)
     minimising the expected work, measured on the sample: its first `queries` rows serve as
-    queries against the others, with the k-th score a database of `n_total` rows would give
-    (the `k * len / n_total`-th of the sample) as threshold. Returns the rotation (float32,
+    queries against the others, with the thresholds a pass over a database of `n_total` rows
+    meets (`RUNNING`). Returns the rotation (float32,
     rows = axes, largest first), the boundaries, the energy and the survival at each boundary,
     the expected work as a share of the plain int8 pass, and whether the codes pay."""
     x = np.asarray(x, dtype=np.float64)
@@ -223,9 +221,13 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     energy = np.cumsum(np.maximum(w[order], 0)) / max(float(np.sum(np.maximum(w, 0))), 1e-300)
     y = (x @ rotation.T.astype(np.float64)).astype(np.float32)
     qy, dy = y[:queries], y[queries:]
-    kk = int(np.clip(round(k * len(dy) / max(n_total, 1)), 1, max(len(dy), 1)))
     full = qy @ dy.T
-    thr = -np.partition(-full, kk - 1, axis=1)[:, kk - 1 : kk] if len(dy) else np.zeros((len(qy), 1))
+    thresholds = []
+    for fraction, weight in RUNNING:
+        # the k-th score of a `fraction` of the database is about its (k / fraction)-th
+        kk = int(np.clip(round(k * len(dy) / max(n_total * fraction, 1)), 1, max(len(dy), 1)))
+        thr = -np.partition(-full, kk - 1, axis=1)[:, kk - 1 : kk] if len(dy) else np.zeros((len(qy), 1))
+        thresholds.append((thr, weight))
     qn2, dn2 = np.sum(qy.astype(np.float64) ** 2, axis=1), np.sum(dy.astype(np.float64) ** 2, axis=1)
     qh2, dh2 = np.sum(qy[:, :HEAD].astype(np.float64) ** 2, axis=1), np.sum(dy[:, :HEAD].astype(np.float64) ** 2, axis=1)
     cands = list(range(STEP, d - d % STEP + 1, STEP)) if d >= STEP else []
@@ -242,19 +244,20 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
         # the int8 error (7-bit query, 8-bit row codes): about 2.5% of |q_<=m| |x_<=m| after the
         # float32 head
         quant = 0.025 * np.sqrt(np.maximum(lo_q - qh2, 0))[:, None] * np.sqrt(np.maximum(lo_d - dh2, 0))[None, :]
-        survival[m] = float(np.mean(partial + tail + quant >= thr)) if len(dy) else 1.0
+        bound = partial + tail + quant
+        survival[m] = sum(w * float(np.mean(bound >= thr)) for thr, w in thresholds) if len(dy) else 1.0
     best, best_cost = [], float("inf")
     from itertools import combinations
 
     for s in range(1, 5):
         for bounds in combinations(cands, s):
-            cost = bounds[0] + MASK_COST
+            cost = bounds[0] - HEAD + COSTS["mask"]
             for m0, m in zip(bounds, bounds[1:]):
-                cost += survival[m0] * (PAIR_COST + PAIR_DIM_COST * (m - m0))
-            cost += survival[bounds[-1]] * RESCORE_COST * d
+                cost += survival[m0] * (COSTS["pair"] + COSTS["pair_dim"] * (m - m0))
+            cost += survival[bounds[-1]] * COSTS["rescore"] * d
             if cost < best_cost:
                 best, best_cost = list(bounds), cost
-    plain = d + MASK_COST + survival.get(cands[-1], 1.0) * RESCORE_COST * d if cands else float("inf")
+    plain = d + COSTS["mask"] + survival.get(cands[-1], 1.0) * COSTS["rescore"] * d if cands else float("inf")
     work = best_cost / plain if best else 1.0
     return {
         "rotation": rotation,

@@ -455,6 +455,15 @@ mod tests {
             e.contains("version 1 is not supported") && e.contains("ilias index build"),
             "{e}"
         );
+        // progressive codes of the first layout (kind 3) likewise
+        let mut first = good.clone();
+        first[12..16].copy_from_slice(&3u32.to_le_bytes());
+        std::fs::write(&path, &first).unwrap();
+        let e = CodesFile::open(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("older layout") && e.contains("ilias index build --codes progressive"),
+            "{e}"
+        );
         std::fs::write(&path, &good).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()

@@ -58,6 +58,56 @@ pub const TERMS: usize = 6;
 /// axes (a shared mean direction above all) hold most of a row's magnitude, and a block scale
 /// set by them would quantize the rest of the first block coarsely.
 pub const HEAD: usize = 8;
+/// What the progressive pass costs, in units of one product of the first stage's block kernel
+/// (per pair and dimension); measured on the 1M x 768 bench data with AVX2 (perf profiles and
+/// timed builds of several boundaries). The build's planner (`ilias.index`) chooses the stages
+/// with it and the search uses it to step aside for float32 where the pass does not pay (the
+/// first rows, before the thresholds rise).
+#[derive(Clone, Copy, Debug)]
+pub struct Costs {
+    /// Per pair of the first stage: its bound, on top of its products.
+    pub mask: f64,
+    /// Per pair entering a later stage, scored on its own from the row's contiguous codes (its
+    /// terms out of cache, a branch), plus `pair_dim` per dimension.
+    pub pair: f64,
+    pub pair_dim: f64,
+    /// Per dimension of a pair rescored exactly from the float16 store (the row, the float32
+    /// query and its top-k list come from cache or memory).
+    pub rescore: f64,
+    /// Per dimension of a pair of the float32 block kernel (FMA against `maddubs`; the VNNI
+    /// kernels widen the gap).
+    pub float: f64,
+}
+
+pub const COSTS: Costs = Costs {
+    mask: 64.0,
+    pair: 1500.0,
+    pair_dim: 4.0,
+    rescore: 16.0,
+    float: 2.7,
+};
+
+impl Costs {
+    /// The work of `entered[j]` pairs entering stages of `widths`, then `rescored` pairs of
+    /// `dim` dimensions rescored.
+    pub fn work(&self, entered: &[u64], widths: &[usize], rescored: u64, dim: usize) -> f64 {
+        let stages: f64 = entered
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(j, (&n, &w))| {
+                let per = if j == 0 {
+                    w as f64 + self.mask
+                } else {
+                    self.pair + self.pair_dim * w as f64
+                };
+                n as f64 * per
+            })
+            .sum();
+        stages + rescored as f64 * self.rescore * dim as f64
+    }
+}
+
 /// Query codes: `u + QOFF` with `|u| <= QMAX`.
 const QMAX: f64 = 63.0;
 pub const QOFF: i32 = 64;
