@@ -653,7 +653,7 @@ impl<'a> Worker<'a> {
                 let real = if valid == nr { u32::MAX } else { (1u32 << valid) - 1 };
                 let w = widths[0];
                 pr.kernel.block(
-                    &sq.blocks[0][qb * w * mr..(qb + 1) * w * mr],
+                    &sq.first[qb * w * mr..(qb + 1) * w * mr],
                     pr.panel_codes(0, gp),
                     w / 4,
                     &mut raw,

@@ -515,6 +515,10 @@ def run_search_bench(
                 + f" of the {pairs:,} of stage 1; rescored {st.rescored_pairs / pairs:.4%}; bytes read: codes "
                 f"{st.codes_bytes / 1e9:.3f} GB, store {st.store_bytes / 1e9:.3f} GB, together "
                 f"{(st.codes_bytes + st.store_bytes) / store_bytes:.1%} of the float16 store")
+            # exact scores come from the stored rows: a pass reads at least those it returns
+            returned = np.unique(res.indices[res.indices >= 0]).size
+            out(f"ilias {method}: the results hold {returned:,} distinct rows, {returned / store.count:.1%} of the "
+                "store: the least any pass with exact scores reads")
         out(f"ilias {method}: {t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
         if scaling:
             t1, _ = timed(lambda method=method: ilias_search(store, method, 1, simd)(q, k))

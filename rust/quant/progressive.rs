@@ -519,6 +519,9 @@ pub fn build(
             let hb: Vec<u8> = head.iter().flat_map(|v| v.to_le_bytes()).collect();
             writer.write(2, (total_rows * stages * TERMS + first * HEAD) * 4, &hb)?;
             writer.write(3, first * 8, &hashes)?;
+            // as a search does: the rows read are dropped from the resident set (else it grows
+            // to the whole store)
+            shard.release(b0 * CHECK_ROWS, (b1 * CHECK_ROWS).min(shard.rows));
             control.advance((b1 * CHECK_ROWS).min(shard.rows) - b0 * CHECK_ROWS);
             Ok(())
         },
@@ -764,9 +767,7 @@ impl<'a> Progressive<'a> {
         )?;
         let blocks = nq.div_ceil(MR);
         let mut sq = StageQueries {
-            blocks: (0..stages)
-                .map(|j| vec![QOFF as u8; blocks * self.width(j) * MR])
-                .collect(),
+            first: vec![QOFF as u8; blocks * self.width(0) * MR],
             rows: (0..stages).map(|j| vec![QOFF as u8; nq * self.width(j)]).collect(),
             head: vec![[0f32; HEAD]; nq],
             consts: vec![[[0f32; 4]; MAX_STAGES]; nq],
@@ -794,7 +795,9 @@ impl<'a> Progressive<'a> {
                     let u = (v as f64 * inv).round().clamp(-QMAX, QMAX);
                     let code = (u as i32 + QOFF) as u8;
                     let (b, i) = (q / MR, q % MR);
-                    sq.blocks[j][((b * (w / 4) + d / 4) * MR + i) * 4 + d % 4] = code;
+                    if j == 0 {
+                        sq.first[((b * (w / 4) + d / 4) * MR + i) * 4 + d % 4] = code;
+                    }
                     sq.rows[j][q * w + d] = code;
                     // exact in f64: t has 24 bits, u 7
                     let f = v as f64 - t as f64 * u;
@@ -815,10 +818,11 @@ impl<'a> Progressive<'a> {
     }
 }
 
-/// Rotated, quantized queries: per stage, codes in the int8 kernel's blocks `[block][w/4][MR][4]`
-/// and by query `[q][w]`; per query and stage the scale and `[|a_<=s|, |f_<=s|, |a_>s|, |q|]`.
+/// Rotated, quantized queries: the first stage's codes in the int8 kernel's blocks
+/// `[block][w/4][MR][4]`, every stage's by query `[q][w]`; per query and stage the scale and
+/// `[|a_<=s|, |f_<=s|, |a_>s|, |q|]`.
 pub struct StageQueries {
-    pub blocks: Vec<Vec<u8>>,
+    pub first: Vec<u8>,
     pub rows: Vec<Vec<u8>>,
     /// The rotated query's first `HEAD` values (scored exactly in float32).
     pub head: Vec<[f32; HEAD]>,
@@ -1022,10 +1026,12 @@ mod tests {
                         row_codes[..w].copy_from_slice(as_i8(&codes[j][xi * w..(xi + 1) * w]));
                     }
                     let qa: Vec<u8> = sq.rows[j][qi * w..(qi + 1) * w].to_vec();
-                    let qb: Vec<u8> = (0..w)
-                        .map(|d| sq.blocks[j][((qi / MR * (w / 4) + d / 4) * MR + qi % MR) * 4 + d % 4])
-                        .collect();
-                    assert_eq!(qa, qb);
+                    if j == 0 {
+                        let qb: Vec<u8> = (0..w)
+                            .map(|d| sq.first[((qi / MR * (w / 4) + d / 4) * MR + qi % MR) * 4 + d % 4])
+                            .collect();
+                        assert_eq!(qa, qb);
+                    }
                     let row_codes = &row_codes[..w];
                     let t = &terms[j][p * TERMS * NR..];
                     let raw = StageKernel::Scalar.dot(&qa, row_codes) - QOFF * t[NR + lane].to_bits() as i32;
