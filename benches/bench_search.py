@@ -13,7 +13,9 @@ of the float16 store, every time relative to ilias "exact", and for the int8 pas
 ilias method on one thread. `--kind structured` uses an anisotropic spectrum like real
 embeddings, `--kind clip` the same around a shared mean direction (random pairs at cosine
 0.2-0.5, as vision-language embeddings). With progressive codes it prints their size and build
-time, the pairs entering each stage, and the bytes read against the float16 store. The data (a cached store under bench-data/) is made once.
+time, the pairs entering each stage, the bytes read against the float16 store, and the distinct
+rows in the results (the least any exact pass reads). The data (a cached store under bench-data/) is
+made once.
 
 The same benchmark is `ilias bench` (installed package, default: all cores, peers faiss-flat and
 numpy) and `pytest benches/test_bench_search.py --benchmark-only`; all three run
@@ -50,10 +52,13 @@ def main() -> None:
 
     store = b.make_store("bench", args.n, args.d, args.kind, root=DATA, progress=True)
     q = b.queries(args.nq, args.d, args.kind)
-    report = b.run_search_bench(store, q, args.k, threads=args.threads, methods=args.methods.split(","),
-                                peers=args.peers.split(","), simd=None if args.simd == "auto" else args.simd,
-                                repeat=args.repeat, scaling=args.scaling, kind=args.kind,
-                                out=lambda line: print(line, flush=True))
+    try:
+        report = b.run_search_bench(store, q, args.k, threads=args.threads, methods=args.methods.split(","),
+                                    peers=args.peers.split(","), simd=None if args.simd == "auto" else args.simd,
+                                    repeat=args.repeat, scaling=args.scaling, kind=args.kind,
+                                    out=lambda line: print(line, flush=True))
+    except ValueError as e:  # a bad name among --methods / --peers / --simd
+        sys.exit(f"bench_search: {e}")
     print()
     print(report.table())
 

@@ -18,6 +18,8 @@ __all__ = [
     "SKIP",
     "NOT_POSITIVE",
     "EMPTY",
+    "PROGRESSIVE_COSTS",
+    "PROGRESSIVE_HEAD",
     "exact_search",
     "inspect_shard",
     "shard_checksum",
@@ -47,6 +49,11 @@ SKIP: Final = 2
 # codes of `positive_codes` / `label_official` besides a positive's index (int32)
 NOT_POSITIVE: Final = -1
 EMPTY: Final = -2
+# the progressive pass's cost model (units of one product of its first stage's block kernel per
+# pair and dimension: mask, pair, pair_dim, rescore, float) and the rotated dimensions it keeps
+# in float32
+PROGRESSIVE_COSTS: dict[str, float]
+PROGRESSIVE_HEAD: Final[int]
 
 class StoreFormatError(ValueError):
     """A store file is not what it should be (bad header, size, dtype or dimension)."""

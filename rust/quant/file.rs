@@ -248,15 +248,9 @@ impl CodesFile {
     /// and drops each from the resident set once read, so the memory of checking codes larger
     /// than memory stays bounded.
     pub fn verify(&self, threads: usize) -> Result<()> {
-        const WINDOW: usize = 64 * SECTION_BLOCK;
         for (i, &want) in self.header.checksums.iter().enumerate() {
-            let mut sum = 0u64;
-            for (w, part) in self.bytes(i).chunks(WINDOW).enumerate() {
-                let first = (w * WINDOW / SECTION_BLOCK) as u64;
-                sum = sum.wrapping_add(crate::store::checksum_from(part, SECTION_BLOCK, first, threads)?);
-                self.release(i, w * WINDOW, w * WINDOW + part.len());
-            }
-            if sum != want {
+            let (a, b) = self.bounds[i];
+            if section_checksum(&self.map, a, b - a, threads)? != want {
                 return Err(Error::format(
                     &self.path,
                     format!(
@@ -272,21 +266,8 @@ impl CodesFile {
     /// Drops the pages of bytes `lo..hi` of section `i` from this process's resident set (they
     /// stay in the page cache): a pass over codes larger than memory keeps its memory bounded.
     pub fn release(&self, i: usize, lo: usize, hi: usize) {
-        const PAGE: usize = 4096;
         let (a, b) = self.bounds[i];
-        let start = (a + lo) / PAGE * PAGE;
-        let end = (a + hi).min(b).div_ceil(PAGE) * PAGE;
-        if end > start {
-            // SAFETY: a read-only shared file mapping: dropped pages are read again from the
-            // file when touched; no data is lost.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    (end - start).min(self.map.len() - start),
-                )
-            };
-        }
+        drop_pages(&self.map, a + lo, (a + hi).min(b));
     }
 
     /// Section `i` as bytes.
@@ -375,7 +356,7 @@ impl CodesWriter {
             .offsets
             .iter()
             .zip(header.sections().unwrap_or_default())
-            .map(|(&at, len)| crate::store::checksum(&map[at..at + len], SECTION_BLOCK, threads))
+            .map(|(&at, len)| section_checksum(&map, at, len, threads))
             .collect::<Result<_>>()?;
         drop(map);
         self.file
@@ -388,6 +369,43 @@ impl CodesWriter {
         }
         self.done = true;
         Ok(())
+    }
+}
+
+/// The checksum of bytes `at..at + len` of `map`, a window at a time, each window dropped from
+/// the resident set once hashed: a pass over codes larger than memory stays bounded.
+fn section_checksum(map: &Mmap, at: usize, len: usize, threads: usize) -> Result<u64> {
+    const WINDOW: usize = 64 * SECTION_BLOCK;
+    let mut sum = 0u64;
+    for lo in (0..len).step_by(WINDOW) {
+        let hi = (lo + WINDOW).min(len);
+        let first = (lo / SECTION_BLOCK) as u64;
+        sum = sum.wrapping_add(crate::store::checksum_from(
+            &map[at + lo..at + hi],
+            SECTION_BLOCK,
+            first,
+            threads,
+        )?);
+        drop_pages(map, at + lo, at + hi);
+    }
+    Ok(sum)
+}
+
+/// Drops the pages of bytes `start..end` of `map` from this process's resident set (they stay
+/// in the page cache).
+fn drop_pages(map: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let (start, end) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
+    if end > start {
+        // SAFETY: a read-only shared file mapping: dropped pages are read again from the file
+        // when touched; no data is lost.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                (end - start).min(map.len() - start),
+            )
+        };
     }
 }
 
