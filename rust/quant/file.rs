@@ -464,24 +464,18 @@ mod tests {
                 "{e}"
             );
         }
-        // version 1 files (no checksums) are refused with the way out
-        let mut old = good.clone();
-        old[8..12].copy_from_slice(&1u32.to_le_bytes());
-        std::fs::write(&path, &old).unwrap();
-        let e = CodesFile::open(&path).err().unwrap().to_string();
-        assert!(
-            e.contains("version 1 is not supported") && e.contains("ilias index build"),
-            "{e}"
-        );
-        // progressive codes of the first layout (kind 3) likewise
-        let mut first = good.clone();
-        first[12..16].copy_from_slice(&3u32.to_le_bytes());
-        std::fs::write(&path, &first).unwrap();
-        let e = CodesFile::open(&path).err().unwrap().to_string();
-        assert!(
-            e.contains("older layout") && e.contains("ilias index build --codes progressive"),
-            "{e}"
-        );
+        // version 1 files (no checksums) and progressive codes of the first layout (kind 3) are
+        // refused with the way out
+        for (at, value, says) in [
+            (8, 1u32, "version 1 is not supported"),
+            (12, 3, "older layout: rebuild them with `ilias index build --codes"),
+        ] {
+            let mut old = good.clone();
+            old[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            std::fs::write(&path, &old).unwrap();
+            let e = CodesFile::open(&path).err().unwrap().to_string();
+            assert!(e.contains(says) && e.contains("ilias index build"), "{e}");
+        }
         std::fs::write(&path, &good).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
