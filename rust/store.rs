@@ -348,14 +348,8 @@ impl Shard {
     /// this process's resident set (they stay in the page cache). This keeps the memory of a
     /// search bounded whatever the size of the database.
     pub fn release(&self, start: usize, end: usize) {
-        if let Some((lo, len)) = self.pages(start, end) {
-            // SAFETY: the mapping is a read-only shared file mapping: dropping its pages only
-            // means that a later access reads them again from the file; no data is lost.
-            let _ = unsafe {
-                self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, len)
-            };
-        }
+        let row = self.dim * self.dtype.size();
+        drop_pages(&self.map, self.offset + start * row, self.offset + end * row);
     }
 
     /// Hints the kernel to read rows `start..end` ahead.
@@ -374,11 +368,26 @@ impl Shard {
 
     /// The whole pages (offset, length) of the mapping that hold rows `start..end`.
     fn pages(&self, start: usize, end: usize) -> Option<(usize, usize)> {
-        const PAGE: usize = 4096;
         let row = self.dim * self.dtype.size();
-        let lo = (self.offset + start * row) / PAGE * PAGE;
-        let hi = ((self.offset + end * row).div_ceil(PAGE) * PAGE).min(self.map.len());
-        (hi > lo).then_some((lo, hi - lo))
+        page_span(&self.map, self.offset + start * row, self.offset + end * row)
+    }
+}
+
+/// The whole pages (offset, length) of `map` that hold its bytes `start..end`.
+fn page_span(map: &Mmap, start: usize, end: usize) -> Option<(usize, usize)> {
+    const PAGE: usize = 4096;
+    let lo = start / PAGE * PAGE;
+    let hi = (end.div_ceil(PAGE) * PAGE).min(map.len());
+    (hi > lo).then_some((lo, hi - lo))
+}
+
+/// Drops the pages holding bytes `start..end` of `map` from this process's resident set (they
+/// stay in the page cache): a pass over files larger than memory keeps its memory bounded.
+pub(crate) fn drop_pages(map: &Mmap, start: usize, end: usize) {
+    if let Some((lo, len)) = page_span(map, start, end) {
+        // SAFETY: only read-only shared file mappings come here: dropping their pages only means
+        // that a later access reads them again from the file; no data is lost.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, len) };
     }
 }
 

@@ -380,4 +380,7 @@ def test_run_with_rerank_reports_global_and_reranked_side_by_side(ilias_dir, tmp
     # a tier name the run does not have is an error before any search, never a partial re-ranking
     with pytest.raises(ValueError, match=r"rerank tiers: \+9k is not a tier of this run"):
         pipeline.run(replace(cfg, rerank_tiers=("all", "+9k")), spec=TINY_VIT, say=lambda *_: None)
+    # nor is an empty choice a silent run without re-ranking
+    with pytest.raises(ValueError, match=r"rerank tiers: expected at least one"):
+        pipeline.run(replace(cfg, rerank_tiers=()), spec=TINY_VIT, say=lambda *_: None)
     shutil.rmtree(tmp_path / "w")

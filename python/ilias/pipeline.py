@@ -289,6 +289,8 @@ def _variant_steps(cfg: RunConfig, out: Path, stores: Path, queries, db: Databas
 def _rerank_names(cfg: RunConfig, tiers) -> list[str]:
     """The names of the tiers to re-rank: `cfg.rerank_tiers`, each a tier of this run, or all."""
     have = [t.name for t in tiers]
+    if cfg.rerank_tiers is not None and not cfg.rerank_tiers:
+        raise ValueError(f"rerank tiers: expected at least one of this run's tiers ({', '.join(have)}), or None for all")
     unknown = [n for n in cfg.rerank_tiers or () if n not in have]
     if unknown:
         raise ValueError(f"rerank tiers: {', '.join(unknown)} is not a tier of this run ({', '.join(have)})")

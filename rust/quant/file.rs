@@ -267,7 +267,7 @@ impl CodesFile {
     /// stay in the page cache): a pass over codes larger than memory keeps its memory bounded.
     pub fn release(&self, i: usize, lo: usize, hi: usize) {
         let (a, b) = self.bounds[i];
-        drop_pages(&self.map, a + lo, (a + hi).min(b));
+        crate::store::drop_pages(&self.map, a + lo, (a + hi).min(b));
     }
 
     /// Section `i` as bytes.
@@ -386,27 +386,9 @@ fn section_checksum(map: &Mmap, at: usize, len: usize, threads: usize) -> Result
             first,
             threads,
         )?);
-        drop_pages(map, at + lo, at + hi);
+        crate::store::drop_pages(map, at + lo, at + hi);
     }
     Ok(sum)
-}
-
-/// Drops the pages of bytes `start..end` of `map` from this process's resident set (they stay
-/// in the page cache).
-fn drop_pages(map: &Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
-    let (start, end) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
-    if end > start {
-        // SAFETY: a read-only shared file mapping: dropped pages are read again from the file
-        // when touched; no data is lost.
-        let _ = unsafe {
-            map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start,
-                (end - start).min(map.len() - start),
-            )
-        };
-    }
 }
 
 impl Drop for CodesWriter {
