@@ -265,6 +265,14 @@ fn int8_peak_gops(py: Python<'_>, threads: usize, millis: u64) -> Option<f64> {
     py.allow_threads(|| crate::kernels::peak::int8_peak_gops(threads, millis))
 }
 
+/// Measures this machine's int8 multiply-add peak with AVX2 `maddubs` (GOP/s: the progressive
+/// stages' kernel without VNNI); None without AVX2.
+#[pyfunction]
+#[pyo3(signature = (threads=0, millis=300))]
+fn maddubs_peak_gops(py: Python<'_>, threads: usize, millis: u64) -> Option<f64> {
+    py.allow_threads(|| crate::kernels::peak::maddubs_peak_gops(threads, millis))
+}
+
 /// The SIMD paths this CPU can run, fastest first.
 #[pyfunction]
 fn simd_paths() -> Vec<&'static str> {
@@ -766,6 +774,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grouped_average_precision, m)?)?;
     m.add_function(wrap_pyfunction!(fp32_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(int8_peak_gops, m)?)?;
+    m.add_function(wrap_pyfunction!(maddubs_peak_gops, m)?)?;
     m.add_function(wrap_pyfunction!(build_codes, m)?)?;
     m.add_function(wrap_pyfunction!(build_progressive, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_codes, m)?)?;

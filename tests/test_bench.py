@@ -1,10 +1,12 @@
 """`ilias bench` and ilias.benchmark: the search benchmark at a tiny size, through the real paths."""
 
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from ilias import _core
 from ilias import benchmark as b
 from ilias.cli import main
 
@@ -48,6 +50,27 @@ def test_bench_prints_the_table(tmp_path, capsys):
     assert main(["bench", *TINY, "--peers", "", "--methods", "exact", "--data", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "bench data:" not in captured.err and list(table_rows(captured.out)) == ["ilias exact"]
+
+
+def test_bench_with_codes_prints_the_stages_and_what_stage_1_alone_costs(tmp_path, capsys):
+    args = ["bench", "--n", "20_000", "--dim", "128", "--queries", "64", "-k", "10", "--kind", "structured",
+            "--peers", "", "--methods", "exact,progressive", "--threads", "1", "--data", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ilias progressive: results identical to ilias exact: True" in out
+    width = int(re.search(r"progressive codes: .*?; stages (\d+) dims", out).group(1)) - _core.PROGRESSIVE_HEAD
+    pairs = int(re.search(r"pairs entering each stage 100\.000%.* of the ([\d,]+) of stage 1", out).group(1).replace(",", ""))
+    assert pairs == 64 * 20_000  # forced: every pair enters stage 1
+    peak = re.search(r"machine int8 maddubs peak \(avx2, 1 threads\): (\d+) GOP/s", out)
+    assert (peak is not None) == ("avx2" in _core.simd_paths())
+    if peak and "avx2" in out.split("stage 1 is")[0]:
+        ops = float(re.search(r"stage 1 is ([\d.,]+) G int8 ops", out).group(1).replace(",", ""))
+        assert ops == pytest.approx(2 * pairs * width / 1e9, rel=0.01)
+
+
+def test_the_maddubs_peak_is_measured_where_the_cpu_has_avx2():
+    got = _core.maddubs_peak_gops(1, 20)
+    assert (got is not None and got > 0) if "avx2" in _core.simd_paths() else got is None
 
 
 def test_numpy_peer_finds_our_results(tmp_path):

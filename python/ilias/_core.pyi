@@ -31,6 +31,7 @@ __all__ = [
     "grouped_average_precision",
     "fp32_peak_gflops",
     "int8_peak_gops",
+    "maddubs_peak_gops",
     "build_codes",
     "build_progressive",
     "inspect_codes",
@@ -127,6 +128,9 @@ def fp32_peak_gflops(simd: Optional[str] = None, threads: int = 0, millis: int =
 
 def int8_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]:
     """This machine's int8 multiply-add peak (GOP/s, AVX-512 VNNI); None without VNNI."""
+
+def maddubs_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]:
+    """This machine's int8 multiply-add peak with AVX2 `maddubs` (GOP/s); None without AVX2."""
 
 def average_precision(
     scores: npt.NDArray[np.float64],

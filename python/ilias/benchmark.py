@@ -219,29 +219,38 @@ def table(rows: list[dict], cols: list[str]) -> str:
 @dataclass(frozen=True)
 class Peaks:
     """This machine's measured peaks on `threads` threads: float32 FMA on the fastest SIMD path,
-    int8 VNNI (None where the CPU has no VNNI)."""
+    int8 VNNI (None where the CPU has no VNNI), int8 with AVX2 `maddubs` (the progressive stages'
+    kernel without VNNI; None without AVX2)."""
 
     threads: int
     simd: str
     fp32_gflops: float
     int8_gops: float | None
+    maddubs_gops: float | None = None
 
     def lines(self) -> list[str]:
         out = [f"machine float32 FMA peak ({self.simd}, {self.threads} threads): {self.fp32_gflops:.0f} GFLOP/s"]
         if self.int8_gops:
             out.append(f"machine int8 VNNI peak ({self.threads} threads): {self.int8_gops:.0f} GOP/s")
+        if self.maddubs_gops:
+            out.append(f"machine int8 maddubs peak (avx2, {self.threads} threads): {self.maddubs_gops:.0f} GOP/s")
         return out
+
+    def stage_gops(self, kernel: str | None) -> float | None:
+        """The measured peak of the progressive stage kernel `kernel` (None: not measured)."""
+        return {"avx512-vnni": self.int8_gops, "avx2": self.maddubs_gops}.get(kernel or "")
 
     def as_dict(self) -> dict:
         return {"peak_threads": self.threads, "peak_simd": self.simd, "fp32_peak_gflops": self.fp32_gflops,
-                "int8_peak_gops": self.int8_gops}
+                "int8_peak_gops": self.int8_gops, "maddubs_peak_gops": self.maddubs_gops}
 
 
 def measure_peaks(threads: int = 0, tries: int = 3) -> Peaks:
     """The best of `tries` short runs of each peak microbenchmark (about 0.3 s each)."""
     fp32 = max(_core.fp32_peak_gflops(None, threads) for _ in range(tries))
     int8 = max(_core.int8_peak_gops(threads) or 0 for _ in range(tries))
-    return Peaks(resolve_threads(threads), _core.simd_paths()[0], fp32, int8 or None)
+    maddubs = max(_core.maddubs_peak_gops(threads) or 0 for _ in range(tries))
+    return Peaks(resolve_threads(threads), _core.simd_paths()[0], fp32, int8 or None, maddubs or None)
 
 
 @contextlib.contextmanager
@@ -401,9 +410,9 @@ def ilias_search(store: Store, method: str, threads: int, simd: str | None = Non
     return lambda q, k: search(q, store, k=k, threads=threads, simd=simd, method=method, use_codes=False)
 
 
-def ensure_progressive(store: Store, k: int, threads: int, out: Callable[[str], None] = print) -> None:
+def ensure_progressive(store: Store, k: int, threads: int, out: Callable[[str], None] = print) -> dict:
     """Builds the store's progressive codes where missing or stale, saying how long it took and
-    what they hold."""
+    what they hold; returns their `progressive_info`."""
     from .database import Database
     from .index import build_index, default_path, open_codes, progressive_info
 
@@ -423,6 +432,7 @@ def ensure_progressive(store: Store, k: int, threads: int, out: Callable[[str], 
                     for b, e, s in zip(info["boundaries"], info["energy"], info["survival"]))
         + f"; expected work {info['work']:.0%} of the plain int8 pass: "
         + ("exact search uses them" if info["pays"] else "exact search steps aside"))
+    return info
 
 
 @dataclass
@@ -489,8 +499,9 @@ def run_search_bench(
     report = SearchReport(setup, peaks, [])
     nthreads = resolve_threads(threads)
 
+    codes = None
     if any(m in ("exact+codes", "progressive") for m in methods):
-        ensure_progressive(store, k, threads, out)
+        codes = ensure_progressive(store, k, threads, out)
     first = None
     for method in methods:
         t, res = timed(lambda method=method: ilias_search(store, method, threads, simd)(q, k), repeat)
@@ -519,6 +530,13 @@ def run_search_bench(
             returned = np.unique(res.indices[res.indices >= 0]).size
             out(f"ilias {method}: the results hold {returned:,} distinct rows, {returned / store.count:.1%} of the "
                 "store: the least any pass with exact scores reads")
+            # what the first stage's products alone cost at the kernel's peak: a floor for the pass
+            peak = peaks.stage_gops(st.stage_kernel)
+            if peak and codes and codes["boundaries"]:
+                ops = 2 * pairs * (codes["boundaries"][0] - _core.PROGRESSIVE_HEAD)
+                floor = ops / (peak * 1e9)
+                out(f"ilias {method}: stage 1 is {ops / 1e9:,.3f} G int8 ops: at the measured {st.stage_kernel} peak "
+                    f"they alone take {floor:.2f}s, {floor / t:.0%} of this pass")
         out(f"ilias {method}: {t:.2f}s, peak RSS so far {peak_rss_gb():.2f} GB")
         if scaling:
             t1, _ = timed(lambda method=method: ilias_search(store, method, 1, simd)(q, k))

@@ -27,6 +27,21 @@ pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
     None
 }
 
+/// Int8 multiply-add peak of AVX2's `maddubs` in GOP/s (2 ops per multiply-add), if the CPU
+/// has AVX2: unsigned by signed byte pairs summed to 16 bits, widened to 32 by a `madd` with
+/// ones and accumulated, as the progressive stages' kernel does without VNNI.
+pub fn maddubs_peak_gops(threads: usize, millis: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was detected above.
+        return Some(on_threads(threads, move || {
+            for_millis(millis, || unsafe { x86_peak::maddubs(1 << 16) })
+        }));
+    }
+    let _ = (threads, millis);
+    None
+}
+
 /// Bfloat16 dot-product peak (AVX512_BF16, 2 flops per product) in GFLOP/s, if the CPU has it.
 /// For comparison only: the int8 pass is twice as fast where both exist, so no bf16 pass is run.
 pub fn bf16_peak_gflops(threads: usize, millis: u64) -> Option<f64> {
@@ -120,6 +135,29 @@ mod x86_peak {
         }
         std::hint::black_box(acc);
         (iters * 12 * 64 * 2) as f64
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn maddubs(iters: usize) -> f64 {
+        let ones = _mm256_set1_epi16(1);
+        let mut a = _mm256_set1_epi8(std::hint::black_box(3));
+        let mut b: [__m256i; 8] = std::array::from_fn(|j| _mm256_set1_epi8(std::hint::black_box(-2 - j as i8)));
+        let mut acc = [_mm256_setzero_si256(); 2];
+        for _ in 0..iters {
+            // an empty asm that "changes" the inputs: no product can be hoisted out of the loop
+            // or shared, and it costs no instruction (8 products in flight, as in the kernel)
+            std::arch::asm!(
+                "/* {0} {1} {2} {3} {4} {5} {6} {7} {8} */",
+                inout(ymm_reg) a, inout(ymm_reg) b[0], inout(ymm_reg) b[1], inout(ymm_reg) b[2], inout(ymm_reg) b[3],
+                inout(ymm_reg) b[4], inout(ymm_reg) b[5], inout(ymm_reg) b[6], inout(ymm_reg) b[7],
+                options(pure, nomem, nostack)
+            );
+            for (j, &b) in b.iter().enumerate() {
+                acc[j % 2] = _mm256_add_epi32(acc[j % 2], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * 8 * 32 * 2) as f64
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
