@@ -265,6 +265,21 @@ fn int8_peak_gops(py: Python<'_>, threads: usize, millis: u64) -> Option<f64> {
     py.allow_threads(|| crate::kernels::peak::int8_peak_gops(threads, millis))
 }
 
+/// The progressive pass's cost model (`progressive::Costs::work`): the work of `entered[j]`
+/// pairs entering stages of `widths` dimensions, then `rescored` pairs rescored, in units of one
+/// product of the first stage's kernel.
+#[pyfunction]
+fn progressive_work(entered: Vec<f64>, widths: Vec<usize>, rescored: f64, dim: usize) -> PyResult<f64> {
+    if entered.len() != widths.len() {
+        return Err(PyValueError::new_err(format!(
+            "entered: {} stages for {} widths",
+            entered.len(),
+            widths.len()
+        )));
+    }
+    Ok(crate::quant::progressive::COSTS.work(&entered, &widths, rescored, dim))
+}
+
 /// Measures this machine's int8 multiply-add peak with AVX2 `maddubs` (GOP/s: the progressive
 /// stages' kernel without VNNI); None without AVX2.
 #[pyfunction]
@@ -750,19 +765,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NOT_POSITIVE", crate::metrics::NOT_POSITIVE)?;
     m.add("EMPTY", crate::metrics::EMPTY)?;
     // what the progressive codes' planner needs to know of the pass (`quant::progressive`)
-    let costs = pyo3::types::PyDict::new(m.py());
-    let c = crate::quant::progressive::COSTS;
-    for (name, v) in [
-        ("mask", c.mask),
-        ("pair", c.pair),
-        ("pair_dim", c.pair_dim),
-        ("rescore", c.rescore),
-        ("float", c.float),
-    ] {
-        costs.set_item(name, v)?;
-    }
-    m.add("PROGRESSIVE_COSTS", costs)?;
     m.add("PROGRESSIVE_HEAD", crate::quant::progressive::HEAD)?;
+    m.add_function(wrap_pyfunction!(progressive_work, m)?)?;
     m.add_function(wrap_pyfunction!(exact_search, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_shard, m)?)?;
     m.add_function(wrap_pyfunction!(shard_checksum, m)?)?;

@@ -741,8 +741,8 @@ impl<'a> Worker<'a> {
         }
         let pairs = (nq * rows.count) as u64;
         stats.rescored_pairs += s.jobs.len() as u64;
-        let entered: [u64; MAX_STAGES] = std::array::from_fn(|j| stats.stage_pairs[j] - before.stage_pairs[j]);
-        let work = COSTS.work(&entered[..stages], &widths[..stages], s.jobs.len() as u64, dim);
+        let entered: [f64; MAX_STAGES] = std::array::from_fn(|j| (stats.stage_pairs[j] - before.stage_pairs[j]) as f64);
+        let work = COSTS.work(&entered[..stages], &widths[..stages], s.jobs.len() as f64, dim);
         self.rescored_share = work / (pairs as f64 * dim as f64 * COSTS.float);
         let wanted = self.scratch.jobs.iter().fold(0u128, |m, &(_, r)| m | 1 << r);
         if wanted == 0 || !self.verify(rows, pr, wanted) {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ilias import search, write_store
+from ilias import _core, search, write_store
 from ilias.index import build_index, plan_progressive
 
 from .conftest import unit_rows
@@ -243,3 +243,16 @@ def test_cli_builds_and_says_which_path_ran(tmp_path, rng):
     assert p.returncode == 0 and "path: progressive (forced" in p.stdout and "progressive stages" in p.stdout, p.stderr
     p = run("index", "info", str(tmp_path / "db" / "codes" / "progressive.codes"))
     assert p.returncode == 0 and "expected work" in p.stdout
+
+
+def test_the_cost_model_adds_up_the_stages_and_the_rescoring():
+    work = _core.progressive_work
+    first = work([1.0], [248], 0.0, 768)
+    assert first > 248  # the products and the bound of every pair
+    assert work([1.0, 0.0], [248, 480], 0.0, 768) == first
+    later = work([1.0, 0.5], [248, 480], 0.0, 768) - first
+    assert later > 0 and work([1.0, 1.0], [248, 480], 0.0, 768) - first == pytest.approx(2 * later)
+    rescored = work([1.0], [248], 0.25, 768) - first
+    assert rescored > 0 and work([1.0], [248], 0.5, 768) - first == pytest.approx(2 * rescored)
+    with pytest.raises(ValueError, match="entered: 2 stages for 1 widths"):
+        work([1.0, 0.1], [248], 0.0, 768)

@@ -18,7 +18,6 @@ __all__ = [
     "SKIP",
     "NOT_POSITIVE",
     "EMPTY",
-    "PROGRESSIVE_COSTS",
     "PROGRESSIVE_HEAD",
     "exact_search",
     "inspect_shard",
@@ -32,6 +31,7 @@ __all__ = [
     "fp32_peak_gflops",
     "int8_peak_gops",
     "maddubs_peak_gops",
+    "progressive_work",
     "build_codes",
     "build_progressive",
     "inspect_codes",
@@ -50,10 +50,7 @@ SKIP: Final = 2
 # codes of `positive_codes` / `label_official` besides a positive's index (int32)
 NOT_POSITIVE: Final = -1
 EMPTY: Final = -2
-# the progressive pass's cost model (units of one product of its first stage's block kernel per
-# pair and dimension: mask, pair, pair_dim, rescore, float) and the rotated dimensions it keeps
-# in float32
-PROGRESSIVE_COSTS: dict[str, float]
+# the rotated dimensions the progressive pass keeps in float32
 PROGRESSIVE_HEAD: Final[int]
 
 class StoreFormatError(ValueError):
@@ -128,6 +125,10 @@ def fp32_peak_gflops(simd: Optional[str] = None, threads: int = 0, millis: int =
 
 def int8_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]:
     """This machine's int8 multiply-add peak (GOP/s, AVX-512 VNNI); None without VNNI."""
+
+def progressive_work(entered: Sequence[float], widths: Sequence[int], rescored: float, dim: int) -> float:
+    """The progressive pass's cost model: the work of `entered[j]` pairs entering stages of
+    `widths` dimensions, then `rescored` pairs rescored (units: one first-stage product)."""
 
 def maddubs_peak_gops(threads: int = 0, millis: int = 300) -> Optional[float]:
     """This machine's int8 multiply-add peak with AVX2 `maddubs` (GOP/s); None without AVX2."""

@@ -185,11 +185,10 @@ def measure_recall(
 PROGRESSIVE_SAMPLE = 20_000
 # the k the stages are chosen for (survival depends on it; any k is searched exactly)
 PROGRESSIVE_K = 1000
-# the pass's cost model (rust/quant/progressive.rs: Costs): the stages are used by `--method
-# exact` when their expected work is at most PAYS_BELOW of the plain int8 pass (every dimension
-# in the block kernel, then rescoring; flat spectra come out near 1); the float32 pass, all
-# a CPU without VNNI has, costs about 2.7 times the plain int8 pass per dimension
-COSTS = _core.PROGRESSIVE_COSTS
+# the stages are used by `--method exact` when their expected work (the pass's cost model,
+# rust/quant/progressive.rs: Costs) is at most PAYS_BELOW of the plain int8 pass (every
+# dimension in the block kernel, then rescoring; flat spectra come out near 1); the float32
+# pass, all a CPU without VNNI has, costs about 2.7 times the plain int8 pass per dimension
 PAYS_BELOW = 0.7
 # a pass meets each row with the k-th score of the rows before it: the survival is averaged
 # over (fraction of the database whose k-th score is the threshold, share of the pass), the
@@ -207,7 +206,7 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     rotation: dot products are unchanged), then the boundaries (multiples of 32, at most 4 stages)
     minimising the expected work, measured on the sample: its first `queries` rows serve as
     queries against the others, with the thresholds a pass over a database of `n_total` rows
-    meets (`RUNNING`), and the pass's cost model (`COSTS`). Returns the rotation (float32, rows =
+    meets (`RUNNING`), and the pass's cost model (`_core.progressive_work`). Returns the rotation (float32, rows =
     axes, largest first), the boundaries, the energy and the survival at each boundary, the
     expected work as a share of the plain int8 pass, and whether the codes pay."""
     x = np.asarray(x, dtype=np.float64)
@@ -251,13 +250,13 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
 
     for s in range(1, 5):
         for bounds in combinations(cands, s):
-            cost = bounds[0] - HEAD + COSTS["mask"]
-            for m0, m in zip(bounds, bounds[1:]):
-                cost += survival[m0] * (COSTS["pair"] + COSTS["pair_dim"] * (m - m0))
-            cost += survival[bounds[-1]] * COSTS["rescore"] * d
+            # per pair: every one enters stage 1, a share survival[b] the stage after boundary b
+            entered = [1.0] + [survival[b] for b in bounds[:-1]]
+            widths = [bounds[0] - HEAD] + [m - m0 for m0, m in zip(bounds, bounds[1:])]
+            cost = _core.progressive_work(entered, widths, survival[bounds[-1]], d)
             if cost < best_cost:
                 best, best_cost = list(bounds), cost
-    plain = d + COSTS["mask"] + survival.get(cands[-1], 1.0) * COSTS["rescore"] * d if cands else float("inf")
+    plain = _core.progressive_work([1.0], [d], survival.get(cands[-1], 1.0), d) if cands else float("inf")
     work = best_cost / plain if best else 1.0
     return {
         "rotation": rotation,

@@ -89,8 +89,9 @@ pub const COSTS: Costs = Costs {
 
 impl Costs {
     /// The work of `entered[j]` pairs entering stages of `widths`, then `rescored` pairs of
-    /// `dim` dimensions rescored.
-    pub fn work(&self, entered: &[u64], widths: &[usize], rescored: u64, dim: usize) -> f64 {
+    /// `dim` dimensions rescored: counted by the search, expected shares of a pair by the
+    /// build's planner.
+    pub fn work(&self, entered: &[f64], widths: &[usize], rescored: f64, dim: usize) -> f64 {
         let stages: f64 = entered
             .iter()
             .zip(widths)
@@ -101,10 +102,10 @@ impl Costs {
                 } else {
                     self.pair + self.pair_dim * w as f64
                 };
-                n as f64 * per
+                n * per
             })
             .sum();
-        stages + rescored as f64 * self.rescore * dim as f64
+        stages + rescored * self.rescore * dim as f64
     }
 }
 
