@@ -17,14 +17,12 @@ pub fn fp32_peak_gflops(simd: Simd, threads: usize, millis: u64) -> f64 {
 /// Int8 multiply-add peak (AVX-512 VNNI) in GOP/s (2 ops per multiply-add), if the CPU has it.
 pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512vnni") {
-        // SAFETY: the feature was detected above.
-        return Some(on_threads(threads, move || {
-            for_millis(millis, || unsafe { x86_peak::vnni(1 << 16) })
-        }));
+    return where_detected(is_x86_feature_detected!("avx512vnni"), x86_peak::vnni, threads, millis);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, millis);
+        None
     }
-    let _ = (threads, millis);
-    None
 }
 
 /// Int8 multiply-add peak of AVX2's `maddubs` in GOP/s (2 ops per multiply-add), if the CPU
@@ -32,28 +30,32 @@ pub fn int8_peak_gops(threads: usize, millis: u64) -> Option<f64> {
 /// ones and accumulated, as the progressive stages' kernel does without VNNI.
 pub fn maddubs_peak_gops(threads: usize, millis: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was detected above.
-        return Some(on_threads(threads, move || {
-            for_millis(millis, || unsafe { x86_peak::maddubs(1 << 16) })
-        }));
+    return where_detected(is_x86_feature_detected!("avx2"), x86_peak::maddubs, threads, millis);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, millis);
+        None
     }
-    let _ = (threads, millis);
-    None
 }
 
 /// Bfloat16 dot-product peak (AVX512_BF16, 2 flops per product) in GFLOP/s, if the CPU has it.
 /// For comparison only: the int8 pass is twice as fast where both exist, so no bf16 pass is run.
 pub fn bf16_peak_gflops(threads: usize, millis: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512bf16") {
-        // SAFETY: the feature was detected above.
-        return Some(on_threads(threads, move || {
-            for_millis(millis, || unsafe { x86_peak::bf16(1 << 16) })
-        }));
+    return where_detected(is_x86_feature_detected!("avx512bf16"), x86_peak::bf16, threads, millis);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, millis);
+        None
     }
-    let _ = (threads, millis);
-    None
+}
+
+/// The rate of `kernel` (it returns the operations of a call of `iters`), run for about
+/// `millis` on each of `threads` threads, when `detected` (the CPU has its features).
+#[cfg(target_arch = "x86_64")]
+fn where_detected(detected: bool, kernel: unsafe fn(usize) -> f64, threads: usize, millis: u64) -> Option<f64> {
+    // SAFETY: the kernel runs only where its features were detected.
+    detected.then(|| on_threads(threads, move || for_millis(millis, || unsafe { kernel(1 << 16) })))
 }
 
 /// The sum of what `step` returns, called again and again for about `millis`.
