@@ -635,7 +635,6 @@ impl<'a> Worker<'a> {
             ..
         } = self;
         s.jobs.clear();
-        let mut touched = [0u32; MAX_STAGES];
         let mut read = [0u128; MAX_STAGES];
         let mut raw = [0i32; int8::MR * int8::NR];
         let mut partial = [[0f32; int8::NR]; int8::MR];
@@ -658,7 +657,6 @@ impl<'a> Worker<'a> {
                     w / 4,
                     &mut raw,
                 );
-                touched[0] |= 1 << p;
                 stats.stage_pairs[0] += (n_live * valid) as u64;
                 let terms = pr.panel_terms(0, gp);
                 let head = pr.panel_head(gp);
@@ -683,7 +681,6 @@ impl<'a> Worker<'a> {
                         break;
                     }
                     stats.stage_pairs[j] += count as u64;
-                    touched[j] |= 1 << p;
                     let (codes, terms) = (pr.panel_codes(j, gp), pr.panel_terms(j, gp));
                     for (i, q) in live.clone().enumerate() {
                         let (mut m, t, c) = (masks[i], sq.scale[q][j], sq.consts[q][j]);
@@ -729,15 +726,19 @@ impl<'a> Worker<'a> {
                 }
             }
         }
-        // the first stage reads whole panels, the later ones the terms of the panels they touch
-        // and the codes of the rows they score
-        for (j, t) in touched.iter().enumerate().take(stages) {
-            let codes = if j == 0 {
-                t.count_ones() as usize * nr * widths[0]
+        // the first stage reads whole panels, the later ones the terms of the panels holding a
+        // row they score and the codes of those rows
+        for (j, &rows_read) in read.iter().enumerate().take(stages) {
+            let (panels, codes) = if j == 0 {
+                let panels = if nq == 0 { 0 } else { s.kept.len() };
+                (panels, panels * nr * widths[0])
             } else {
-                read[j].count_ones() as usize * widths[j]
+                let panels = (0..s.kept.len())
+                    .filter(|p| (rows_read >> (p * nr)) as u32 != 0)
+                    .count();
+                (panels, rows_read.count_ones() as usize * widths[j])
             };
-            stats.codes_bytes += (codes + t.count_ones() as usize * nr * progressive::TERMS * 4) as u64;
+            stats.codes_bytes += (codes + panels * nr * progressive::TERMS * 4) as u64;
         }
         let pairs = (nq * rows.count) as u64;
         stats.rescored_pairs += s.jobs.len() as u64;

@@ -340,16 +340,21 @@ impl Shard {
 
     /// The raw little-endian bytes of rows `start..end`.
     pub fn row_bytes(&self, start: usize, end: usize) -> &[u8] {
+        &self.map[self.span(start, end)]
+    }
+
+    /// Where rows `start..end` lie in the mapping.
+    fn span(&self, start: usize, end: usize) -> std::ops::Range<usize> {
         let row = self.dim * self.dtype.size();
-        &self.map[self.offset + start * row..self.offset + end * row]
+        self.offset + start * row..self.offset + end * row
     }
 
     /// Tells the kernel that rows `start..end` will not be read again soon, so their pages leave
     /// this process's resident set (they stay in the page cache). This keeps the memory of a
     /// search bounded whatever the size of the database.
     pub fn release(&self, start: usize, end: usize) {
-        let row = self.dim * self.dtype.size();
-        drop_pages(&self.map, self.offset + start * row, self.offset + end * row);
+        let bytes = self.span(start, end);
+        drop_pages(&self.map, bytes.start, bytes.end);
     }
 
     /// Hints the kernel to read rows `start..end` ahead.
@@ -368,8 +373,8 @@ impl Shard {
 
     /// The whole pages (offset, length) of the mapping that hold rows `start..end`.
     fn pages(&self, start: usize, end: usize) -> Option<(usize, usize)> {
-        let row = self.dim * self.dtype.size();
-        page_span(&self.map, self.offset + start * row, self.offset + end * row)
+        let bytes = self.span(start, end);
+        page_span(&self.map, bytes.start, bytes.end)
     }
 }
 

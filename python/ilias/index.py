@@ -206,9 +206,10 @@ def plan_progressive(x: np.ndarray, n_total: int, *, k: int = PROGRESSIVE_K, que
     rotation: dot products are unchanged), then the boundaries (multiples of 32, at most 4 stages)
     minimising the expected work, measured on the sample: its first `queries` rows serve as
     queries against the others, with the thresholds a pass over a database of `n_total` rows
-    meets (`RUNNING`), and the pass's cost model (`_core.progressive_work`). Returns the rotation (float32, rows =
-    axes, largest first), the boundaries, the energy and the survival at each boundary, the
-    expected work as a share of the plain int8 pass, and whether the codes pay."""
+    meets (`RUNNING`), and the pass's cost model (`_core.progressive_work`). Returns the
+    rotation (float32, rows = axes, largest first), the boundaries, the energy and the survival
+    at each boundary, the expected work as a share of the plain int8 pass, and whether the codes
+    pay."""
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x).all(axis=1)]
     n, d = x.shape
